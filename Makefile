@@ -1,0 +1,37 @@
+# Two entry points, each self-installing and idempotent: `make train`, `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN_DIR := runs/tiny
+CONFIG := pretrain/configs/tiny.yaml
+NPROC ?= 2
+
+.PHONY: setup train test bench clean
+
+setup: $(STAMP)
+
+# The stamp depends on the dependency files, so editing them reinstalls; otherwise nothing runs.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+# The main job: tokenizer + shards from this machine's Python standard library, then the tiny
+# config on $(NPROC) CPU ranks under the DeepSpeed launcher.
+train: setup
+	$(PY) tools/stdlib_corpus.py --output $(RUN_DIR)/corpus
+	$(PY) tools/train_tokenizer.py --config $(CONFIG) --input $(RUN_DIR)/corpus --output $(RUN_DIR)/tokenizer.json
+	$(PY) tools/build_shards.py --config $(CONFIG) --input $(RUN_DIR)/corpus --tokenizer $(RUN_DIR)/tokenizer.json --output $(RUN_DIR)/shards
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) pretrain/train.py --config $(CONFIG)
+
+test: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra tests
+
+bench: setup
+	$(PY) bench/trainer_overhead.py
+
+clean:
+	rm -rf $(RUN_DIR)
