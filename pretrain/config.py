@@ -1,0 +1,355 @@
+"""The typed run config: one YAML file per run, validated once, plus `--set key=value` overrides.
+
+Section and field names follow the seed's training config (seed 000, section 2.2), so a block
+copied from the design document parses as is. Every number has one home here; the DeepSpeed JSON
+in ds_configs/ only carries what DeepSpeed alone needs, and `deepspeed_config` fails loudly when it
+disagrees with this file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A config problem, with the field (and file) it concerns in the message."""
+
+
+_SUFFIX = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+def parse_count(value) -> int:
+    """Token budgets are written like the seed writes them: 5B, 80B, 1.5M, or a plain integer."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a count such as 5B or 1000000, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMBT]?)\s*", value.upper())
+        if m:
+            return int(float(m.group(1)) * _SUFFIX.get(m.group(2), 1))
+    raise ValueError(f"expected a count such as 5B or 1000000, got {value!r}")
+
+
+class Section(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 1234
+
+
+class ModelConfig(Section):
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    ffn_hidden_size: int | None = None  # None: SwiGLU's 8/3 * hidden, rounded up to 64
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
+            )
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("model.hidden_size / model.num_heads must be even (RoPE rotates pairs)")
+        return self
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return -(-(8 * self.hidden_size // 3) // 64) * 64
+
+
+class ParallelConfig(Section):
+    tensor: int = 1
+    pipeline: int = 1
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    ds_config: str | None = None  # None: ds_configs/zero<stage>.json, or pipeline.json when pipeline > 1
+    # Pipeline micro-batches are partitioned by parameter count unless a layer type is given.
+    partition_method: str = "parameters"
+    activation_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _zero_with_pipeline(self):
+        if self.pipeline > 1 and self.zero_stage > 1:
+            raise ValueError(
+                f"parallel.zero_stage={self.zero_stage} cannot be combined with parallel.pipeline="
+                f"{self.pipeline}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only"
+            )
+        return self
+
+
+class OptimizerConfig(Section):
+    type: Literal["adamw"] = "adamw"
+    lr: float = 3.0e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1.0e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+class SchedulerConfig(Section):
+    type: Literal["cosine_decay", "constant"] = "cosine_decay"
+    warmup_tokens: int = 5 * 10**9
+    min_lr: float = 1.0e-6
+
+    @field_validator("warmup_tokens", mode="before")
+    @classmethod
+    def _count(cls, v):
+        return parse_count(v)
+
+
+class JepaConfig(Section):
+    mask_ratio: float = 0.15
+    prediction_steps: int = 3
+    step_weights: list[float] = [1.0, 0.8, 0.6]
+    embedding_dim: int = 512
+    masking: dict[str, Literal["block", "random", "span"]] = {
+        "vision": "block",
+        "language": "random",
+        "joint": "span",
+    }
+    block_size: int = 16
+    span_length: int = 32
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"training.jepa.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if len(self.step_weights) != self.prediction_steps:
+            raise ValueError(
+                f"training.jepa.step_weights has {len(self.step_weights)} entries but "
+                f"training.jepa.prediction_steps is {self.prediction_steps}"
+            )
+        return self
+
+
+class LMConfig(Section):
+    context_length: int = 4096
+    vocab_size: int = 50000
+    tie_embeddings: bool = False
+
+
+class HybridConfig(Section):
+    alpha: float = 0.3
+    beta: float = 0.7
+
+    @model_validator(mode="after")
+    def _weights(self):
+        if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:
+            raise ValueError(
+                f"training.hybrid.alpha ({self.alpha}) and beta ({self.beta}) must be >= 0 and not both 0"
+            )
+        return self
+
+
+class TrainingConfig(Section):
+    batch_size: int = 256
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int | None = 64  # None: derived from the other two and dp size
+    train_tokens: int = 250 * 10**9
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    kernels: Literal["fused", "reference"] = "fused"  # reference: plain torch losses, for debugging
+    optimizers: OptimizerConfig = OptimizerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    jepa: JepaConfig = JepaConfig()
+    lm: LMConfig = LMConfig()
+    hybrid: HybridConfig = HybridConfig()
+
+    @field_validator("train_tokens", mode="before")
+    @classmethod
+    def _count(cls, v):
+        return parse_count(v)
+
+    @model_validator(mode="after")
+    def _positive(self):
+        for name in ("batch_size", "micro_batch_size", "train_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"training.{name} must be > 0, got {getattr(self, name)}")
+        return self
+
+
+class DataConfig(Section):
+    tokenizer: str = "runs/tiny/tokenizer.json"
+    shards: str = "runs/tiny/shards"  # directory holding manifest.json
+    num_workers: int = 1
+    seed: int = 1234
+
+
+class CheckpointConfig(Section):
+    dir: str | None = None  # None: <run.output_dir>/checkpoints
+    every_steps: int = 1000
+
+
+class LoggingConfig(Section):
+    log_every: int = 10
+    tensorboard: bool = True
+
+
+class Config(Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    training: TrainingConfig = TrainingConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.run.output_dir) / "checkpoints")
+
+    def batch_sizes(self, world_size: int) -> tuple[int, int, int, int]:
+        """(global batch, micro batch, accumulation, data-parallel size), checked against each other.
+
+        This is the one place these four numbers meet: everything else asks here.
+        """
+        model_parallel = self.parallel.tensor * self.parallel.pipeline
+        if world_size % model_parallel:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tensor ({self.parallel.tensor}) "
+                f"x parallel.pipeline ({self.parallel.pipeline})"
+            )
+        dp = world_size // model_parallel
+        t = self.training
+        accum = t.gradient_accumulation_steps
+        if accum is None:
+            if t.batch_size % (t.micro_batch_size * dp):
+                raise ConfigError(
+                    f"training.batch_size ({t.batch_size}) is not divisible by training.micro_batch_size "
+                    f"({t.micro_batch_size}) x data-parallel size ({dp})"
+                )
+            accum = t.batch_size // (t.micro_batch_size * dp)
+        if t.batch_size != t.micro_batch_size * accum * dp:
+            raise ConfigError(
+                f"training.batch_size ({t.batch_size}) != training.micro_batch_size ({t.micro_batch_size}) "
+                f"x training.gradient_accumulation_steps ({accum}) x data-parallel size ({dp}) "
+                f"= {t.micro_batch_size * accum * dp}"
+            )
+        return t.batch_size, t.micro_batch_size, accum, dp
+
+    def tokens_per_step(self) -> int:
+        return self.training.batch_size * self.training.lm.context_length
+
+    def train_steps(self) -> int:
+        return -(-self.training.train_tokens // self.tokens_per_step())
+
+
+def _set_path(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {k} is not a section")
+    # YAML parsing gives `--set a.b=3` an int, `=true` a bool, `=[1,2]` a list, as in the file.
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), raw)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {field}: {msg} (got {err.get('input')!r})" if field else f"  {msg}")
+        raise ConfigError(f"{path}: invalid config\n" + "\n".join(lines)) from None
+
+
+# Fields DeepSpeed must hold, derived from the run config; a ds_configs/ file may repeat them only
+# with the same value.
+def deepspeed_config(cfg: Config, world_size: int, device: str) -> dict:
+    name = cfg.parallel.ds_config
+    if name is None:
+        name = "ds_configs/pipeline.json" if cfg.parallel.pipeline > 1 else f"ds_configs/zero{cfg.parallel.zero_stage}.json"
+    ds_path = Path(name)
+    if not ds_path.is_absolute() and not ds_path.exists():
+        ds_path = REPO_ROOT / ds_path
+    if not ds_path.is_file():
+        raise ConfigError(f"parallel.ds_config: file not found: {name}")
+    try:
+        ds = json.loads(ds_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{ds_path}: not valid JSON: {e}") from None
+
+    global_batch, micro, accum, _ = cfg.batch_sizes(world_size)
+    bf16 = precision(cfg, device) == "bf16"
+    owned = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.training.optimizers.grad_clip,
+        "zero_optimization.stage": cfg.parallel.zero_stage,
+        "bf16.enabled": bf16,
+    }
+    source = {
+        "train_batch_size": "training.batch_size",
+        "train_micro_batch_size_per_gpu": "training.micro_batch_size",
+        "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+        "gradient_clipping": "training.optimizers.grad_clip",
+        "zero_optimization.stage": "parallel.zero_stage",
+        "bf16.enabled": "training.precision",
+    }
+    for dotted, value in owned.items():
+        *parents, leaf = dotted.split(".")
+        node = ds
+        for p in parents:
+            node = node.setdefault(p, {})
+        if leaf in node and node[leaf] != value:
+            raise ConfigError(
+                f"{ds_path}: {dotted} = {node[leaf]!r} disagrees with {source[dotted]} in the run config "
+                f"(which gives {value!r}); remove it from the JSON, the run config is the source of truth"
+            )
+        node[leaf] = value
+    for key in ("optimizer", "scheduler", "fp16"):
+        if key in ds and (key != "fp16" or ds[key].get("enabled")):
+            raise ConfigError(
+                f"{ds_path}: '{key}' is set in the DeepSpeed JSON; the optimizer, LR schedule and precision "
+                "come from the run config (training.optimizers, training.scheduler, training.precision)"
+            )
+    ds.setdefault("steps_per_print", 10**9)  # our own logger reports; DeepSpeed's would duplicate it
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def precision(cfg: Config, device: str) -> str:
+    if cfg.training.precision == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    if cfg.training.precision == "bf16" and device != "cuda":
+        raise ConfigError("training.precision=bf16 needs a GPU; use fp32 or auto on CPU")
+    return cfg.training.precision
