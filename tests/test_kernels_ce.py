@@ -1,0 +1,179 @@
+"""Fused linear cross-entropy (chunked torch and Triton-interpreted) against F.cross_entropy on
+materialised logits: loss and both gradients, fp32."""
+import os
+
+# Must precede the first import of the Triton kernel modules (Triton reads it at decoration).
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.kernels import ce_loss, fused_linear_cross_entropy, set_default_impl
+
+IMPLS = ["torch", "triton"]
+
+
+def reference(hidden, weight, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0):
+    logits = hidden.float() @ weight.float().T
+    keep = target != ignore_index
+    loss = F.cross_entropy(logits, target, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing)
+    lse = torch.logsumexp(logits[keep], dim=1)
+    return loss + z_loss * (lse * lse).mean()
+
+
+def loss_and_grads(fn, hidden, weight, target, **kw):
+    hidden = hidden.detach().clone().requires_grad_(True)
+    weight = weight.detach().clone().requires_grad_(True)
+    loss = fn(hidden, weight, target, **kw)
+    grad_hidden, grad_weight = torch.autograd.grad(loss, (hidden, weight))
+    return loss.detach(), grad_hidden, grad_weight
+
+
+def assert_matches(impl, hidden, weight, target, rtol=1e-5, atol=1e-6, **kw):
+    got = loss_and_grads(fused_linear_cross_entropy, hidden, weight, target, impl=impl, **kw)
+    want = loss_and_grads(reference, hidden, weight, target, **kw)
+    for name, g, w in zip(("loss", "grad_hidden", "grad_weight"), got, want):
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def make(n, h, v, seed=0, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen) * scale
+    weight = torch.randn(v, h, generator=gen) / h**0.5
+    target = torch.randint(0, v, (n,), generator=gen)
+    return hidden, weight, target
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """8-row chunks, so a 37-row batch has four full chunks and a ragged one."""
+    for impl in IMPLS:
+        monkeypatch.setitem(ce_loss.CHUNK_BYTES, impl, 4 * 8 * 300)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ragged_chunks_with_ignored_targets(impl, small_chunks):
+    hidden, weight, target = make(37, 16, 300)
+    target[[0, 9, 36]] = -100
+    assert_matches(impl, hidden, weight, target)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("label_smoothing,z_loss", [(0.1, 0.0), (0.0, 1e-3), (0.2, 1e-2)])
+def test_label_smoothing_and_z_loss(impl, small_chunks, label_smoothing, z_loss):
+    hidden, weight, target = make(37, 16, 300, seed=1)
+    target[5] = 7
+    target[6] = -1
+    assert_matches(impl, hidden, weight, target, ignore_index=-1,
+                   label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vocab_spanning_several_kernel_blocks(impl):
+    hidden, weight, target = make(5, 8, 8200, seed=2)
+    target[0] = 8199
+    assert_matches(impl, hidden, weight, target, label_smoothing=0.1, z_loss=1e-4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_targets_ignored_gives_zero_and_zero_grads(impl):
+    hidden, weight, target = make(10, 8, 50)
+    target[:] = -100
+    loss, grad_hidden, grad_weight = loss_and_grads(
+        fused_linear_cross_entropy, hidden, weight, target, impl=impl, z_loss=1e-3,
+        label_smoothing=0.1)
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(grad_hidden) == 0 and torch.count_nonzero(grad_weight) == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_single_target(impl):
+    hidden, weight, target = make(1, 8, 50, seed=3)
+    assert_matches(impl, hidden, weight, target, label_smoothing=0.1, z_loss=1e-3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_logits_near_1e4_stay_finite_and_exact(impl, small_chunks):
+    hidden, weight, target = make(37, 16, 300, seed=4)
+    # Rescale so that every row's largest logit magnitude is 1e4.
+    hidden = hidden * (1e4 / (hidden @ weight.T).abs().amax(1, keepdim=True))
+    got = loss_and_grads(fused_linear_cross_entropy, hidden, weight, target, impl=impl,
+                         z_loss=1e-6)
+    assert all(torch.isfinite(t).all() for t in got)
+    assert got[0] > 1e3
+    assert_matches(impl, hidden, weight, target, rtol=1e-5, atol=1e-4, z_loss=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_inputs_are_reduced_in_fp32(impl):
+    hidden, weight, target = make(20, 32, 200, seed=5)
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    loss, grad_hidden, grad_weight = loss_and_grads(fused_linear_cross_entropy, hidden, weight,
+                                                    target, impl=impl)
+    assert grad_hidden.dtype == torch.bfloat16 and grad_weight.dtype == torch.bfloat16
+    want = loss_and_grads(reference, hidden.float(), weight.float(), target)
+    torch.testing.assert_close(loss, want[0], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grad_hidden.float(), want[1], rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(grad_weight.float(), want[2], rtol=2e-2, atol=2e-3)
+
+
+def test_incoming_gradient_scales_both_grads_and_second_backward_is_refused():
+    hidden, weight, target = make(12, 8, 40, seed=6)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    loss = fused_linear_cross_entropy(hidden, weight, target, impl="torch")
+    (3.0 * loss).backward(retain_graph=True)
+    _, want_hidden, want_weight = loss_and_grads(reference, hidden, weight, target)
+    torch.testing.assert_close(hidden.grad, 3.0 * want_hidden)
+    torch.testing.assert_close(weight.grad, 3.0 * want_weight)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()
+
+
+def test_only_hidden_needs_grad_and_no_grad_mode():
+    hidden, weight, target = make(12, 8, 40, seed=7)
+    want = reference(hidden, weight, target)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_linear_cross_entropy(hidden, weight, target), want)
+    hidden.requires_grad_(True)
+    (grad_hidden,) = torch.autograd.grad(fused_linear_cross_entropy(hidden, weight, target),
+                                         (hidden,))
+    torch.testing.assert_close(grad_hidden, torch.autograd.grad(reference(hidden, weight, target),
+                                                                (hidden,))[0])
+
+
+def test_default_impl_switch_forces_reference():
+    hidden, weight, target = make(12, 8, 40)
+    hidden.requires_grad_(True)
+    assert "FusedLinearCrossEntropy" in type(
+        fused_linear_cross_entropy(hidden, weight, target).grad_fn).__name__
+    set_default_impl("reference")
+    try:
+        loss = fused_linear_cross_entropy(hidden, weight, target)
+    finally:
+        set_default_impl("auto")
+    assert "FusedLinearCrossEntropy" not in type(loss.grad_fn).__name__
+    torch.testing.assert_close(loss, reference(hidden, weight, target))
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda h, w, t: (h, w[:, :4], t), ValueError, "weight must be"),
+    (lambda h, w, t: (h[None], w, t), ValueError, "hidden must be"),
+    (lambda h, w, t: (h, w, t[:3]), ValueError, "target must be"),
+    (lambda h, w, t: (h, w, t.int()), TypeError, "target must be int64"),
+    (lambda h, w, t: (h, w.double(), t), TypeError, "weight dtype"),
+    (lambda h, w, t: (h, w, t + 40), ValueError, "outside"),
+])
+def test_bad_input_is_named(change, error, match):
+    with pytest.raises(error, match=match):
+        fused_linear_cross_entropy(*change(*make(12, 8, 40)))
+
+
+def test_unknown_impl_and_triton_without_gpu_are_refused(monkeypatch):
+    with pytest.raises(ValueError, match="impl must be one of"):
+        fused_linear_cross_entropy(*make(4, 8, 40), impl="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        fused_linear_cross_entropy(*make(4, 8, 40), impl="triton")
