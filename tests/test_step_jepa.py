@@ -1,0 +1,193 @@
+"""The objective on a toy backbone with learned absolute positions, so wrong position ids
+would change the result (RoPE would hide an offset)."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.step_jepa import (IGNORE, ChatEncoder, StepJEPA, jepa_loss, lm_batch, packed_batch,
+                             reference_view_batch)
+
+VOCAB, EOS, PAD = 128, 1, 0
+PRED = [2, 3, 4]
+
+
+class ToyBackbone(nn.Module):
+    def __init__(self, d=32, layers=2):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(VOCAB, d), nn.Embedding(256, d)
+        self.qkv = nn.ModuleList(nn.Linear(d, 3 * d) for _ in range(layers))
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)) for _ in range(layers))
+        self.head = nn.Linear(d, VOCAB)
+        self.calls = 0
+
+    def hidden(self, input_ids, position_ids, attention_mask):
+        self.calls += 1
+        s = input_ids.shape[1]
+        if attention_mask is None:
+            attention_mask = torch.ones(s, s, dtype=torch.bool).tril()
+        x = self.emb(input_ids) + self.pos(position_ids)
+        for qkv, mlp in zip(self.qkv, self.mlp):
+            q, k, v = qkv(x).unsqueeze(1).chunk(3, dim=-1)
+            x = x + F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask).squeeze(1)
+            x = x + mlp(x)
+        return x
+
+    def lm_loss(self, hidden, target):
+        return F.cross_entropy(self.head(hidden), target)
+
+
+# one token per character: 'a' -> 97 etc., the separator '|' -> 124
+encoder = ChatEncoder(encode=lambda t: [ord(c) for c in t], render_prompt=lambda m: "SU>", eos_id=EOS, separator="|")
+
+
+def chat(answer):
+    return [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": answer}]
+
+
+def test_encoder_step_boundaries():
+    ex = encoder(chat("abc|de|fgh"))
+    assert ex.n_prompt == 3
+    text = lambda a, b: "".join(chr(i) for i in ex.input_ids[a:b])
+    assert [text(a, b) for a, b in ex.steps] == ["abc|", "de|", "fgh"]
+    assert ex.input_ids[-1] == EOS and ex.content_end == len(ex.input_ids) - 1
+    assert ex.pairs("step") == [(7, 10)]
+    assert ex.pairs("multistep") == [(7, 10), (10, 13)]
+    assert ex.pairs("two_view") == [(3, 13)]
+    assert encoder(chat("no separator here")).pairs("step") == []
+
+
+def test_encoder_truncation_keeps_whole_steps_only():
+    short = ChatEncoder(encoder.encode, encoder.render_prompt, EOS, "|", max_len=9)
+    ex = short(chat("abc|de|fgh"))
+    assert len(ex.input_ids) == 9 and ex.steps == [(3, 7)] and ex.pairs("step") == []
+
+
+def test_reference_mask_isolates_step2():
+    ex = encoder(chat("abc|de|fg"))  # prompt 0-2, step1 3-6, step2 7-9, step3 10-11, eos 12
+    b = reference_view_batch([ex], "step", PRED, PAD)
+    m, k = b.attention_mask[0, 0], len(PRED)
+    ids = b.input_ids[0].tolist()
+    assert ids[7:10] == PRED
+    s2 = range(7 + k, 10 + k)
+    for q in s2:  # step 2 sees only step 2
+        assert m[q].nonzero().flatten().tolist() == list(range(7 + k, q + 1))
+    for q in range(7, 7 + k):  # predictors see what precedes them
+        assert m[q].nonzero().flatten().tolist() == list(range(q + 1))
+    for q in range(10 + k, len(ids)):  # later steps are plain causal
+        assert m[q].nonzero().flatten().tolist() == list(range(q + 1))
+    assert b.view1.tolist() == [[0, 7 + k - 1]] and b.view2.tolist() == [[0, 10 + k - 1]]
+
+
+def test_packed_layout_mask_positions_labels():
+    exs = [encoder(chat("abc|de|fg")), encoder(chat("xy|z"))]
+    b = packed_batch(exs, "step", PRED, PAD)
+    k, n = len(PRED), 13
+    ids, pos, m = b.input_ids[0].tolist(), b.position_ids[0].tolist(), b.attention_mask[0, 0]
+    assert ids[:n] == exs[0].input_ids
+    assert ids[n:n + k] == PRED and ids[n + k:n + k + 3] == exs[0].input_ids[7:10]
+    assert pos[n:n + k + 3] == list(range(7, 10 + k))  # as in the reference's inserted sequence
+    for q in range(n):
+        assert m[q].nonzero().flatten().tolist() == list(range(q + 1))
+    for j, q in enumerate(range(n, n + k)):
+        assert m[q].nonzero().flatten().tolist() == list(range(7)) + list(range(n, q + 1))
+    for q in range(n + k, n + k + 3):
+        assert m[q].nonzero().flatten().tolist() == list(range(n + k, q + 1))
+    assert b.view1.tolist() == [[0, n + k - 1], [1, 8 + k - 1]]
+    assert b.view2.tolist() == [[0, n + k + 2], [1, 8 + k]]
+    # labels: assistant tokens of the original sequence only (content and EOS)
+    lab = b.labels[0].tolist()
+    assert lab[:3] == [IGNORE] * 3 and lab[3:n] == exs[0].input_ids[3:] and set(lab[n:]) == {IGNORE}
+    # the short row's padding attends only to itself
+    row1 = b.attention_mask[1, 0]
+    last = len(b.input_ids[1]) - 1
+    assert row1[last].nonzero().flatten().tolist() == [last]
+
+
+def test_packed_views_are_isolated():
+    """Behaviour, not layout: the target's embedding ignores everything outside the target,
+    the predictor's embedding ignores the target."""
+    torch.manual_seed(0)
+    net = ToyBackbone()
+
+    def views(answer, prompt="SU>"):
+        enc = ChatEncoder(encoder.encode, lambda m: prompt, EOS, "|")
+        b = packed_batch([enc(chat(answer))], "step", PRED, PAD)
+        h = net.hidden(b.input_ids, b.position_ids, b.attention_mask)
+        return h[0, b.view1[0, 1]], h[0, b.view2[0, 1]]
+
+    v1, v2 = views("abc|de|fg")
+    v1_p, v2_p = views("abc|de|fg", prompt="XY>")
+    assert torch.allclose(v2, v2_p) and not torch.allclose(v1, v1_p)
+    v1_s, v2_s = views("abc|dx|fg")
+    assert torch.allclose(v1, v1_s) and not torch.allclose(v2, v2_s)
+    v1_t, v2_t = views("abc|de|zz")
+    assert torch.allclose(v1, v1_t) and torch.allclose(v2, v2_t)
+
+
+def test_loss_types():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert jepa_loss(a, a, "cosine").item() == pytest.approx(0.0)
+    assert jepa_loss(a, -a, "cosine").item() == pytest.approx(2.0)
+    b = a + torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    assert jepa_loss(a, b, "l2").item() == pytest.approx(2.5)
+    assert jepa_loss(a, b, "mse").item() == pytest.approx(25 / 4)
+    logits = torch.tensor([[1.0, 0.0], [0.0, 1.0]]) / 0.1
+    assert jepa_loss(a, a, "infonce").item() == pytest.approx(F.cross_entropy(logits, torch.arange(2)).item())
+    assert jepa_loss(a, a.flip(0), "infonce") > jepa_loss(a, a, "infonce")
+    with pytest.raises(ValueError, match="huber"):
+        jepa_loss(a, a, "huber")
+
+
+def grads(net, out):
+    net.zero_grad()
+    out["loss"].backward()
+    return torch.cat([p.grad.flatten() for p in net.parameters()])
+
+
+@pytest.mark.parametrize("mode", ["step", "multistep", "two_view"])
+@pytest.mark.parametrize("loss_type", ["cosine", "l2", "mse", "infonce"])
+def test_single_pass_equals_two_pass(mode, loss_type):
+    torch.manual_seed(1)
+    net = ToyBackbone()
+    exs = [encoder(chat("abcd|efg|hi|jklm")), encoder(chat("ab|cde")), encoder(chat("no steps"))]
+    outs = {}
+    for single in (True, False):
+        obj = StepJEPA(PRED, PAD, mode=mode, loss_type=loss_type, lbd=0.7, gamma=1.3, single_pass=single)
+        net.calls = 0
+        out = obj(net, exs)
+        outs[single] = (out, grads(net, out), net.calls)
+    (a, ga, calls_a), (b, gb, calls_b) = outs[True], outs[False]
+    assert (calls_a, calls_b) == (1, 2)
+    assert a["pairs"] == b["pairs"] == {"step": 2, "multistep": 4, "two_view": 3}[mode]
+    assert a["jepa"].item() > 0
+    for key in ("loss", "lm", "jepa"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+    assert torch.isclose(a["loss"], 1.3 * a["lm"] + 0.7 * a["jepa"])
+
+
+def test_lm_loss_is_assistant_tokens_only():
+    torch.manual_seed(2)
+    net = ToyBackbone()
+    exs = [encoder(chat("abc|de")), encoder(chat("xyz|uvw|rs"))]
+    out = StepJEPA(PRED, PAD, lbd=0.0)(net, exs)
+    assert out["pairs"] == 0 and out["jepa"].item() == 0
+    b = lm_batch(exs, PAD)
+    logits = net.head(net.hidden(b.input_ids, b.position_ids, None))
+    nll, count = 0.0, 0
+    for r, ex in enumerate(exs):
+        for t in range(ex.n_prompt, len(ex.input_ids)):  # token t is predicted from position t-1
+            nll -= logits[r, t - 1].log_softmax(-1)[ex.input_ids[t]]
+            count += 1
+    torch.testing.assert_close(out["lm"], nll / count)
+    # the single pass's LM loss is the same number: appended tokens carry no labels
+    packed = StepJEPA(PRED, PAD, lbd=1.0)(net, exs)
+    torch.testing.assert_close(packed["lm"], out["lm"])
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="'bogus'"):
+        StepJEPA(PRED, PAD, mode="bogus")
+    with pytest.raises(ValueError, match="'hinge'"):
+        StepJEPA(PRED, PAD, loss_type="hinge")
