@@ -10,10 +10,10 @@ import os
 import torch
 import torch.nn.functional as F
 
+from data.tokenizer import NUM_PREDICTOR_TOKENS
 from model.step_jepa import ChatEncoder, predictor_names
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ALL_PREDICTORS = 8  # all eight are always added so checkpoints stay compatible across --predictors
 
 
 class HFBackbone:
@@ -55,11 +55,11 @@ def chat_encoder(tokenizer, separator: str = "\n\n", max_len: int = 1024) -> Cha
     return ChatEncoder(encode, render, tokenizer.eos_token_id, separator, max_len)
 
 
-def add_predictor_tokens(tokenizer) -> list[int]:
-    tokenizer.add_tokens(predictor_names(ALL_PREDICTORS), special_tokens=True)
+def add_predictor_tokens(tokenizer) -> None:
+    """All eight are added whatever --predictors is, so checkpoints stay interchangeable."""
+    tokenizer.add_tokens(predictor_names(NUM_PREDICTOR_TOKENS), special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer.convert_tokens_to_ids(predictor_names(ALL_PREDICTORS))
 
 
 def load_causal_lm(path: str, lora: bool = False, lora_rank: int = 16, lora_alpha: int | None = None,

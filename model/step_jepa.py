@@ -27,15 +27,17 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
+from data.tokenizer import NUM_PREDICTOR_TOKENS, predictor_token
+
 IGNORE = -100
 LOSS_TYPES = ("cosine", "l2", "mse", "infonce")
 MODES = ("step", "multistep", "two_view")
 
 
 def predictor_names(k: int) -> list[str]:
-    if not 1 <= k <= 8:
-        raise ValueError(f"--predictors must be in 1..8 (special tokens <|predictor_1..8|>), got {k}")
-    return [f"<|predictor_{i}|>" for i in range(1, k + 1)]
+    if not 1 <= k <= NUM_PREDICTOR_TOKENS:
+        raise ValueError(f"--predictors must be in 1..{NUM_PREDICTOR_TOKENS}, got {k}")
+    return [predictor_token(i) for i in range(1, k + 1)]
 
 
 class Backbone(Protocol):

@@ -1,0 +1,181 @@
+"""Step-JEPA / LLM-JEPA fine-tuning under DeepSpeed (seed 004).
+
+  deepspeed --num_gpus 2 pretrain/step_jepa.py --train_file steps.jsonl --model_name /models/Llama-3.2-1B-Instruct \\
+      --output_dir runs/step_jepa --lora --lora_rank 16 --lbd 0.1 --gamma 1.0 --jepa_loss_type cosine
+
+--train_file holds chat records ({"messages": [system, user, assistant]}), e.g. the output of
+tools/prepare_step_data.py or NL-RX-SYNTH. --lbd 0 is the plain fine-tuning baseline. On CPU the
+ranks talk over gloo; run as a plain script it is a single-process group.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import socket
+import time
+
+import deepspeed
+import torch
+
+from model import hf
+from model.step_jepa import LOSS_TYPES, MODES, StepJEPA, predictor_names
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train_file", required=True)
+    ap.add_argument("--model_name", required=True, help="local Hugging Face model directory")
+    ap.add_argument("--output_dir", required=True)
+    ap.add_argument("--lora", action="store_true")
+    ap.add_argument("--lora_rank", type=int, default=16)
+    ap.add_argument("--lora_alpha", type=int, default=None, help="default 2 * rank")
+    ap.add_argument("--lora_targets", default=",".join(hf.DEFAULT_LORA_TARGETS))
+    ap.add_argument("--lbd", type=float, default=0.1, help="JEPA weight lambda (0: plain fine-tuning)")
+    ap.add_argument("--gamma", type=float, default=1.0, help="LM weight")
+    ap.add_argument("--jepa_loss_type", choices=LOSS_TYPES, default="cosine")
+    ap.add_argument("--mode", choices=MODES, default="step",
+                    help="step: step1->step2; multistep: step i->i+1; two_view: user->assistant (LLM-JEPA)")
+    ap.add_argument("--predictors", type=int, default=1, help="K predictor tokens after the source")
+    ap.add_argument("--single_pass", action=argparse.BooleanOptionalAction, default=True,
+                    help="one packed forward (default) or the seed's two passes")
+    ap.add_argument("--separator", default="\n\n")
+    ap.add_argument("--max_len", type=int, default=1024)
+    ap.add_argument("--batch_size", type=int, default=4)
+    ap.add_argument("--grad_accum", type=int, default=1)
+    ap.add_argument("--num_epochs", type=float, default=1.0)
+    ap.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs decide)")
+    ap.add_argument("--learning_rate", type=float, default=2e-5)
+    ap.add_argument("--warmup_ratio", type=float, default=0.03)
+    ap.add_argument("--zero_stage", type=int, choices=[0, 1, 2], default=1)
+    ap.add_argument("--attn_implementation", choices=["sdpa", "eager"], default="sdpa")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--log_every", type=int, default=10)
+    ap.add_argument("--debug", type=int, choices=[0, 1], default=0, help="1: show the first example's steps, log every step")
+    ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    args = ap.parse_args(argv)
+    args.separator = args.separator.encode().decode("unicode_escape")
+    predictor_names(args.predictors)  # validates the count before any model is loaded
+    return args
+
+
+def init_distributed():
+    if "RANK" not in os.environ:  # plain `python pretrain/step_jepa.py`: a group of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def read_chats(path: str) -> list[list[dict]]:
+    chats = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            msgs = json.loads(line).get("messages")
+            if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
+                raise ValueError(f"{path}:{lineno}: field 'messages' must be a list ending with an assistant message")
+            chats.append(msgs)
+    if not chats:
+        raise ValueError(f"{path}: no records")
+    return chats
+
+
+def ds_config(args, device: str) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": args.batch_size,
+        "gradient_accumulation_steps": args.grad_accum,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": args.zero_stage},
+        "bf16": {"enabled": device == "cuda"},
+        "steps_per_print": 10**9,  # our own log line carries rate and ETA
+    }
+
+
+def linear_schedule(optimizer, total: int, warmup: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1))))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world = init_distributed()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    model, tokenizer = hf.load_causal_lm(args.model_name, lora=args.lora, lora_rank=args.lora_rank,
+                                         lora_alpha=args.lora_alpha, lora_targets=args.lora_targets.split(","),
+                                         attn_implementation=args.attn_implementation)
+    encoder = hf.chat_encoder(tokenizer, args.separator, args.max_len)
+    examples = [encoder(c) for c in read_chats(args.train_file)]
+    objective = StepJEPA(tokenizer.convert_tokens_to_ids(predictor_names(args.predictors)), tokenizer.pad_token_id,
+                         mode=args.mode, loss_type=args.jepa_loss_type, gamma=args.gamma, lbd=args.lbd,
+                         single_pass=args.single_pass)
+    with_pairs = sum(bool(e.pairs(args.mode)) for e in examples)
+    if rank == 0:
+        print(f"{len(examples)} examples from {args.train_file}, {with_pairs} with a '{args.mode}' pair; "
+              f"world {world}, {'single pass' if args.single_pass else 'two passes'}, lambda {args.lbd}")
+        if args.debug:
+            e = examples[0]
+            print("prompt:", repr(tokenizer.decode(e.input_ids[:e.n_prompt])))
+            for i, (a, b) in enumerate(e.steps):
+                print(f"step {i + 1} [{a}, {b}):", repr(tokenizer.decode(e.input_ids[a:b])))
+
+    per_rank = len(examples) // world
+    micro_per_epoch = per_rank // args.batch_size
+    if micro_per_epoch < args.grad_accum:
+        raise ValueError(f"{len(examples)} examples over {world} ranks do not fill one step of "
+                         f"batch_size {args.batch_size} x grad_accum {args.grad_accum}")
+    total = max(1, int(args.num_epochs * micro_per_epoch) // args.grad_accum)
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config(args, device),
+        lr_scheduler=linear_schedule(optimizer, total, int(args.warmup_ratio * total)))
+    backbone = hf.HFBackbone(engine.module)
+    engine.train()
+
+    log, step, t0 = [], 0, time.time()
+    order = list(range(len(examples)))
+    epoch = 0
+    while step < total:
+        random.Random(args.seed + epoch).shuffle(order)
+        mine = order[rank * per_rank:(rank + 1) * per_rank]
+        for m in range(micro_per_epoch // args.grad_accum * args.grad_accum):
+            out = objective(backbone, [examples[i] for i in mine[m * args.batch_size:(m + 1) * args.batch_size]],
+                            engine.device)
+            engine.backward(out["loss"])
+            engine.step()
+            if not engine.is_gradient_accumulation_boundary():
+                continue
+            step += 1
+            record = {"step": step, **{k: out[k].item() for k in ("loss", "lm", "jepa")}, "lr": scheduler.get_last_lr()[0]}
+            log.append(record)
+            if rank == 0 and (args.debug or step % args.log_every == 0 or step == total):
+                rate = step / (time.time() - t0)
+                print(f"step {step}/{total} loss {record['loss']:.4f} lm {record['lm']:.4f} "
+                      f"jepa {record['jepa']:.4f} lr {record['lr']:.2e} | {rate:.2f} steps/s, "
+                      f"ETA {(total - step) / rate:.0f}s", flush=True)
+            if step == total:
+                break
+        epoch += 1
+
+    if rank == 0:
+        hf.save(engine.module, tokenizer, args.output_dir)
+        with open(os.path.join(args.output_dir, "train_log.json"), "w") as f:
+            json.dump({"args": vars(args), "world_size": world, "seconds": time.time() - t0, "log": log}, f, indent=1)
+        print(f"saved to {args.output_dir}")
+    torch.distributed.barrier()
+    return log
+
+
+if __name__ == "__main__":
+    main()
