@@ -1,0 +1,237 @@
+"""Decoder-only language encoder and autoregressive head, tensor-parallel through megatron-core.
+
+Architecture (Llama-style): token embedding, `num_layers` pre-norm blocks of RMSNorm -> causal
+self-attention with rotary position embeddings -> residual, RMSNorm -> SwiGLU MLP -> residual, then
+a final RMSNorm and an untied output projection. SwiGLU because it trains better than GELU at equal
+parameter count (Shazeer 2020) and is what Llama-family checkpoints use.
+
+Tensor parallelism is a number in the megatron config: the QKV and gate/up projections are
+column-parallel, the attention output and down projections row-parallel, the embedding and output
+projection vocab-parallel. Fused projections interleave their parts per head (QKV) and per unit
+(gate/up), so each rank's row shard holds whole heads and whole units, and the full weight has the
+same layout at every TP size: that is what makes `init_weights` and checkpoint conversion
+layout-independent.
+
+The model is a flat list of layers (embedding, blocks, head) so that a pipeline can cut it
+anywhere; `GPT` runs all of them in one process. Layers are indexed "0", "1", ... exactly as
+DeepSpeed's PipelineModule names them, so parameter names match across PP sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from torch import nn
+
+from pretrain.config import ModelConfig
+
+# Megatron pads the vocabulary so every TP shard is equal and GEMM-friendly.
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    multiple = VOCAB_MULTIPLE * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def megatron_config(tp: int, dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+    # init_weights fills every weight (layout-independent), so megatron's init_method is a no-op;
+    # its initialisation pass still runs because it is what tags parameters with their partition
+    # dim. CPU creation avoids megatron's CUDA RNG tracker, which has no CPU path.
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        params_dtype=dtype,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def _no_init(_weight):
+    pass
+
+
+def rms_norm(dim: int, eps: float) -> nn.Module:
+    try:  # apex's fused kernel when it was built on a GPU cluster; never installed from PyPI
+        from apex.normalization import FusedRMSNorm
+
+        if torch.cuda.is_available():
+            return FusedRMSNorm(dim, eps=eps)
+    except ImportError:
+        pass
+    return nn.RMSNorm(dim, eps=eps)
+
+
+def rope_tables(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [b, s, 1, head_dim/2] for integer positions [b, s]."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    angles = position_ids.float()[..., None] * inv_freq
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig):
+        super().__init__()
+        self.word = VocabParallelEmbedding(vocab_size, cfg.hidden_size, init_method=_no_init, config=mp)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.word(input_ids)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        tp = mp.tensor_model_parallel_size
+        if cfg.num_heads % tp:
+            raise ValueError(f"model.num_heads ({cfg.num_heads}) must be divisible by parallel.tensor ({tp})")
+        self.local_heads = cfg.num_heads // tp
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.rope_theta = cfg.rope_theta
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden_size, 3 * cfg.hidden_size, config=mp, init_method=_no_init, bias=False, gather_output=False
+        )
+        self.out = RowParallelLinear(
+            cfg.hidden_size, cfg.hidden_size, config=mp, init_method=_no_init, bias=False,
+            input_is_parallel=True, skip_bias_add=False,
+        )
+
+    def forward(self, x, position_ids, attention_mask):
+        b, s, _ = x.shape
+        qkv, _ = self.qkv(x)
+        q, k, v = qkv.view(b, s, self.local_heads, 3, self.head_dim).unbind(dim=3)
+        cos, sin = rope_tables(position_ids, self.head_dim, self.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, head_dim]
+        if attention_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        y, _ = self.out(y.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
+        return y
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        tp = mp.tensor_model_parallel_size
+        if cfg.ffn_size % tp:
+            raise ValueError(f"model.ffn_hidden_size ({cfg.ffn_size}) must be divisible by parallel.tensor ({tp})")
+        self.local_units = cfg.ffn_size // tp
+        self.gate_up = ColumnParallelLinear(
+            cfg.hidden_size, 2 * cfg.ffn_size, config=mp, init_method=_no_init, bias=False, gather_output=False
+        )
+        self.down = RowParallelLinear(
+            cfg.ffn_size, cfg.hidden_size, config=mp, init_method=_no_init, bias=False,
+            input_is_parallel=True, skip_bias_add=False,
+        )
+
+    def forward(self, x):
+        h, _ = self.gate_up(x)
+        gate, up = h.view(*h.shape[:-1], self.local_units, 2).unbind(dim=-1)
+        y, _ = self.down(F.silu(gate) * up)
+        return y
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        self.attn_norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg, mp)
+        self.mlp_norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg, mp)
+
+    def forward(self, x, position_ids=None, attention_mask=None):
+        if position_ids is None:
+            position_ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        x = x + self.attn(self.attn_norm(x), position_ids, attention_mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Head(nn.Module):
+    """Final norm and the vocab-parallel output projection.
+
+    Returns the normalised hidden states together with this rank's output weight shard instead of
+    logits, so the loss can be fused with the projection and never materialise [tokens, vocab].
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig):
+        super().__init__()
+        self.norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
+        self.proj = ColumnParallelLinear(
+            cfg.hidden_size, vocab_size, config=mp, init_method=_no_init, bias=False, gather_output=False
+        )
+
+    def forward(self, x):
+        return self.norm(x), self.proj.weight
+
+
+def layer_specs(cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig) -> list[tuple[type, tuple]]:
+    """(class, args) of every layer in order; GPT and the pipeline both build from this list."""
+    return [(Embedding, (cfg, vocab_size, mp))] + [(Block, (cfg, mp))] * cfg.num_layers + [(Head, (cfg, vocab_size, mp))]
+
+
+class GPT(nn.Module):
+    """All layers in one process (any TP size, no pipeline)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig):
+        super().__init__()
+        for i, (cls, args) in enumerate(layer_specs(cfg, vocab_size, mp)):
+            self.add_module(str(i), cls(*args))
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
+        layers = list(self.children())
+        x = layers[0](input_ids)
+        for block in layers[1:-1]:
+            x = block(x, position_ids, attention_mask)
+        hidden, _ = layers[-1](x)
+        return hidden
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return list(self.children())[-1].proj.weight
+
+
+def init_weights(layer: nn.Module, index: int, cfg: ModelConfig, seed: int) -> None:
+    """Deterministic init keyed by (seed, layer index, parameter name), independent of TP and PP.
+
+    Each rank draws the FULL tensor from a generator seeded by the parameter's name and keeps its
+    own shard, so a TP=2 or PP=2 model starts from exactly the weights of the TP=1 model.
+    """
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    # GPT-2/Megatron: projections that write into the residual stream are scaled by depth.
+    residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    for name, p in layer.named_parameters():
+        if name.endswith("norm.weight"):
+            with torch.no_grad():
+                p.fill_(1.0)
+            continue
+        full_shape = list(p.shape)
+        split = getattr(p, "tensor_model_parallel", False)
+        if split:
+            full_shape[p.partition_dim] *= tp
+        gen = torch.Generator().manual_seed(_name_seed(seed, f"{index}.{name}"))
+        std = residual_std if name.endswith(("out.weight", "down.weight")) else cfg.init_std
+        full = torch.empty(full_shape).normal_(0.0, std, generator=gen)
+        if split:
+            full = full.chunk(tp, dim=p.partition_dim)[tp_rank]
+        with torch.no_grad():
+            p.copy_(full)
+
+
+def _name_seed(seed: int, name: str) -> int:
+    # A stable hash (Python's hash() is salted per process).
+    h = seed & 0xFFFFFFFF
+    for ch in name.encode():
+        h = (h * 1000003 + ch) & 0xFFFFFFFFFFFF
+    return h
