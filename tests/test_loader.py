@@ -1,0 +1,181 @@
+"""The streaming loader: order, rank and worker splits, resuming, and clear errors."""
+
+import json
+import logging
+import random
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+
+import data.loader
+from data.loader import TokenBatches
+from data.shards import ShardError, read_manifest, read_shard
+from tools import build_shards, train_tokenizer
+
+CONTEXT = 8
+BATCH = 3
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    rng = random.Random(3)
+    texts = [" ".join(f"w{rng.randrange(10**6)}" for _ in range(rng.randint(5, 25))) for _ in range(30)]
+    with open(root / "corpus.jsonl", "w") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"text": text, "source": "a" if i % 4 else "b"}) + "\n")
+    train_tokenizer.train_tokenizer(texts, 300, show_progress=False).save(str(root / "tokenizer.json"))
+    build_shards.build_shards(
+        [root / "corpus.jsonl"], root / "tokenizer.json", root / "shards", CONTEXT, workers=1,
+        samples_per_shard=11, show_progress=False,
+    )
+    manifest = read_manifest(root / "shards")
+    # The fixture must exercise uneven shards and samples that identify themselves.
+    assert len(manifest.shards) >= 8 and manifest.shards[-1].samples < 11
+    rows = np.concatenate([read_shard(manifest, i)[0] for i in range(len(manifest.shards))])
+    assert len({r.tobytes() for r in rows}) == len(rows)
+    return root / "shards"
+
+
+def expected_epoch(shard_dir, epoch, dp_rank, dp_size, workers) -> list[np.ndarray]:
+    """One rank's batches of one epoch, computed from the order the loader documents."""
+    manifest = read_manifest(shard_dir)
+    counts = [s.samples for s in manifest.shards]
+    readers = dp_size * workers
+    per_reader = sum(sorted(counts)[: len(counts) // readers]) // BATCH
+    order = np.random.default_rng([SEED, epoch]).permutation(len(counts))
+    reader_batches = []
+    for w in range(workers):
+        rows = []
+        for shard in order[dp_rank * workers + w :: readers]:
+            tokens = read_shard(manifest, shard)[0]
+            rows.extend(tokens[np.random.default_rng([SEED, epoch, shard]).permutation(len(tokens))])
+        rows = np.array(rows[: per_reader * BATCH], dtype=np.int64)
+        reader_batches.append(rows.reshape(per_reader, BATCH, CONTEXT + 1))
+    return [reader_batches[w][b] for b in range(per_reader) for w in range(workers)]
+
+
+def loader(shard_dir, dp_rank=0, dp_size=1, workers=0):
+    return TokenBatches(shard_dir, micro_batch_size=BATCH, dp_rank=dp_rank, dp_size=dp_size, seed=SEED,
+                        num_workers=workers)
+
+
+def sequences(batches) -> list[np.ndarray]:
+    """Rebuild [batch, context + 1] sequences from (input_ids, labels) and check their shapes."""
+    out = []
+    for input_ids, labels in batches:
+        assert input_ids.shape == labels.shape == (BATCH, CONTEXT)
+        assert input_ids.dtype == labels.dtype == torch.int64
+        assert torch.equal(input_ids[:, 1:], labels[:, :-1])
+        out.append(torch.cat([input_ids, labels[:, -1:]], dim=1).numpy())
+    return out
+
+
+def assert_same(actual, expected):
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert np.array_equal(a, e), f"batch {i} differs"
+
+
+@pytest.mark.parametrize("dp_rank,dp_size,workers", [(0, 1, 0), (1, 2, 0), (0, 1, 2), (1, 2, 2)])
+def test_stream_follows_the_documented_order_for_two_epochs(shard_dir, dp_rank, dp_size, workers):
+    batches = loader(shard_dir, dp_rank, dp_size, workers)
+    expected = [expected_epoch(shard_dir, e, dp_rank, dp_size, max(1, workers)) for e in (0, 1)]
+    assert batches.batches_per_epoch == len(expected[0])
+    assert batches.tokens_per_batch == BATCH * CONTEXT
+    assert_same(sequences(islice(batches, 2 * batches.batches_per_epoch)), expected[0] + expected[1])
+
+
+def test_same_seed_same_batches_other_epoch_other_order(shard_dir):
+    first = sequences(islice(loader(shard_dir), 40))
+    assert_same(sequences(islice(loader(shard_dir), 40)), first)
+    batches = loader(shard_dir)
+    epochs = sequences(islice(batches, 2 * batches.batches_per_epoch))
+    epoch0, epoch1 = epochs[: batches.batches_per_epoch], epochs[batches.batches_per_epoch :]
+    assert not np.array_equal(np.stack(epoch0), np.stack(epoch1))
+    other_seed = TokenBatches(shard_dir, micro_batch_size=BATCH, dp_rank=0, dp_size=1, seed=SEED + 1)
+    assert not np.array_equal(np.stack(sequences(islice(other_seed, 5))), np.stack(first[:5]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_see_disjoint_samples_covering_the_kept_ones(shard_dir, workers):
+    manifest = read_manifest(shard_dir)
+    all_rows = {r.tobytes() for i in range(len(manifest.shards)) for r in read_shard(manifest, i)[0].astype(np.int64)}
+    seen = []
+    for rank in range(2):
+        batches = loader(shard_dir, rank, 2, workers)
+        assert batches.batches_per_epoch == loader(shard_dir, 1 - rank, 2, workers).batches_per_epoch
+        seen.append({r.tobytes() for b in sequences(islice(batches, batches.batches_per_epoch)) for r in b})
+    readers = 2 * max(1, workers)
+    counts = [s.samples for s in manifest.shards]
+    kept = readers * (sum(sorted(counts)[: len(counts) // readers]) // BATCH) * BATCH
+    assert not seen[0] & seen[1]
+    assert len(seen[0]) == len(seen[1]) == kept // 2
+    assert seen[0] | seen[1] <= all_rows
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_exactly(shard_dir, workers):
+    reference = loader(shard_dir, 1, 2, workers)
+    per_epoch = reference.batches_per_epoch
+    stream = sequences(islice(reference, 2 * per_epoch + 3))
+    for position in (0, 1, 5, per_epoch - 1, per_epoch, per_epoch + 3, 2 * per_epoch):
+        interrupted = loader(shard_dir, 1, 2, workers)
+        assert_same(sequences(islice(interrupted, position)), stream[:position])
+        state = interrupted.state_dict()
+        assert (state["epoch"], state["batch_in_epoch"]) == divmod(position, per_epoch)
+        resumed = loader(shard_dir, 1, 2, workers)
+        resumed.load_state_dict(json.loads(json.dumps(state)))
+        assert_same(sequences(islice(resumed, 3)), stream[position : position + 3])
+
+
+def test_resume_does_not_read_skipped_shards(shard_dir, monkeypatch):
+    manifest = read_manifest(shard_dir)
+    order = np.random.default_rng([SEED, 0]).permutation(len(manifest.shards))
+    counts = [manifest.shards[s].samples for s in order]
+    # Resume at the start of the third shard of epoch 0 (one reader reads all shards in order).
+    position = (counts[0] + counts[1] + BATCH - 1) // BATCH
+    read = []
+    monkeypatch.setattr(data.loader, "read_shard", lambda m, i: read.append(i) or read_shard(m, i))
+    batches = loader(shard_dir)
+    batches.load_state_dict({**batches.state_dict(), "batch_in_epoch": position})
+    next(batches)
+    assert order[0] not in read and order[1] not in read
+    assert set(read) <= {order[1], order[2], order[3]}
+
+
+def test_balancing_loss_is_logged_once(shard_dir, caplog):
+    with caplog.at_level(logging.INFO, logger="data.loader"):
+        batches = loader(shard_dir, 0, 2, 0)
+        loader(shard_dir, 1, 2, 0)
+    manifest = read_manifest(shard_dir)
+    left_out = manifest.num_samples - 2 * batches.batches_per_epoch * BATCH
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1
+    assert f"{left_out} of {manifest.num_samples} samples" in messages[0]
+
+
+def test_fewer_shards_than_readers_names_both_numbers(shard_dir):
+    shards = len(read_manifest(shard_dir).shards)
+    with pytest.raises(ValueError, match=f"has {shards} shards, fewer than the {shards + 1} readers"):
+        TokenBatches(shard_dir, micro_batch_size=1, dp_rank=0, dp_size=shards + 1, seed=0)
+    with pytest.raises(ValueError, match=rf"\(dp_size 2 x {shards} per rank\)"):
+        TokenBatches(shard_dir, micro_batch_size=1, dp_rank=0, dp_size=2, seed=0, num_workers=shards)
+
+
+def test_bad_arguments_and_state_are_named(shard_dir, tmp_path):
+    with pytest.raises(ShardError, match=f"shard manifest {tmp_path / 'manifest.json'} does not exist"):
+        TokenBatches(tmp_path, micro_batch_size=1, dp_rank=0, dp_size=1, seed=0)
+    with pytest.raises(ValueError, match="dp_rank 2 is outside 0..1"):
+        loader(shard_dir, 2, 2)
+    with pytest.raises(ValueError, match="micro_batch_size 1000 is larger than the samples"):
+        TokenBatches(shard_dir, micro_batch_size=1000, dp_rank=0, dp_size=1, seed=0)
+    batches = loader(shard_dir)
+    state = batches.state_dict()
+    with pytest.raises(ValueError, match="loader state has seed=8 but this loader has 7"):
+        batches.load_state_dict({**state, "seed": 8})
+    with pytest.raises(ValueError, match=f"batch_in_epoch must be an int in 0..{batches.batches_per_epoch}, got"):
+        batches.load_state_dict({**state, "batch_in_epoch": batches.batches_per_epoch})
