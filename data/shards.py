@@ -180,6 +180,8 @@ def read_shard(manifest: Manifest, index: int) -> tuple[np.ndarray, list[str]]:
         with tarfile.open(path, "r|") as tar:
             key, fields = None, {}
             for member in tar:
+                if not member.isfile():
+                    raise corrupt(f"member {member.name} is not a regular file")
                 member_key, _, name = member.name.partition(".")
                 if member_key != key and key is not None:
                     add(key, fields)
