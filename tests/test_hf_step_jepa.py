@@ -117,3 +117,26 @@ def test_entry_point_trains_and_saves(tiny_dir, tmp_path):
 def test_bad_model_dir_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not-a-model"):
         hf.load_causal_lm(str(tmp_path / "not-a-model"))
+
+
+def test_answer_extraction():
+    from tools.eval_reasoning import extract_number, gsm8k_correct, regex_match
+    assert extract_number("so 3 + 4 = 7\n#### 1,234") == 1234
+    assert extract_number("first 12 then 7.5 apples") == 7.5
+    assert extract_number("no digits") is None
+    assert gsm8k_correct("... the answer is\n#### 72", "48/2=24\n#### 72")
+    assert not gsm8k_correct("#### 71", "#### 72")
+    assert regex_match(" (dog)* \n", "(dog)*") and not regex_match("(dog)+", "(dog)*")
+
+
+def test_eval_runs_side_by_side(tiny_dir, tmp_path):
+    from tools.eval_reasoning import main as evaluate
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"question": q, "answer": "\n".join(s) + "\n#### 1"}) + "\n" for q, s in STEPS))
+    plot = tmp_path / "steps.png"
+    report = evaluate(["--task", "gsm8k", "--test_file", str(test), "--run", f"a={tiny_dir}", "--run", f"b={tiny_dir}",
+                       "--max_new_tokens", "4", "--plot", str(plot), "--output", str(tmp_path / "eval.json")])
+    assert set(report) == {"a", "b"} and report["a"]["n"] == 4
+    assert report["a"]["pairs"] == sum(len(s) - 1 for _, s in STEPS)
+    assert -1 <= report["a"]["consecutive_step_cosine"] <= 1
+    assert plot.stat().st_size > 1000

@@ -50,19 +50,20 @@ def detect_format(record: dict) -> str:
     raise ValueError(f"neither 'deepseek_response' nor 'answer' field (fields: {sorted(record)})")
 
 
-def convert(record: dict, fmt: str, args) -> tuple[dict, int]:
+def convert(record: dict, fmt: str, separator: str = "\n\n", min_chars: int = 20,
+            strip_calculator: bool = False, system: str = DEFAULT_SYSTEM) -> tuple[dict, int]:
     """One output record and the number of trivial steps dropped from it."""
     if "question" not in record:
         raise ValueError(f"missing field 'question' (fields: {sorted(record)})")
     if fmt == "deepseek":
-        steps, trivial = split_steps(record["deepseek_response"], args.separator, args.min_step_chars)
+        steps, trivial = split_steps(record["deepseek_response"], separator, min_chars)
         final = record.get("answer")
-        content = args.separator.join(steps)
+        content = separator.join(steps)
     else:
-        steps, final, trivial = gsm8k_steps(record["answer"], args.strip_calculator, args.min_step_chars)
-        content = args.separator.join(steps) + f"\n#### {final}" if steps else f"#### {final}"
+        steps, final, trivial = gsm8k_steps(record["answer"], strip_calculator, min_chars)
+        content = separator.join(steps) + f"\n#### {final}" if steps else f"#### {final}"
     messages = [
-        {"role": "system", "content": args.system},
+        {"role": "system", "content": system},
         {"role": "user", "content": record["question"]},
         {"role": "assistant", "content": content},
     ]
@@ -91,7 +92,8 @@ def main(argv=None):
             try:
                 record = json.loads(line)
                 fmt = detect_format(record) if args.format == "auto" else args.format
-                out, trivial = convert(record, fmt, args)
+                out, trivial = convert(record, fmt, args.separator, args.min_step_chars,
+                                       args.strip_calculator, args.system)
             except (ValueError, KeyError) as e:
                 sys.exit(f"{args.input}:{lineno}: {e}")
             counts["read"] += 1

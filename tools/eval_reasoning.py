@@ -1,0 +1,187 @@
+"""Evaluate fine-tuned runs side by side (e.g. the lambda = 0 baseline and Step-JEPA).
+
+  python tools/eval_reasoning.py --task gsm8k --test_file ../shared/data/gsm8k/test.jsonl \\
+      --run baseline=runs/lm --run step_jepa=runs/step_jepa --output eval.json --plot steps.png
+
+Per run (a local HF model directory or a LoRA adapter directory saved by pretrain/step_jepa.py):
+  gsm8k: accuracy of greedy answers; the predicted number is what follows '####', else the
+         last number in the text, compared with the gold '#### N';
+  nlrx:  exact match of the greedy answer with the reference regex (whitespace-stripped);
+  steps (gsm8k): on the gold solutions, cosine similarity of consecutive steps: the step-end
+         states of the plain causal pass, and the Step-JEPA views (predictor after step i vs
+         step i+1 in isolation); and a PCA projection of the isolated step embeddings (PNG).
+"""
+import argparse
+import json
+import re
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from model import hf
+from model.step_jepa import lm_batch, packed_batch, predictor_names
+from tools.prepare_step_data import convert
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_number(text: str) -> float | None:
+    """The final answer in a solution: after the last '####' if present, else the last number."""
+    tail = text.rpartition("####")[2] if "####" in text else text
+    found = NUMBER.findall(tail)
+    if not found:
+        return None
+    try:
+        return float(found[0 if "####" in text else -1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def gsm8k_correct(prediction: str, gold_answer: str) -> bool:
+    gold = extract_number("####" + gold_answer.rpartition("####")[2])
+    pred = extract_number(prediction)
+    return pred is not None and gold is not None and abs(pred - gold) < 1e-6
+
+
+def regex_match(prediction: str, reference: str) -> bool:
+    return prediction.strip() == reference.strip()
+
+
+def read_tasks(task: str, path: str, limit: int) -> list[dict]:
+    """[{'messages': [system, user, assistant (gold)], 'gold': ...}] from a GSM8K or NL-RX file."""
+    items = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            rec = json.loads(line)
+            try:
+                if task == "gsm8k":
+                    chat, _ = convert(rec, "gsm8k")
+                    items.append({"messages": chat["messages"], "gold": rec["answer"]})
+                else:
+                    items.append({"messages": rec["messages"], "gold": rec["messages"][-1]["content"]})
+            except (KeyError, ValueError, IndexError) as e:
+                sys.exit(f"{path}:{lineno}: not a {task} record ({e!r})")
+            if len(items) == limit:
+                break
+    return items
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy continuations, left-padded batches; progress with rate and ETA."""
+    out, t0 = [], time.time()
+    pad = tokenizer.pad_token_id
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+        done = len(out)
+        rate = done / (time.time() - t0)
+        print(f"  generated {done}/{len(prompts)} ({rate:.2f}/s, ETA {(len(prompts) - done) / rate:.0f}s)", flush=True)
+    return out
+
+
+@torch.no_grad()
+def step_embeddings(model, tokenizer, chats: list[list[dict]], predictors: int, batch_size: int) -> dict:
+    """Consecutive-step cosines (causal step ends; JEPA views) and the isolated step embeddings."""
+    encoder = hf.chat_encoder(tokenizer)
+    backbone = hf.HFBackbone(model)
+    preds = tokenizer.convert_tokens_to_ids(predictor_names(predictors))
+    causal_cos, view_cos, emb, step_index = [], [], [], []
+    examples = [e for e in (encoder(c) for c in chats) if len(e.steps) >= 2]
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        b = lm_batch(chunk, tokenizer.pad_token_id)
+        h = backbone.hidden(b.input_ids, b.position_ids, None)
+        for r, e in enumerate(chunk):
+            ends = torch.stack([h[r, end - 1] for _, end in e.steps])
+            causal_cos += F.cosine_similarity(ends[:-1], ends[1:], dim=-1).tolist()
+        p = packed_batch(chunk, "multistep", preds, tokenizer.pad_token_id)
+        h = backbone.hidden(p.input_ids, p.position_ids, p.attention_mask)
+        v1, v2 = h[p.view1[:, 0], p.view1[:, 1]], h[p.view2[:, 0], p.view2[:, 1]]
+        view_cos += F.cosine_similarity(v1, v2, dim=-1).tolist()
+        emb.append(v2.float())
+        step_index += [k + 2 for e in chunk for k in range(len(e.steps) - 1)]  # view 2 is step k+2
+    mean = lambda xs: sum(xs) / max(len(xs), 1)
+    return {"consecutive_step_cosine": mean(causal_cos), "predictor_vs_next_step_cosine": mean(view_cos),
+            "pairs": len(view_cos), "embeddings": torch.cat(emb) if emb else torch.zeros(0), "step_index": step_index}
+
+
+def pca_2d(x: torch.Tensor) -> torch.Tensor:
+    x = x - x.mean(0)
+    _, _, v = torch.pca_lowrank(x, q=2, center=False)
+    return x @ v[:, :2]
+
+
+def plot_steps(results: dict, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.5), squeeze=False)
+    for ax, (name, r) in zip(axes[0], results.items()):
+        xy = pca_2d(r["embeddings"])
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=r["step_index"], cmap="viridis", s=8)
+        ax.set_title(f"{name}: step embeddings (PCA)\nconsecutive cos {r['predictor_vs_next_step_cosine']:.3f}")
+        fig.colorbar(sc, ax=ax, label="step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=["gsm8k", "nlrx"], required=True)
+    ap.add_argument("--test_file", required=True)
+    ap.add_argument("--run", action="append", required=True, metavar="NAME=DIR")
+    ap.add_argument("--limit", type=int, default=0, help="first N test records (0: all)")
+    ap.add_argument("--max_new_tokens", type=int, default=256)
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--predictors", type=int, default=1)
+    ap.add_argument("--output", default=None, help="JSON with every metric and the first predictions")
+    ap.add_argument("--plot", default=None, help="PNG of the step-embedding projection (gsm8k)")
+    args = ap.parse_args(argv)
+    runs = dict(r.split("=", 1) for r in args.run if "=" in r)
+    if len(runs) != len(args.run):
+        sys.exit(f"--run must be NAME=DIR, got {args.run}")
+
+    items = read_tasks(args.task, args.test_file, args.limit)
+    score = gsm8k_correct if args.task == "gsm8k" else regex_match
+    metric = "accuracy" if args.task == "gsm8k" else "exact_match"
+    report, embeddings = {}, {}
+    for name, path in runs.items():
+        print(f"{name}: {path}", flush=True)
+        torch.manual_seed(0)
+        model, tokenizer = hf.load_causal_lm(path)
+        model.eval()
+        encoder = hf.chat_encoder(tokenizer)
+        prompts = [encoder.encode(encoder.render_prompt(it["messages"][:-1])) for it in items]
+        preds = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+        correct = [score(p, it["gold"]) for p, it in zip(preds, items)]
+        report[name] = {"path": path, metric: sum(correct) / len(items), "n": len(items),
+                        "examples": [{"prediction": p, "gold": it["gold"], "correct": c}
+                                     for p, it, c in list(zip(preds, items, correct))[:20]]}
+        if args.task == "gsm8k":
+            emb = step_embeddings(model, tokenizer, [it["messages"] for it in items], args.predictors, args.batch_size)
+            embeddings[name] = emb
+            report[name].update({k: emb[k] for k in ("consecutive_step_cosine", "predictor_vs_next_step_cosine", "pairs")})
+    print(f"\n{'run':<20}{metric:>14}" + ("  step cos (causal / jepa views)" if args.task == "gsm8k" else ""))
+    for name, r in report.items():
+        extra = f"  {r['consecutive_step_cosine']:.3f} / {r['predictor_vs_next_step_cosine']:.3f}" if args.task == "gsm8k" else ""
+        print(f"{name:<20}{r[metric]:>14.4f}{extra}")
+    if args.plot and embeddings:
+        plot_steps(embeddings, args.plot)
+        print(f"plot: {args.plot}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"task": args.task, "test_file": args.test_file, "runs": report}, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()
