@@ -89,10 +89,11 @@ class ParallelConfig(Section):
 
     @model_validator(mode="after")
     def _zero_with_pipeline(self):
-        if self.pipeline > 1 and self.zero_stage > 1:
+        if self.pipeline > 1 and self.zero_stage != 1:
             raise ValueError(
                 f"parallel.zero_stage={self.zero_stage} cannot be combined with parallel.pipeline="
-                f"{self.pipeline}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only"
+                f"{self.pipeline}: use ZeRO stage 1 (DeepSpeed's pipeline engine does not support "
+                "ZeRO-2/3, and reports no gradient norm without ZeRO)"
             )
         return self
 

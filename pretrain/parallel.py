@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.pipe import LayerSpec, PipelineModule
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from deepspeed.runtime.utils import clip_grad_norm_
 from megatron.core import parallel_state
 from torch import nn
 
@@ -128,18 +129,27 @@ def build_engine(cfg: Config):
     return engine
 
 
-def train_step(engine, batches) -> float:
-    """One optimizer step over gradient_accumulation_steps micro batches; the loss averaged over
-    micro batches and data-parallel ranks (the same number every rank reports)."""
+def train_step(engine, batches) -> tuple[float, float]:
+    """One optimizer step over gradient_accumulation_steps micro batches. Returns the loss averaged
+    over micro batches and data-parallel ranks (the same number on every rank) and the global
+    gradient norm before clipping."""
     if isinstance(engine, deepspeed.PipelineEngine):
-        return engine.train_batch(data_iter=batches).item()
-    total = 0.0
-    for _ in range(engine.gradient_accumulation_steps()):
+        loss = engine.train_batch(data_iter=batches).item()
+        return loss, float(engine.get_global_grad_norm())
+    total, accum = 0.0, engine.gradient_accumulation_steps()
+    grad_norm = None
+    for micro in range(accum):
         input_ids, labels = next(batches)
         loss = engine(input_ids.to(engine.device), labels.to(engine.device))
         engine.backward(loss)
+        if micro == accum - 1 and engine.zero_optimization_stage() == 0:
+            # Without ZeRO, DeepSpeed clips fp32 gradients but discards their norm; an infinite
+            # max_norm measures it the same way (TP-aware) and leaves the gradients as they are.
+            grad_norm = float(clip_grad_norm_(engine.module.parameters(), max_norm=float("inf"), mpu=engine.mpu))
         engine.step()
         total += loss.detach().float()
-    total = total / engine.gradient_accumulation_steps()
+    total = total / accum
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    return (total / parallel_state.get_data_parallel_world_size()).item()
+    if grad_norm is None:
+        grad_norm = float(engine.get_global_grad_norm())
+    return (total / parallel_state.get_data_parallel_world_size()).item(), grad_norm

@@ -98,13 +98,12 @@ def main(argv=None) -> None:
     stop_at = min(total_steps, args.stop_after or total_steps)
     while step < stop_at:
         batches.value = 0
-        loss = train_step(engine, batches)
+        loss, grad_norm = train_step(engine, batches)
         step += 1
         fingerprint = torch.tensor(batches.value, dtype=torch.int64)
         dist.all_reduce(fingerprint)  # ranks that hold no data (pipeline middle stages) add 0
-        grad_norm = engine.get_global_grad_norm()
         record = {
-            "loss": loss, "lr": engine.get_lr()[0], "grad_norm": float(grad_norm if grad_norm is not None else "nan"),
+            "loss": loss, "lr": engine.get_lr()[0], "grad_norm": grad_norm,
             "tokens_seen": step * cfg.tokens_per_step(), "data_fingerprint": int(fingerprint) % (1 << 61),
         }
         if log:
