@@ -3,9 +3,16 @@
   deepspeed --num_gpus 2 pretrain/step_jepa.py --train_file steps.jsonl --model_name /models/Llama-3.2-1B-Instruct \\
       --output_dir runs/step_jepa --lora --lora_rank 16 --lbd 0.1 --gamma 1.0 --jepa_loss_type cosine
 
+  deepspeed --num_gpus 2 pretrain/step_jepa.py --config pretrain/configs/tiny.yaml --tokenizer runs/tiny/tokenizer.json \
+      --train_file nlrx/train.jsonl --output_dir runs/nlrx_jepa --mode two_view --lbd 1.0
+
 --train_file holds chat records ({"messages": [system, user, assistant]}), e.g. the output of
-tools/prepare_step_data.py or NL-RX-SYNTH. --lbd 0 is the plain fine-tuning baseline. On CPU the
-ranks talk over gloo; run as a plain script it is a single-process group.
+tools/prepare_step_data.py or NL-RX-SYNTH. --lbd 0 is the plain fine-tuning baseline.
+Two model families: a local Hugging Face causal LM (--model_name, optional LoRA, data parallel
+with ZeRO 0-2), or the project's GPT (--config: its architecture, tensor parallelism and ZeRO
+stage come from the run config; the optimisation numbers from the arguments here). Pipeline
+parallelism is refused: the objective reads states at arbitrary positions of the last layer.
+On CPU the ranks talk over gloo; run as a plain script it is a single-process group.
 """
 import argparse
 import json
@@ -18,14 +25,20 @@ import time
 import deepspeed
 import torch
 
+from data.tokenizer import ASSISTANT, BOS, EOS_ID, END, PAD_ID, SYSTEM, USER, load_tokenizer
 from model import hf
-from model.step_jepa import LOSS_TYPES, MODES, StepJEPA, predictor_names
+from model.loss import lm_loss
+from model.step_jepa import LOSS_TYPES, MODES, ChatEncoder, StepJEPA, predictor_names
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train_file", required=True)
-    ap.add_argument("--model_name", required=True, help="local Hugging Face model directory")
+    model = ap.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model_name", help="local Hugging Face model directory")
+    model.add_argument("--config", help="project run config (YAML): train the project's GPT")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override in --config")
+    ap.add_argument("--tokenizer", help="project tokenizer.json (default: data.tokenizer of --config)")
     ap.add_argument("--output_dir", required=True)
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--lora_rank", type=int, default=16)
@@ -47,7 +60,7 @@ def parse_args(argv=None):
     ap.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs decide)")
     ap.add_argument("--learning_rate", type=float, default=2e-5)
     ap.add_argument("--warmup_ratio", type=float, default=0.03)
-    ap.add_argument("--zero_stage", type=int, choices=[0, 1, 2], default=1)
+    ap.add_argument("--zero_stage", type=int, choices=[0, 1, 2], default=1, help="HF models (GPT: from --config)")
     ap.add_argument("--attn_implementation", choices=["sdpa", "eager"], default="sdpa")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--log_every", type=int, default=10)
@@ -59,14 +72,42 @@ def parse_args(argv=None):
     return args
 
 
+class GPTBackbone:
+    """The project's GPT as a Step-JEPA backbone; the LM loss is the vocab-parallel fused one."""
+
+    def __init__(self, gpt, kernels: str = "fused"):
+        self.gpt, self.kernels = gpt, kernels
+
+    def hidden(self, input_ids, position_ids, attention_mask):
+        return self.gpt(input_ids, position_ids, attention_mask)
+
+    def lm_loss(self, hidden, target):
+        return lm_loss(hidden, self.gpt.output_weight, target, self.kernels)
+
+
+def project_chat_encoder(tokenizer, separator: str = "\n\n", max_len: int = 1024) -> ChatEncoder:
+    """Chats in the project's role tokens: <|system|>..<|end|><|user|>..<|end|><|assistant|>."""
+    tags = {"system": SYSTEM, "user": USER}
+
+    def render(messages):
+        bad = [m.get("role") for m in messages if m.get("role") not in tags]
+        if bad:
+            raise ValueError(f"prompt roles must be system/user, got {bad}")
+        return BOS + "".join(f"{tags[m['role']]}{m['content']}{END}" for m in messages) + ASSISTANT
+
+    return ChatEncoder(lambda t: tokenizer.encode(t).ids, render, EOS_ID, separator, max_len)
+
+
 def init_distributed():
     if "RANK" not in os.environ:  # plain `python pretrain/step_jepa.py`: a group of one
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def read_chats(path: str) -> list[list[dict]]:
@@ -84,12 +125,12 @@ def read_chats(path: str) -> list[list[dict]]:
     return chats
 
 
-def ds_config(args, device: str) -> dict:
+def ds_config(args, zero_stage: int, device: str) -> dict:
     return {
         "train_micro_batch_size_per_gpu": args.batch_size,
         "gradient_accumulation_steps": args.grad_accum,
         "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": args.zero_stage},
+        "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": device == "cuda"},
         "steps_per_print": 10**9,  # our own log line carries rate and ETA
     }
@@ -100,55 +141,93 @@ def linear_schedule(optimizer, total: int, warmup: int):
         optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1))))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world = init_distributed()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-
+def build_hf(args):
+    """(model, encoder, predictor ids, pad id, decode, backbone for the engine's module, save, dp rank, dp size)."""
     model, tokenizer = hf.load_causal_lm(args.model_name, lora=args.lora, lora_rank=args.lora_rank,
                                          lora_alpha=args.lora_alpha, lora_targets=args.lora_targets.split(","),
                                          attn_implementation=args.attn_implementation)
-    encoder = hf.chat_encoder(tokenizer, args.separator, args.max_len)
-    examples = [encoder(c) for c in read_chats(args.train_file)]
-    objective = StepJEPA(tokenizer.convert_tokens_to_ids(predictor_names(args.predictors)), tokenizer.pad_token_id,
-                         mode=args.mode, loss_type=args.jepa_loss_type, gamma=args.gamma, lbd=args.lbd,
-                         single_pass=args.single_pass)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    def save(engine):
+        if rank == 0:
+            hf.save(engine.module, tokenizer, args.output_dir)
+
+    return dict(model=model, encoder=hf.chat_encoder(tokenizer, args.separator, args.max_len),
+                predictors=tokenizer.convert_tokens_to_ids(predictor_names(args.predictors)),
+                pad_id=tokenizer.pad_token_id, decode=tokenizer.decode, backbone=hf.HFBackbone, save=save,
+                dp_rank=rank, dp_size=world, zero_stage=args.zero_stage, mpu=None)
+
+
+def build_gpt(args):
+    from megatron.core import parallel_state
+
+    from pretrain.config import load_config
+    from pretrain.parallel import MegatronMPU, build_model, init_distributed as init_parallel
+
+    cfg = load_config(args.config, args.set)
+    if cfg.parallel.pipeline != 1:
+        raise ValueError(f"{args.config}: parallel.pipeline={cfg.parallel.pipeline}; Step-JEPA needs every "
+                         "position's last-layer state in one stage, use parallel.pipeline=1 (TP and ZeRO work)")
+    init_parallel(cfg)
+    gpt = build_model(cfg).gpt
+    tokenizer = load_tokenizer(args.tokenizer or cfg.data.tokenizer)
+
+    def save(engine):
+        engine.save_checkpoint(args.output_dir)
+
+    return dict(model=gpt, encoder=project_chat_encoder(tokenizer, args.separator, args.max_len),
+                predictors=[tokenizer.token_to_id(n) for n in predictor_names(args.predictors)], pad_id=PAD_ID,
+                decode=tokenizer.decode, backbone=lambda m: GPTBackbone(m, cfg.training.kernels), save=save,
+                dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
+                zero_stage=cfg.parallel.zero_stage, mpu=MegatronMPU())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    init_distributed()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    built = build_gpt(args) if args.config else build_hf(args)
+    examples = [built["encoder"](c) for c in read_chats(args.train_file)]
+    objective = StepJEPA(built["predictors"], built["pad_id"], mode=args.mode, loss_type=args.jepa_loss_type,
+                         gamma=args.gamma, lbd=args.lbd, single_pass=args.single_pass)
     with_pairs = sum(bool(e.pairs(args.mode)) for e in examples)
     if rank == 0:
         print(f"{len(examples)} examples from {args.train_file}, {with_pairs} with a '{args.mode}' pair; "
-              f"world {world}, {'single pass' if args.single_pass else 'two passes'}, lambda {args.lbd}")
+              f"world {world} (data parallel {built['dp_size']}), "
+              f"{'single pass' if args.single_pass else 'two passes'}, lambda {args.lbd}")
         if args.debug:
             e = examples[0]
-            print("prompt:", repr(tokenizer.decode(e.input_ids[:e.n_prompt])))
+            print("prompt:", repr(built["decode"](e.input_ids[:e.n_prompt])))
             for i, (a, b) in enumerate(e.steps):
-                print(f"step {i + 1} [{a}, {b}):", repr(tokenizer.decode(e.input_ids[a:b])))
+                print(f"step {i + 1} [{a}, {b}):", repr(built["decode"](e.input_ids[a:b])))
 
-    per_rank = len(examples) // world
+    per_rank = len(examples) // built["dp_size"]
     micro_per_epoch = per_rank // args.batch_size
     if micro_per_epoch < args.grad_accum:
-        raise ValueError(f"{len(examples)} examples over {world} ranks do not fill one step of "
-                         f"batch_size {args.batch_size} x grad_accum {args.grad_accum}")
+        raise ValueError(f"{len(examples)} examples over {built['dp_size']} data-parallel ranks do not fill one "
+                         f"step of batch_size {args.batch_size} x grad_accum {args.grad_accum}")
     total = max(1, int(args.num_epochs * micro_per_epoch) // args.grad_accum)
     if args.max_steps:
         total = min(total, args.max_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
+    model = built["model"]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=0.0)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config(args, device),
+        model=model, optimizer=optimizer, config=ds_config(args, built["zero_stage"], device), mpu=built["mpu"],
         lr_scheduler=linear_schedule(optimizer, total, int(args.warmup_ratio * total)))
-    backbone = hf.HFBackbone(engine.module)
+    backbone = built["backbone"](engine.module)
     engine.train()
 
     log, step, t0 = [], 0, time.time()
     order = list(range(len(examples)))
-    epoch = 0
+    epoch, dp_rank = 0, built["dp_rank"]
     while step < total:
         random.Random(args.seed + epoch).shuffle(order)
-        mine = order[rank * per_rank:(rank + 1) * per_rank]
+        mine = order[dp_rank * per_rank:(dp_rank + 1) * per_rank]
         for m in range(micro_per_epoch // args.grad_accum * args.grad_accum):
             out = objective(backbone, [examples[i] for i in mine[m * args.batch_size:(m + 1) * args.batch_size]],
                             engine.device)
@@ -168,8 +247,8 @@ def main(argv=None):
                 break
         epoch += 1
 
+    built["save"](engine)
     if rank == 0:
-        hf.save(engine.module, tokenizer, args.output_dir)
         with open(os.path.join(args.output_dir, "train_log.json"), "w") as f:
             json.dump({"args": vars(args), "world_size": world, "seconds": time.time() - t0, "log": log}, f, indent=1)
         print(f"saved to {args.output_dir}")

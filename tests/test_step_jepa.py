@@ -191,3 +191,87 @@ def test_bad_config_is_named():
         StepJEPA(PRED, PAD, mode="bogus")
     with pytest.raises(ValueError, match="'hinge'"):
         StepJEPA(PRED, PAD, loss_type="hinge")
+
+
+def _project_gpt(vocab=VOCAB):
+    """The project's GPT (model/gpt.py) in a one-process group, TP = 1."""
+    from megatron.core import parallel_state
+
+    from model.gpt import GPT, init_weights, megatron_config
+    from pretrain.config import ModelConfig
+    from pretrain.step_jepa import init_distributed
+
+    init_distributed()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64)
+    gpt = GPT(cfg, vocab, megatron_config(1))
+    for i, layer in enumerate(gpt.children()):
+        init_weights(layer, i, cfg, seed=3)
+    return gpt
+
+
+@pytest.mark.parametrize("kernels", ["fused", "reference"])
+def test_project_gpt_single_pass_equals_two_pass(kernels):
+    from pretrain.step_jepa import GPTBackbone
+
+    gpt = _project_gpt()
+    backbone = GPTBackbone(gpt, kernels)
+    exs = [encoder(chat("abcd|efg|hi")), encoder(chat("ab|cdefg"))]
+    results = []
+    for single in (True, False):
+        out = StepJEPA(PRED, PAD, mode="multistep", lbd=0.5, single_pass=single)(backbone, exs)
+        results.append((out, grads(gpt, out)))
+    (a, ga), (b, gb) = results
+    assert a["jepa"].item() > 0
+    for key in ("loss", "lm", "jepa"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+def test_project_chat_encoder_uses_role_tokens(tmp_path):
+    from data.tokenizer import ASSISTANT, EOS_ID, SYSTEM
+    from pretrain.step_jepa import project_chat_encoder
+    from tools.train_tokenizer import MIN_VOCAB_SIZE, train_tokenizer
+
+    tok = train_tokenizer(["lines with the string 'dog'", "(dog)*", "Convert to regex."], MIN_VOCAB_SIZE + 20,
+                          show_progress=False)
+    ex = project_chat_encoder(tok)([{"role": "system", "content": "Convert to regex."},
+                                    {"role": "user", "content": "lines with 'dog'"},
+                                    {"role": "assistant", "content": "(dog)*"}])
+    assert ex.input_ids[1] == tok.token_to_id(SYSTEM) and ex.input_ids[ex.n_prompt - 1] == tok.token_to_id(ASSISTANT)
+    assert tok.decode(ex.input_ids[ex.n_prompt:ex.content_end]) == "(dog)*" and ex.input_ids[-1] == EOS_ID
+    with pytest.raises(ValueError, match="'tool'"):
+        project_chat_encoder(tok)([{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}])
+
+
+def test_entry_point_trains_project_gpt(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tools.train_tokenizer import MIN_VOCAB_SIZE, train_tokenizer
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pairs = [("lines with the string 'dog'", ".*dog.*"), ("lines ending with a vowel", ".*[AEIOUaeiou]"),
+             ("lines with a number", ".*[0-9].*"), ("lines starting with 'cat'", "cat.*")]
+    chats = [[{"role": "system", "content": "Convert to regex."}, {"role": "user", "content": u},
+              {"role": "assistant", "content": a}] for u, a in pairs] * 4
+    tok = train_tokenizer([m["content"] for c in chats for m in c], MIN_VOCAB_SIZE + 40, show_progress=False)
+    tok.save(str(tmp_path / "tok.json"))
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    sets = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "model.ffn_hidden_size=64",
+            f"training.lm.vocab_size={tok.get_vocab_size()}", "training.kernels=reference"]
+    cmd = [sys.executable, os.path.join(root, "pretrain", "step_jepa.py"), "--config",
+           os.path.join(root, "pretrain", "configs", "tiny.yaml"), *[a for s in sets for a in ("--set", s)],
+           "--tokenizer", str(tmp_path / "tok.json"), "--train_file", str(data), "--output_dir", str(tmp_path / "run"),
+           "--mode", "two_view", "--lbd", "1.0", "--batch_size", "4", "--num_epochs", "4", "--learning_rate", "1e-2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
+    env.pop("RANK", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = json.load(open(tmp_path / "run" / "train_log.json"))["log"]
+    assert len(log) == 16 and log[-1]["lm"] < log[0]["lm"] - 1.0
+    assert (tmp_path / "run" / "latest").exists()  # DeepSpeed checkpoint
