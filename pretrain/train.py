@@ -16,7 +16,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from data.loader import TokenBatches
+from data.shards import ShardError
 from pretrain import checkpoint
+from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError, load_config
 from pretrain.metrics import MetricsLog
 from pretrain.parallel import build_engine, init_distributed, train_step
@@ -125,5 +127,5 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    except (ConfigError, CheckpointError, ShardError) as e:
+        sys.exit(f"error: {e}")

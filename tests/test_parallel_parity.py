@@ -21,7 +21,6 @@ def _run(tiny_data, tmp_path, name, nproc, sets):
     out = tmp_path / f"{name}.json"
     args = ["--config", "pretrain/configs/tiny.yaml", *tiny_overrides(tiny_data, tmp_path / name),
             "--set", "training.batch_size=8", "--set", "training.micro_batch_size=2",
-            "--set", "training.kernels=reference",
             *[a for s in sets for a in ("--set", s)], "--steps", str(STEPS), "--out", str(out)]
     launch("tests/dist/parity_worker.py", args, nproc)
     return json.loads(out.read_text())

@@ -1,0 +1,108 @@
+"""The run config: the seed's fields parse, and every bad value is an error naming its field."""
+
+import json
+
+import pytest
+
+from pretrain.config import ConfigError, deepspeed_config, load_config, parse_count
+
+TINY = "pretrain/configs/tiny.yaml"
+
+
+def test_seed_defaults_and_tiny_config():
+    cfg = load_config(TINY, ["training.batch_size=256", "training.micro_batch_size=4",
+                             "training.gradient_accumulation_steps=64"])
+    assert cfg.batch_sizes(world_size=1) == (256, 4, 64, 1)
+    o = cfg.training.optimizers
+    assert (o.beta1, o.beta2, o.weight_decay, o.grad_clip) == (0.9, 0.95, 0.1, 1.0)
+    assert cfg.training.hybrid.alpha == 0.3 and cfg.training.hybrid.beta == 0.7
+    assert cfg.training.lm.tie_embeddings is False
+
+
+def test_counts_parse_like_the_seed_writes_them():
+    assert parse_count("5B") == 5_000_000_000
+    assert parse_count("1.5M") == 1_500_000
+    assert parse_count(1024) == 1024
+    with pytest.raises(ValueError, match="5 apples"):
+        parse_count("5 apples")
+
+
+def test_set_overrides_parse_yaml_values():
+    cfg = load_config(TINY, ["model.num_layers=7", "training.jepa.step_weights=[1.0, 0.5, 0.25]",
+                             "training.scheduler.warmup_tokens=2M"])
+    assert cfg.model.num_layers == 7
+    assert cfg.training.jepa.step_weights == [1.0, 0.5, 0.25]
+    assert cfg.training.scheduler.warmup_tokens == 2_000_000
+
+
+def test_accumulation_is_derived_when_left_out():
+    cfg = load_config(TINY)  # batch 16, micro 4, accumulation null
+    assert cfg.batch_sizes(world_size=2) == (16, 4, 2, 2)
+    assert cfg.batch_sizes(world_size=4) == (16, 4, 1, 4)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["training.lm.vocab_siz=3"], "training.lm.vocab_siz: Extra inputs are not permitted"),
+        (["training.batch_size=many"], "training.batch_size: Input should be a valid integer"),
+        (["parallel.zero_stage=4"], "parallel.zero_stage"),
+        (["parallel.pipeline=2", "parallel.zero_stage=2"], "parallel.zero_stage=2 cannot be combined with parallel.pipeline=2"),
+        (["training.jepa.prediction_steps=2"], "training.jepa.step_weights has 3 entries but training.jepa.prediction_steps is 2"),
+        (["model.hidden_size=100", "model.num_heads=3"], "model.hidden_size (100) must be divisible by model.num_heads (3)"),
+        (["training.hybrid.alpha=0", "training.hybrid.beta=0"], "must be >= 0 and not both 0"),
+        (["training"], "--set expects key=value"),
+    ],
+)
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, override)
+    assert message in str(e.value)
+
+
+def test_inconsistent_batch_numbers_name_all_fields():
+    cfg = load_config(TINY, ["training.batch_size=256", "training.gradient_accumulation_steps=64"])
+    with pytest.raises(ConfigError) as e:
+        cfg.batch_sizes(world_size=2)
+    assert str(e.value) == (
+        "training.batch_size (256) != training.micro_batch_size (4) x training.gradient_accumulation_steps "
+        "(64) x data-parallel size (2) = 512"
+    )
+    with pytest.raises(ConfigError, match="world size 3 is not divisible"):
+        load_config(TINY, ["parallel.tensor=2"]).batch_sizes(world_size=3)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+
+
+def test_deepspeed_config_takes_numbers_from_the_run_config(tmp_path):
+    cfg = load_config(TINY, ["parallel.zero_stage=3"])
+    ds = deepspeed_config(cfg, world_size=2, device="cpu")
+    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is False
+
+
+def test_deepspeed_json_disagreeing_with_run_config_is_an_error(tmp_path):
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {}}))
+    cfg = load_config(TINY, [f"parallel.ds_config={ds_file}"])
+    with pytest.raises(ConfigError) as e:
+        deepspeed_config(cfg, world_size=2, device="cpu")
+    assert "train_micro_batch_size_per_gpu = 8 disagrees with training.micro_batch_size" in str(e.value)
+    ds_file.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match="'optimizer' is set in the DeepSpeed JSON"):
+        deepspeed_config(cfg, world_size=2, device="cpu")
+
+
+def test_bf16_on_cpu_is_refused():
+    cfg = load_config(TINY, ["training.precision=bf16"])
+    with pytest.raises(ConfigError, match="training.precision=bf16 needs a GPU"):
+        deepspeed_config(cfg, world_size=1, device="cpu")
