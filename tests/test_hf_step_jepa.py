@@ -19,6 +19,8 @@ STEPS = [
     ("A shop sells 8 pens at 2 dollars each.", ["The pens cost 8 * 2 = 16 dollars.", "With a 4 dollar discount it is 12.\n#### 12"]),
 ]
 
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # a child run makes its own group
+
 
 def chat(q, steps):
     return [{"role": "system", "content": "Solve step by step."}, {"role": "user", "content": q},
@@ -103,7 +105,7 @@ def test_entry_point_trains_and_saves(tiny_dir, tmp_path):
            "--model_name", tiny_dir, "--output_dir", str(out), "--lbd", "0.5", "--predictors", "2",
            "--batch_size", "2", "--grad_accum", "2", "--num_epochs", "5", "--learning_rate", "3e-3",
            "--log_every", "5", "--zero_stage", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**{k: v for k, v in os.environ.items() if k not in DIST_ENV}, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = json.load(open(out / "train_log.json"))["log"]

@@ -11,6 +11,8 @@ from model.step_jepa import (IGNORE, ChatEncoder, StepJEPA, jepa_loss, lm_batch,
 VOCAB, EOS, PAD = 128, 1, 0
 PRED = [2, 3, 4]
 
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # a child run makes its own group
+
 
 class ToyBackbone(nn.Module):
     def __init__(self, d=32, layers=2):
@@ -268,8 +270,7 @@ def test_entry_point_trains_project_gpt(tmp_path):
            os.path.join(root, "pretrain", "configs", "tiny.yaml"), *[a for s in sets for a in ("--set", s)],
            "--tokenizer", str(tmp_path / "tok.json"), "--train_file", str(data), "--output_dir", str(tmp_path / "run"),
            "--mode", "two_view", "--lbd", "1.0", "--batch_size", "4", "--num_epochs", "4", "--learning_rate", "1e-2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
-    env.pop("RANK", None)
+    env = {**{k: v for k, v in os.environ.items() if k not in DIST_ENV}, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = json.load(open(tmp_path / "run" / "train_log.json"))["log"]
