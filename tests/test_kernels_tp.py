@@ -7,7 +7,6 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -70,6 +69,5 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
 def test_vocab_parallel_matches_single_rank():
     mp.spawn(_rank_main, args=(_free_port(),), nprocs=WORLD, join=True)

@@ -29,7 +29,7 @@ def chunk_rows_for(n_rows: int, v_local: int, impl: str) -> int:
     rows = max(1, CHUNK_BYTES[impl] // (4 * v_local))
     if rows >= 64:
         rows -= rows % 64
-    return min(rows, n_rows)
+    return max(1, min(rows, n_rows))
 
 
 def chunked_linear_cross_entropy(hidden, weight, target, ignore_index, label_smoothing, z_loss,
