@@ -1,12 +1,16 @@
 """Streaming micro batches of packed token sequences from a shard manifest, for data parallelism.
 
-The stream is a pure function of (manifest, seed, micro_batch_size, dp_size, num_workers):
+The stream is a pure function of (manifest, seed, micro_batch_size, dp_size, num_workers,
+shuffle_window):
 
 - Readers: each data-parallel rank has max(1, num_workers) readers (its DataLoader workers, or
   the main process); reader g = dp_rank * workers + w of R = dp_size * workers in all.
 - Epoch e: shard order = np.random.default_rng([seed, e]).permutation(num_shards); reader g
-  reads shards order[g::R] in that order, each shard's samples permuted by
-  np.random.default_rng([seed, e, shard]), and cuts the samples into micro batches.
+  reads shards order[g::R] in that order, in groups of shuffle_window shards. Group i's samples
+  (its shards' samples concatenated in that order) are permuted together by
+  np.random.default_rng([seed, e, g, i]), so that a micro batch mixes shards, and the reader
+  cuts its groups' samples, one group after the other, into micro batches.
+- Memory: a reader holds one group, up to shuffle_window shards; a larger window mixes better.
 - Every reader yields the same number of batches per epoch, batches_per_reader: what its
   floor(num_shards / R) smallest shards can fill, a bound that holds for any shard order, so it
   is known from the manifest counts alone and all ranks step together. The rest of an epoch's
@@ -19,6 +23,7 @@ state_dict() resumes them all.
 """
 
 import logging
+import math
 from pathlib import Path
 from typing import Iterator
 
@@ -35,8 +40,8 @@ def shard_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_shards)
 
 
-def sample_order(seed: int, epoch: int, shard: int, num_samples: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch, shard]).permutation(num_samples)
+def group_order(seed: int, epoch: int, reader: int, group: int, num_samples: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, reader, group]).permutation(num_samples)
 
 
 def batches_per_reader(shard_samples: list[int], num_readers: int, micro_batch_size: int) -> int:
@@ -56,13 +61,14 @@ class _RankStream(IterableDataset):
     0 began); in a DataLoader worker, only the batches that worker hands out."""
 
     def __init__(self, manifest: Manifest, *, seed: int, micro_batch_size: int, dp_rank: int,
-                 dp_size: int, workers: int, per_reader: int, start: int):
+                 dp_size: int, workers: int, shuffle_window: int, per_reader: int, start: int):
         self.manifest = manifest
         self.seed = seed
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.workers = workers
+        self.shuffle_window = shuffle_window
         self.per_reader = per_reader
         self.start = start
 
@@ -78,19 +84,21 @@ class _RankStream(IterableDataset):
 
     def _reader_batches(self, reader: int, epoch: int, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         counts = [s.samples for s in self.manifest.shards]
-        size = self.micro_batch_size
+        size, window = self.micro_batch_size, self.shuffle_window
         while True:
             shards = shard_order(self.seed, epoch, len(counts))[reader :: self.dp_size * self.workers]
             skip, wanted = batch * size, (self.per_reader - batch) * size
             pending = np.empty((0, self.manifest.sequence_length), dtype=self.manifest.dtype)
-            for shard in shards:
+            for group in range(math.ceil(len(shards) / window)):
                 if wanted == 0:
                     break
-                if skip >= counts[shard]:
-                    skip -= counts[shard]  # skipped whole, without opening the file
+                members = shards[group * window : (group + 1) * window]
+                samples = sum(counts[shard] for shard in members)
+                if skip >= samples:
+                    skip -= samples  # skipped whole, without opening its files
                     continue
-                tokens, _ = read_shard(self.manifest, shard)
-                order = sample_order(self.seed, epoch, shard, counts[shard])[skip : skip + wanted]
+                tokens = np.concatenate([read_shard(self.manifest, shard)[0] for shard in members])
+                order = group_order(self.seed, epoch, reader, group, samples)[skip : skip + wanted]
                 skip, wanted = 0, wanted - len(order)
                 pending = np.concatenate([pending, tokens[order]])
                 while len(pending) >= size:
@@ -104,9 +112,10 @@ class TokenBatches:
     of one data-parallel rank; see the module docstring for the order."""
 
     def __init__(self, manifest_dir: str | Path, *, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 seed: int, num_workers: int = 0):
+                 seed: int, num_workers: int = 0, shuffle_window: int = 8):
         for name, value, low in (("micro_batch_size", micro_batch_size, 1), ("dp_size", dp_size, 1),
-                                 ("seed", seed, 0), ("num_workers", num_workers, 0)):
+                                 ("seed", seed, 0), ("num_workers", num_workers, 0),
+                                 ("shuffle_window", shuffle_window, 1)):
             if value < low:
                 raise ValueError(f"{name} must be at least {low}, got {value}")
         if not 0 <= dp_rank < dp_size:
@@ -117,6 +126,7 @@ class TokenBatches:
         self.dp_size = dp_size
         self.seed = seed
         self.num_workers = num_workers
+        self.shuffle_window = shuffle_window
         workers = max(1, num_workers)
         readers = dp_size * workers
         counts = [s.samples for s in self.manifest.shards]
@@ -163,8 +173,8 @@ class TokenBatches:
     def _stream(self):
         stream = _RankStream(
             self.manifest, seed=self.seed, micro_batch_size=self.micro_batch_size, dp_rank=self.dp_rank,
-            dp_size=self.dp_size, workers=max(1, self.num_workers), per_reader=self._per_reader,
-            start=self._position,
+            dp_size=self.dp_size, workers=max(1, self.num_workers), shuffle_window=self.shuffle_window,
+            per_reader=self._per_reader, start=self._position,
         )
         if self.num_workers == 0:
             return stream
@@ -175,7 +185,7 @@ class TokenBatches:
         # continue the same stream.
         return {
             "micro_batch_size": self.micro_batch_size, "dp_size": self.dp_size, "num_workers": self.num_workers,
-            "seed": self.seed, "num_samples": self.manifest.num_samples,
+            "seed": self.seed, "shuffle_window": self.shuffle_window, "num_samples": self.manifest.num_samples,
         }
 
     def state_dict(self) -> dict:
