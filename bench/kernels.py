@@ -48,7 +48,9 @@ def machine():
                 if line.startswith("model name")), platform.processor())
     info = {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(),
+            # Other work on the machine inflates times (ratios less so: impls are interleaved).
+            "load_average_at_start": os.getloadavg()}
     if torch.cuda.is_available():
         import triton
         info.update(gpu=torch.cuda.get_device_name(), triton=triton.__version__)
@@ -66,8 +68,9 @@ def ce_inputs(tokens, hidden, vocab, dtype, device):
 
 
 def ce_step(fn, h, w, t):
-    h.grad = w.grad = None
+    # Gradients are dropped after each step so that they count in the step's peak only.
     fn(h, w, t).backward()
+    h.grad = w.grad = None
 
 
 def reference_ce(h, w, t):
@@ -133,8 +136,8 @@ def mse_inputs(tokens, dim, dtype, device, density=MSE_DENSITY):
 
 
 def mse_step(fn, pred, target, mask, weights):
-    pred.grad = None
     fn(pred, target, mask, weights).backward()
+    pred.grad = None
 
 
 def reference_mse(pred, target, mask, weights):
@@ -186,7 +189,7 @@ def cuda_measure(fn, reps=10):
 
 def ce_gpu(args):
     cases = []
-    compiled = torch.compile(reference_ce)
+    compiled = torch.compile(reference_ce, dynamic=False)
     for dtype in (torch.float32, torch.bfloat16):
         for hidden in args.hidden:
             case = {"tokens": args.tokens, "hidden": hidden, "vocab": args.vocab,
@@ -290,6 +293,7 @@ def main():
                    max(c["time_ratio_vs_compile"] for c in results["ce_gpu"]))]
         if big:
             lines.append(("mse_gpu_bandwidth_fraction", min(big)))
+    results["machine"]["load_average_at_end"] = os.getloadavg()
     results["results"] = dict(lines)
     device = slug(results["machine"].get("gpu", "cpu"))
     out = args.out or RESULTS / f"kernels_{device}.json"

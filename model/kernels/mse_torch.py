@@ -8,11 +8,12 @@ rows is never gathered into one copy.
 import torch
 
 COSINE_EPS = 1e-8  # F.cosine_similarity's default: norms are clamped to at least this
-CHUNK_ELEMENTS = 1 << 16
+# Few, large chunks: each torch op is a parallel region, and their count, not the bytes, is
+# what costs most when the cores are shared.
+CHUNK_ELEMENTS = 1 << 20
 
 
 def _chunks(selected: torch.Tensor, dim: int):
-    """Index chunks of the selected rows, each small enough to stay in cache."""
     return torch.nonzero(selected).squeeze(1).split(max(1, CHUNK_ELEMENTS // dim))
 
 
