@@ -26,7 +26,7 @@ def _world(group):
 
 
 def chunk_rows_for(n_rows: int, v_local: int, impl: str) -> int:
-    rows = max(1, CHUNK_BYTES[impl] // (4 * v_local))
+    rows = CHUNK_BYTES[impl] // (4 * v_local)
     if rows >= 64:
         rows -= rows % 64
     return max(1, min(rows, n_rows))
@@ -128,7 +128,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_inputs(hidden, weight, target, tp_group):
+def _check_inputs(hidden, weight, target):
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [N, H], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -157,7 +157,7 @@ def fused_linear_cross_entropy(hidden, weight, target, *, ignore_index=-100, lab
     TP the returned hidden gradient is already the full one. z_loss adds
     z_loss * mean(logsumexp^2) over non-ignored tokens. bf16/fp16 inputs are reduced in fp32.
     """
-    _check_inputs(hidden, weight, target, tp_group)
+    _check_inputs(hidden, weight, target)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if z_loss < 0.0:
