@@ -194,6 +194,7 @@ class DataConfig(Section):
     shards: str = "runs/tiny/shards"  # directory holding manifest.json
     num_workers: int = 1
     seed: int = 1234
+    shuffle_window: int = 8  # shards whose samples each loader reader shuffles together
 
 
 class CheckpointConfig(Section):

@@ -107,6 +107,13 @@ def build_model(cfg: Config) -> nn.Module:
         partition_method=cfg.parallel.partition_method,
         activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
     )
+    # The two libraries build their own groups; they must be the same sets of ranks.
+    for axis, group in (("data", parallel_state.get_data_parallel_group()),
+                        ("model", parallel_state.get_tensor_model_parallel_group())):
+        mine = dist.get_process_group_ranks(group)
+        if mine not in pipe._topo.get_axis_comm_lists(axis):
+            raise RuntimeError(f"DeepSpeed's {axis} groups {pipe._topo.get_axis_comm_lists(axis)} do not contain "
+                               f"megatron-core's group {mine}")
     for offset, layer in enumerate(pipe.forward_funcs):
         init_weights(layer, pipe._local_start + offset, cfg.model, cfg.run.seed)
     return pipe

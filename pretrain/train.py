@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     loader = TokenBatches(
         cfg.data.shards, micro_batch_size=cfg.training.micro_batch_size,
         dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
-        seed=cfg.data.seed, num_workers=cfg.data.num_workers,
+        seed=cfg.data.seed, num_workers=cfg.data.num_workers, shuffle_window=cfg.data.shuffle_window,
     )
     if loader.context_length != cfg.training.lm.context_length:
         raise ConfigError(
