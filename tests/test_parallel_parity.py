@@ -1,5 +1,6 @@
-"""Parallelism is correct when it changes nothing: ZeRO-1/2/3 on 2 data-parallel ranks, TP=2 and
-PP=2 give the losses and gradient norms of one process, for the same init and global batches.
+"""Parallelism is correct when it changes nothing: ZeRO-1/2/3 on 2 data-parallel ranks, TP=2, PP=2
+and TP=2 x PP=2 give the losses and gradient norms of one process, for the same init and global
+batches.
 
 Real multi-process runs under the deepspeed launcher (gloo, CPU). Tolerance: fp32 with a different
 reduction order (sharded optimizer, all-reduced partial sums, split matmuls) moves results by
@@ -32,17 +33,18 @@ def baseline(tiny_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "name,sets",
+    "name,nproc,sets",
     [
-        ("zero1", ["parallel.zero_stage=1"]),
-        ("zero2", ["parallel.zero_stage=2"]),
-        ("zero3", ["parallel.zero_stage=3"]),
-        ("tp2", ["parallel.tensor=2", "parallel.zero_stage=1"]),
-        ("pp2", ["parallel.pipeline=2", "parallel.zero_stage=1"]),
+        ("zero1", 2, ["parallel.zero_stage=1"]),
+        ("zero2", 2, ["parallel.zero_stage=2"]),
+        ("zero3", 2, ["parallel.zero_stage=3"]),
+        ("tp2", 2, ["parallel.tensor=2", "parallel.zero_stage=1"]),
+        ("pp2", 2, ["parallel.pipeline=2", "parallel.zero_stage=1"]),
+        ("tp2_pp2", 4, ["parallel.tensor=2", "parallel.pipeline=2", "parallel.zero_stage=1"]),
     ],
 )
-def test_two_ranks_match_one_process(baseline, tiny_data, tmp_path, name, sets):
-    result = _run(tiny_data, tmp_path, name, 2, sets)
+def test_parallel_layouts_match_one_process(baseline, tiny_data, tmp_path, name, nproc, sets):
+    result = _run(tiny_data, tmp_path, name, nproc, sets)
     assert result["loss"][0] > 5.0, "the model should start near ln(vocab): is the data real?"
     assert result["loss"] == pytest.approx(baseline["loss"], rel=RTOL)
     assert result["grad_norm"] == pytest.approx(baseline["grad_norm"], rel=RTOL)
