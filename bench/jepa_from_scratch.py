@@ -11,6 +11,7 @@ well under an hour on 2 cores, so it measures the method at a very different sca
 """
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import statistics
@@ -23,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron.core import parallel_state  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
 
 from bench.step_jepa_cost import machine  # noqa: E402
 from data.tokenizer import EOS_ID, PAD_ID  # noqa: E402
@@ -70,6 +72,26 @@ def greedy(gpt, prompts: list[list[int]], max_new: int, batch_size: int, device)
                 break
         outs += gen
     return outs
+
+
+def run_seed(args, seed: int, tokenizer_json: str) -> list[dict]:
+    """The lambda = 0 and the JEPA run of one seed, in a process of its own: each worker makes
+    its own one-rank group (megatron's layers need one) on a fresh port."""
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and args.workers > 1:
+        torch.set_num_threads(1)
+    init_distributed()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    encoder = project_chat_encoder(tokenizer, max_len=256)
+    train = [encoder(c) for c in read(os.path.join(args.data, "train.jsonl"))]
+    test_chats = read(os.path.join(args.data, "test.jsonl"))[:args.test_limit or None]
+    test_prompts = [encoder.encode(encoder.render_prompt(c[:-1])) for c in test_chats]
+    test_gold = [c[-1]["content"] for c in test_chats]
+    return [run_one(args, lbd, seed, train, test_prompts, test_gold, tokenizer, device) for lbd in (0.0, args.lbd)]
 
 
 def run_one(args, lbd: float, seed: int, train, test_prompts, test_gold, tokenizer, device) -> dict:
@@ -120,7 +142,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--lbd", type=float, default=1.0, help="JEPA weight of the JEPA runs")
@@ -134,28 +156,26 @@ def main(argv=None):
     ap.add_argument("--kernels", choices=["fused", "reference"], default=None,
                     help="LM loss path; default fused on GPU, reference on CPU (at a 512 vocab the "
                          "chunked fused CE measured 4x slower per step than plain torch on CPU)")
+    ap.add_argument("--workers", type=int, default=3,
+                    help="seeds trained in parallel processes (one torch thread each on CPU)")
     ap.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "jepa_from_scratch.json"))
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.kernels = args.kernels or ("fused" if device == "cuda" else "reference")
-    init_distributed()
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
-
     train_chats = read(os.path.join(args.data, "train.jsonl"))
-    test_chats = read(os.path.join(args.data, "test.jsonl"))
-    if args.test_limit:
-        test_chats = test_chats[:args.test_limit]
     tokenizer = train_tokenizer((m["content"] for c in train_chats for m in c), args.vocab, show_progress=False)
-    encoder = project_chat_encoder(tokenizer, max_len=256)
-    train = [encoder(c) for c in train_chats]
-    test_prompts = [encoder.encode(encoder.render_prompt(c[:-1])) for c in test_chats]
-    test_gold = [c[-1]["content"] for c in test_chats]
-    print(f"{len(train)} train / {len(test_chats)} test, vocab {tokenizer.get_vocab_size()}, "
-          f"mean train length {sum(len(e.input_ids) for e in train) / len(train):.1f} tokens", flush=True)
-
-    runs = [run_one(args, lbd, seed, train, test_prompts, test_gold, tokenizer, device)
-            for seed in args.seeds for lbd in (0.0, args.lbd)]
+    lengths = [len(project_chat_encoder(tokenizer)(c).input_ids) for c in train_chats]
+    test_records = len(read(os.path.join(args.data, "test.jsonl"))[:args.test_limit or None])
+    print(f"{len(train_chats)} train / {test_records} test, vocab {tokenizer.get_vocab_size()}, "
+          f"mean train length {sum(lengths) / len(lengths):.1f} tokens, {args.workers} worker(s)", flush=True)
+    t0 = time.time()
+    if args.workers > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(args.workers) as pool:
+            per_seed = pool.starmap(run_seed, [(args, seed, tokenizer.to_str()) for seed in args.seeds])
+    else:
+        per_seed = [run_seed(args, seed, tokenizer.to_str()) for seed in args.seeds]
+    runs = [r for rs in per_seed for r in rs]
     summary = {}
     for name, lbd in (("lm", 0.0), ("jepa", args.lbd)):
         ems = [r["exact_match"] for r in runs if r["lambda"] == lbd]
@@ -167,7 +187,7 @@ def main(argv=None):
               "model": {"kind": "project GPT (model/gpt.py), random init", "hidden": args.hidden, "layers": args.layers,
                         "heads": args.heads, "vocab": tokenizer.get_vocab_size(), "params": params},
               "config": {k: v for k, v in vars(args).items() if k not in ("data", "output")},
-              "test_records": len(test_chats), "summary": summary, "runs": runs}
+              "test_records": test_records, "wall_seconds": time.time() - t0, "summary": summary, "runs": runs}
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)
