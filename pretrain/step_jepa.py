@@ -16,7 +16,6 @@ On CPU the ranks talk over gloo; run as a plain script it is a single-process gr
 """
 import argparse
 import json
-import math
 import os
 import random
 import socket
