@@ -67,7 +67,8 @@ def load_causal_lm(path: str, lora: bool = False, lora_rank: int = 16, lora_alph
                    dtype=torch.float32):
     """(model, tokenizer) from a local directory: a full checkpoint, or a LoRA adapter saved
     by `save` (its base is read from adapter_config.json). Predictor tokens are added and the
-    embeddings resized; with `lora` only the adapters are trainable."""
+    embeddings resized; with `lora` only the adapters and the predictor rows of the input
+    embeddings are trainable (the rest of the embedding matrix stays frozen)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.isdir(path):
@@ -83,8 +84,11 @@ def load_causal_lm(path: str, lora: bool = False, lora_rank: int = 16, lora_alph
         model = PeftModel.from_pretrained(model, path)
     elif lora:
         from peft import LoraConfig, get_peft_model
+        # the predictor rows start random and only training can give them meaning
+        predictors = tokenizer.convert_tokens_to_ids(predictor_names(NUM_PREDICTOR_TOKENS))
         cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha or 2 * lora_rank, lora_dropout=0.0,
-                         target_modules=list(lora_targets), task_type="CAUSAL_LM")
+                         target_modules=list(lora_targets), trainable_token_indices=predictors,
+                         task_type="CAUSAL_LM")
         model = get_peft_model(model, cfg)
     return model, tokenizer
 

@@ -141,7 +141,7 @@ def linear_schedule(optimizer, total: int, warmup: int):
 
 
 def build_hf(args):
-    """(model, encoder, predictor ids, pad id, decode, backbone for the engine's module, save, dp rank, dp size)."""
+    """(model, encoder, predictor ids, pad id, decode, backbone for the engine's module, save, dp rank/size/group)."""
     model, tokenizer = hf.load_causal_lm(args.model_name, lora=args.lora, lora_rank=args.lora_rank,
                                          lora_alpha=args.lora_alpha, lora_targets=args.lora_targets.split(","),
                                          attn_implementation=args.attn_implementation)
@@ -154,7 +154,7 @@ def build_hf(args):
     return dict(model=model, encoder=hf.chat_encoder(tokenizer, args.separator, args.max_len),
                 predictors=tokenizer.convert_tokens_to_ids(predictor_names(args.predictors)),
                 pad_id=tokenizer.pad_token_id, decode=tokenizer.decode, backbone=hf.HFBackbone, save=save,
-                dp_rank=rank, dp_size=world, zero_stage=args.zero_stage, mpu=None)
+                dp_rank=rank, dp_size=world, dp_group=None, zero_stage=args.zero_stage, mpu=None)
 
 
 def build_gpt(args):
@@ -178,6 +178,7 @@ def build_gpt(args):
                 predictors=[tokenizer.token_to_id(n) for n in predictor_names(args.predictors)], pad_id=PAD_ID,
                 decode=tokenizer.decode, backbone=lambda m: GPTBackbone(m, cfg.training.kernels), save=save,
                 dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
+                dp_group=parallel_state.get_data_parallel_group(),
                 zero_stage=cfg.parallel.zero_stage, mpu=MegatronMPU())
 
 
@@ -222,6 +223,8 @@ def main(argv=None):
     engine.train()
 
     log, step, t0 = [], 0, time.time()
+    logged = ("loss", "lm", "jepa")
+    sums = torch.zeros(len(logged), device=engine.device)
     order = list(range(len(examples)))
     epoch, dp_rank = 0, built["dp_rank"]
     while step < total:
@@ -230,12 +233,19 @@ def main(argv=None):
         for m in range(micro_per_epoch // args.grad_accum * args.grad_accum):
             out = objective(backbone, [examples[i] for i in mine[m * args.batch_size:(m + 1) * args.batch_size]],
                             engine.device)
+            boundary = engine.is_gradient_accumulation_boundary()  # step() advances the micro step count
             engine.backward(out["loss"])
             engine.step()
-            if not engine.is_gradient_accumulation_boundary():
+            sums += torch.stack([out[k].detach().float() for k in logged])
+            if not boundary:
                 continue
             step += 1
-            record = {"step": step, **{k: out[k].item() for k in ("loss", "lm", "jepa")}, "lr": scheduler.get_last_lr()[0]}
+            # the step's loss is the mean over all its micro batches on all data-parallel ranks,
+            # so the log (and every rank's copy of it) does not depend on one rank's last batch
+            torch.distributed.all_reduce(sums, group=built["dp_group"])
+            means = (sums / (args.grad_accum * built["dp_size"])).tolist()
+            sums.zero_()
+            record = {"step": step, **dict(zip(logged, means)), "lr": scheduler.get_last_lr()[0]}
             log.append(record)
             if rank == 0 and (args.debug or step % args.log_every == 0 or step == total):
                 rate = step / (time.time() - t0)

@@ -1,12 +1,14 @@
 """Step-JEPA on a tiny random-init Llama built locally (nothing is downloaded)."""
 import json
 import os
+import random
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from data.tokenizer import NUM_PREDICTOR_TOKENS
 from model import hf
 from model.step_jepa import StepJEPA, predictor_names
 
@@ -71,11 +73,19 @@ def test_single_pass_matches_two_pass(tiny_dir, attn, mode):
     torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
 
 
-def test_lora_changes_only_adapters_and_reloads(tiny_dir, tmp_path):
+def embedding_rows(model, vocab):
+    """The input embeddings as the model sees them: peft's trainable tokens overlay the frozen base rows."""
+    with torch.no_grad():
+        return model.get_input_embeddings()(torch.arange(vocab))
+
+
+def test_lora_trains_adapters_and_predictor_rows_and_reloads(tiny_dir, tmp_path):
     model, tok, examples, preds = setup(tiny_dir, lora=True, lora_rank=4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows_before = embedding_rows(model, len(tok))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n for n in trainable)
+    adapter = lambda n: "lora_" in n or "trainable_tokens_delta" in n
+    assert trainable and all(adapter(n) for n in trainable)
     objective = StepJEPA(preds, tok.pad_token_id, lbd=1.0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
@@ -84,12 +94,16 @@ def test_lora_changes_only_adapters_and_reloads(tiny_dir, tmp_path):
         opt.step()
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all("lora_" in k for k in changed)
+    assert changed and all(adapter(k) for k in changed)
     assert any("lora_B" in k for k in changed)
+    rows = embedding_rows(model, len(tok))
+    moved = {i for i in range(len(rows)) if not torch.equal(rows[i], rows_before[i])}
+    assert set(preds) <= moved <= set(tok.convert_tokens_to_ids(predictor_names(NUM_PREDICTOR_TOKENS)))
 
     hf.save(model, tok, str(tmp_path / "adapter"))
     torch.manual_seed(1)  # a different draw for any embedding row the adapter dir failed to restore
     reloaded, _ = hf.load_causal_lm(str(tmp_path / "adapter"))
+    torch.testing.assert_close(embedding_rows(reloaded, len(tok)), rows, rtol=0, atol=0)
     with torch.no_grad():
         want = objective(hf.HFBackbone(model), examples)
         got = objective(hf.HFBackbone(reloaded), examples)
@@ -112,6 +126,18 @@ def test_entry_point_trains_and_saves(tiny_dir, tmp_path):
     assert len(log) == 20
     first, last = log[0], log[-1]
     assert last["lm"] < first["lm"] - 0.5 and last["jepa"] < first["jepa"]
+    # step 1 logs the mean over its two micro batches, all seen by the initial weights; the entry
+    # point draws its weights and its order from --seed (42 by default)
+    torch.manual_seed(42)
+    model, tok = hf.load_causal_lm(tiny_dir)
+    examples = [hf.chat_encoder(tok)(c) for c in CHATS * 4]
+    order = list(range(len(examples)))
+    random.Random(42).shuffle(order)
+    objective = StepJEPA(tok.convert_tokens_to_ids(predictor_names(2)), tok.pad_token_id, lbd=0.5)
+    with torch.no_grad():
+        micro = [objective(hf.HFBackbone(model), [examples[i] for i in order[m:m + 2]]) for m in (0, 2)]
+    for key in ("loss", "lm", "jepa"):
+        assert first[key] == pytest.approx(sum(o[key].item() for o in micro) / 2, rel=1e-5)
     model, tok = hf.load_causal_lm(str(out))
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
 
