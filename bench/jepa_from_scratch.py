@@ -19,22 +19,20 @@ import sys
 import time
 
 import torch
+from megatron.core import parallel_state
+from tokenizers import Tokenizer
+
+from bench.machine import machine
+from data.tokenizer import EOS_ID, PAD_ID
+from model.gpt import GPT, init_weights, megatron_config, padded_vocab_size
+from model.step_jepa import StepJEPA, predictor_names
+from pretrain.config import ModelConfig
+from pretrain.parallel import join_process_group
+from pretrain.step_jepa import GPTBackbone, linear_schedule, project_chat_encoder
+from tools.eval_reasoning import regex_match
+from tools.train_tokenizer import train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from megatron.core import parallel_state  # noqa: E402
-from tokenizers import Tokenizer  # noqa: E402
-
-from bench.step_jepa_cost import machine  # noqa: E402
-from data.tokenizer import EOS_ID, PAD_ID  # noqa: E402
-from model.gpt import GPT, init_weights, megatron_config, padded_vocab_size  # noqa: E402
-from model.step_jepa import StepJEPA, predictor_names  # noqa: E402
-from pretrain.config import ModelConfig  # noqa: E402
-from pretrain.step_jepa import GPTBackbone, init_distributed, linear_schedule, project_chat_encoder  # noqa: E402
-from tools.eval_reasoning import regex_match  # noqa: E402
-from tools.train_tokenizer import train_tokenizer  # noqa: E402
-
 NLRX = os.path.join(ROOT, "..", "shared", "data", "nlrx-synth")
 
 
@@ -82,7 +80,7 @@ def run_seed(args, seed: int, tokenizer_json: str) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and args.workers > 1:
         torch.set_num_threads(1)
-    init_distributed()
+    join_process_group()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
     tokenizer = Tokenizer.from_str(tokenizer_json)

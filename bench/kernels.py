@@ -18,7 +18,6 @@ Writes bench/results/kernels_<device>.json; prints `RESULT name value` lines las
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -29,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.machine import machine
 
-from model.kernels import fused_linear_cross_entropy, masked_mse  # noqa: E402
-from model.kernels import reference  # noqa: E402
+from model.kernels import fused_linear_cross_entropy, masked_mse
+from model.kernels import reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Published peak DRAM bandwidth, bytes/s, matched against torch.cuda.get_device_name().
@@ -41,20 +40,6 @@ PEAK_BANDWIDTH = [("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12),
 MSE_DENSITY = 0.5
 # Below this many bytes a kernel's time is mostly launch latency, not DRAM traffic.
 MIN_BANDWIDTH_BYTES = 64 << 20
-
-
-def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    info = {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            # Other work on the machine inflates times (ratios less so: impls are interleaved).
-            "load_average_at_start": os.getloadavg()}
-    if torch.cuda.is_available():
-        import triton
-        info.update(gpu=torch.cuda.get_device_name(), triton=triton.__version__)
-    return info
 
 
 def ce_inputs(tokens, hidden, vocab, dtype, device):

@@ -15,7 +15,6 @@ for backward (activation memory, the part the objective changes), deduplicated b
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -23,12 +22,12 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from bench.machine import machine
 
-from model import hf  # noqa: E402
-from model.step_jepa import StepJEPA, predictor_names  # noqa: E402
-from tools.prepare_step_data import convert  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from model import hf
+from model.step_jepa import StepJEPA, predictor_names
+from tools.prepare_step_data import convert
 
 GSM8K = os.path.join(ROOT, "..", "shared", "data", "gsm8k", "train.jsonl")
 
@@ -61,16 +60,6 @@ def saved_activation_bytes(fn) -> tuple[object, int]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, total
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def main(argv=None):

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import deepspeed
 import torch
+
+from bench.machine import machine
 
 from pretrain.config import deepspeed_config, load_config
 from pretrain.optim import build_optimizer, build_scheduler
@@ -57,21 +58,6 @@ def timed(step, n: int) -> float:
     for _ in range(n):
         step()
     return (time.perf_counter() - start) / n
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor(), "python": platform.python_version(),
-            "torch": torch.__version__, "deepspeed": deepspeed.__version__, "threads": torch.get_num_threads()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def main():

@@ -27,12 +27,8 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def init_distributed(cfg: Config) -> int:
-    """Join (or, run as a plain script, create) the process group and megatron's TP/PP/DP groups.
-
-    megatron-core orders ranks tp fastest, then dp, then pp, which is exactly DeepSpeed's
-    PipeModelDataParallelTopology (axes pipe, data, model): both libraries agree on every group.
-    """
+def join_process_group() -> None:
+    """Join the launcher's process group, or, run as a plain script, make a group of one."""
     if "RANK" not in os.environ:  # one process without a launcher (benchmarks, notebooks)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -42,6 +38,15 @@ def init_distributed(cfg: Config) -> int:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device_type() == "cuda" else "gloo")
+
+
+def init_distributed(cfg: Config) -> int:
+    """Join the process group and build megatron's TP/PP/DP groups for the run.
+
+    megatron-core orders ranks tp fastest, then dp, then pp, which is exactly DeepSpeed's
+    PipeModelDataParallelTopology (axes pipe, data, model): both libraries agree on every group.
+    """
+    join_process_group()
     world = dist.get_world_size()
     cfg.batch_sizes(world)  # fail before building anything if the numbers disagree
     if not parallel_state.model_parallel_is_initialized():

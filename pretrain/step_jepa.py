@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import time
 
 import deepspeed
@@ -28,6 +27,7 @@ from data.tokenizer import ASSISTANT, BOS, EOS_ID, END, PAD_ID, SYSTEM, USER, lo
 from model import hf
 from model.loss import lm_loss
 from model.step_jepa import LOSS_TYPES, MODES, ChatEncoder, StepJEPA, predictor_names
+from pretrain.parallel import MegatronMPU, build_model, init_distributed, join_process_group
 
 
 def parse_args(argv=None):
@@ -97,18 +97,6 @@ def project_chat_encoder(tokenizer, separator: str = "\n\n", max_len: int = 1024
     return ChatEncoder(lambda t: tokenizer.encode(t).ids, render, EOS_ID, separator, max_len)
 
 
-def init_distributed():
-    if "RANK" not in os.environ:  # plain `python pretrain/step_jepa.py`: a group of one
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-
-
 def read_chats(path: str) -> list[list[dict]]:
     chats = []
     with open(path) as f:
@@ -161,13 +149,12 @@ def build_gpt(args):
     from megatron.core import parallel_state
 
     from pretrain.config import load_config
-    from pretrain.parallel import MegatronMPU, build_model, init_distributed as init_parallel
 
     cfg = load_config(args.config, args.set)
     if cfg.parallel.pipeline != 1:
         raise ValueError(f"{args.config}: parallel.pipeline={cfg.parallel.pipeline}; Step-JEPA needs every "
                          "position's last-layer state in one stage, use parallel.pipeline=1 (TP and ZeRO work)")
-    init_parallel(cfg)
+    init_distributed(cfg)
     gpt = build_model(cfg).gpt
     tokenizer = load_tokenizer(args.tokenizer or cfg.data.tokenizer)
 
@@ -184,7 +171,7 @@ def build_gpt(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    init_distributed()
+    join_process_group()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     random.seed(args.seed)

@@ -201,9 +201,9 @@ def _project_gpt(vocab=VOCAB):
 
     from model.gpt import GPT, init_weights, megatron_config
     from pretrain.config import ModelConfig
-    from pretrain.step_jepa import init_distributed
+    from pretrain.parallel import join_process_group
 
-    init_distributed()
+    join_process_group()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64)
