@@ -149,6 +149,12 @@ class LMConfig(Section):
     vocab_size: int = 50000
     tie_embeddings: bool = False
 
+    @model_validator(mode="after")
+    def _untied(self):
+        if self.tie_embeddings:
+            raise ValueError("training.lm.tie_embeddings=true is not supported yet (the seed trains untied embeddings)")
+        return self
+
 
 class HybridConfig(Section):
     alpha: float = 0.3

@@ -97,8 +97,6 @@ def build_model(cfg: Config) -> nn.Module:
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     vocab = padded_vocab_size(cfg.training.lm.vocab_size, tp)
     mp = megatron_config(tp)
-    if cfg.training.lm.tie_embeddings:
-        raise NotImplementedError("training.lm.tie_embeddings=true is not supported yet; the seed's default is false")
     if pp == 1:
         gpt = GPT(cfg.model, vocab, mp)
         for i, layer in enumerate(gpt.children()):

@@ -52,6 +52,7 @@ def test_accumulation_is_derived_when_left_out():
         (["model.hidden_size=100", "model.num_heads=3"], "model.hidden_size (100) must be divisible by model.num_heads (3)"),
         (["training.hybrid.alpha=0", "training.hybrid.beta=0"], "must be >= 0 and not both 0"),
         (["training"], "--set expects key=value"),
+        (["training.lm.tie_embeddings=true"], "training.lm.tie_embeddings=true is not supported yet"),
     ],
 )
 def test_bad_values_name_the_field(override, message):
