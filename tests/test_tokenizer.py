@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from data.documents import iter_documents
 from data.tokenizer import (
-    BOS_ID, EOS, EOS_ID, NUM_PREDICTOR_TOKENS, PAD_ID, SPECIAL_TOKENS, USER, iter_documents, load_tokenizer,
+    BOS_ID, EOS, EOS_ID, NUM_PREDICTOR_TOKENS, PAD_ID, SPECIAL_TOKENS, USER, load_tokenizer,
     predictor_token, predictor_token_id, special_id,
 )
 from tools import stdlib_corpus, train_tokenizer

@@ -27,7 +27,8 @@ from data.shards import (
     MANIFEST_NAME, SOURCE_FIELD, TOKENS_FIELD, Manifest, ShardError, ShardInfo, read_manifest, sha256_file,
     token_dtype, write_manifest,
 )
-from data.tokenizer import EOS_ID, input_files, iter_documents, load_tokenizer
+from data.documents import input_files, iter_documents
+from data.tokenizer import EOS_ID, load_tokenizer
 
 # 256 samples per shard gives the tiny run (about 2.5M tokens, 257-token samples) some 38 shards:
 # enough for 2 ranks x several loader workers, each of which needs shards of its own.

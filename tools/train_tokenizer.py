@@ -3,7 +3,7 @@
     python tools/train_tokenizer.py --input runs/tiny/corpus --output runs/tiny/tokenizer.json \
         [--vocab-size N | --config pretrain/configs/tiny.yaml]
 
-Inputs are files, directories of files or jsonl (field "text"; see data.tokenizer.iter_documents).
+Inputs are files, directories of files or jsonl (field "text"; see data.documents.iter_documents).
 The vocabulary size counts the special tokens, which take the first ids in the fixed order of
 data.tokenizer.SPECIAL_TOKENS, and the 256 byte tokens, so every string encodes and decodes back
 exactly. --vocab-size wins over the config's training.lm.vocab_size.
@@ -16,7 +16,8 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data.tokenizer import SPECIAL_TOKENS, iter_documents
+from data.documents import iter_documents
+from data.tokenizer import SPECIAL_TOKENS
 
 BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(BYTE_ALPHABET)

@@ -1,0 +1,68 @@
+"""Corpus input for the tools: files, directories of files, or jsonl documents, in a fixed order."""
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+
+def iter_documents(inputs: list[str | Path]) -> Iterator[tuple[str, str]]:
+    """Yield (text, source) for every document of the inputs, in a deterministic order.
+
+    An input is a file or a directory (its files, recursively, sorted, hidden ones skipped).
+    A `.jsonl` file holds one document per line in the field "text", with an optional field
+    "source"; any other file is one document. A document without a source gets the name of the
+    input it came from, so that `--input corpus/` tags its plain files "corpus".
+    """
+    for given in inputs:
+        given = Path(given)
+        if not given.exists():
+            raise FileNotFoundError(f"input {given} does not exist")
+        default_source = given.stem if given.is_file() else given.name
+        for path in input_files(given):
+            if path.suffix == ".jsonl":
+                yield from _jsonl_documents(path, default_source)
+            else:
+                yield _read_text(path), default_source
+
+
+def input_files(path: Path) -> list[Path]:
+    """The files an input stands for: itself, or a directory's files as iter_documents reads them."""
+    if path.is_file():
+        return [path]
+    files = [
+        p for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    ]
+    return sorted(files)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"input file {path} is not UTF-8 text: {e}") from e
+
+
+def _jsonl_documents(path: Path, default_source: str) -> Iterator[tuple[str, str]]:
+    # Streamed line by line: a corpus file may be much larger than memory.
+    with path.open(encoding="utf-8") as f:
+        try:
+            for line_no, line in enumerate(f, start=1):
+                if line.strip():
+                    yield _jsonl_record(path, line_no, line, default_source)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"input file {path} is not UTF-8 text: {e}") from e
+
+
+def _jsonl_record(path: Path, line_no: int, line: str, default_source: str) -> tuple[str, str]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line_no}: not valid JSON: {e}") from e
+    text = record.get("text") if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        raise ValueError(f"{path}:{line_no}: a record needs a string field 'text'")
+    source = record.get("source", default_source)
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"{path}:{line_no}: field 'source' must be a non-empty string, got {source!r}")
+    return text, source
