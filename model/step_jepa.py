@@ -231,16 +231,30 @@ class StepJEPA:
         """{'loss', 'lm', 'jepa', 'pairs'}; with lbd == 0 this is plain LM (one causal pass)."""
         has_pairs = self.lbd != 0 and any(e.pairs(self.mode) for e in examples)
         if has_pairs and self.single_pass:
-            b = packed_batch(examples, self.mode, self.predictor_ids, self.pad_id).to(device)
+            b = self.packed(examples).to(device)
             h = backbone.hidden(b.input_ids, b.position_ids, b.attention_mask)
-            lm, v1, v2 = lm_loss(backbone, h, b.labels), _gather(h, b.view1), _gather(h, b.view2)
-        else:
-            b = lm_batch(examples, self.pad_id).to(device)
-            lm = lm_loss(backbone, backbone.hidden(b.input_ids, b.position_ids, None), b.labels)
-            if has_pairs:
-                r = reference_view_batch(examples, self.mode, self.predictor_ids, self.pad_id).to(device)
-                h = backbone.hidden(r.input_ids, r.position_ids, r.attention_mask)
-                v1, v2 = _gather(h, r.view1), _gather(h, r.view2)
-        jepa = jepa_loss(v1, v2, self.loss_type, self.temperature) if has_pairs else lm.new_zeros(())
+            return self.packed_loss(backbone, h, b.labels, b.view1, b.view2)
+        b = lm_batch(examples, self.pad_id).to(device)
+        lm = lm_loss(backbone, backbone.hidden(b.input_ids, b.position_ids, None), b.labels)
+        if not has_pairs:
+            return self._total(lm, None, None)
+        r = reference_view_batch(examples, self.mode, self.predictor_ids, self.pad_id).to(device)
+        h = backbone.hidden(r.input_ids, r.position_ids, r.attention_mask)
+        return self._total(lm, _gather(h, r.view1), _gather(h, r.view2))
+
+    def packed(self, examples: list[Example]) -> Batch:
+        return packed_batch(examples, self.mode, self.predictor_ids, self.pad_id)
+
+    def packed_loss(self, backbone: Backbone, hidden: torch.Tensor, labels: torch.Tensor, view1: torch.Tensor,
+                    view2: torch.Tensor) -> dict:
+        """The loss from the last-layer states of a `packed` batch alone (a pipeline's last stage
+        has nothing else)."""
+        lm = lm_loss(backbone, hidden, labels)
+        if self.lbd == 0 or not len(view1):
+            return self._total(lm, None, None)
+        return self._total(lm, _gather(hidden, view1), _gather(hidden, view2))
+
+    def _total(self, lm: torch.Tensor, v1: torch.Tensor | None, v2: torch.Tensor | None) -> dict:
+        jepa = lm.new_zeros(()) if v1 is None else jepa_loss(v1, v2, self.loss_type, self.temperature)
         return {"loss": self.gamma * lm + self.lbd * jepa, "lm": lm, "jepa": jepa,
-                "pairs": len(v1) if has_pairs else 0}
+                "pairs": 0 if v1 is None else len(v1)}

@@ -17,7 +17,7 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from megatron.core import parallel_state
 from torch import nn
 
-from model.gpt import GPT, init_weights, layer_specs, megatron_config, padded_vocab_size
+from model.gpt import GPT, Block, Embedding, Head, init_weights, layer_specs, megatron_config, padded_vocab_size
 from model.loss import lm_loss
 from pretrain.config import Config, deepspeed_config, precision
 from pretrain.optim import build_optimizer, build_scheduler
@@ -92,8 +92,39 @@ def _pipeline_loss(outputs, labels, kernels):
     return lm_loss(hidden, weight, labels, kernels)
 
 
-def build_model(cfg: Config) -> nn.Module:
-    """The model for this rank: the whole GPT, or this rank's pipeline stage, initialised identically."""
+# A pipeline layer gets only the previous layer's output, so a batch with its own positions and mask travels as
+# (x, position_ids, attention_mask) through every stage; the engine sends gradients back only for
+# the floating-point member. Subclasses, not wrappers, keep the parameter names of GPT's layers.
+class _PipeEmbedding(Embedding):
+    def forward(self, inputs):
+        if torch.is_tensor(inputs):
+            return super().forward(inputs)
+        input_ids, position_ids, attention_mask = inputs
+        return super().forward(input_ids), position_ids, attention_mask
+
+
+class _PipeBlock(Block):
+    def forward(self, inputs):
+        if torch.is_tensor(inputs):
+            return super().forward(inputs)
+        x, position_ids, attention_mask = inputs
+        return super().forward(x, position_ids, attention_mask), position_ids, attention_mask
+
+
+class _PipeHead(Head):
+    def forward(self, inputs):
+        return super().forward(inputs if torch.is_tensor(inputs) else inputs[0])
+
+
+_PIPE_LAYERS = {Embedding: _PipeEmbedding, Block: _PipeBlock, Head: _PipeHead}
+
+
+def build_model(cfg: Config, loss_fn=None, dynamic_shape: bool = False) -> nn.Module:
+    """The model for this rank: the whole GPT, or this rank's pipeline stage, initialised identically.
+
+    Pipeline only: `loss_fn(outputs, labels)` on the last stage (default: the LM loss), and
+    `dynamic_shape` for micro batches whose shapes differ (the engine then sends shapes every time).
+    """
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     vocab = padded_vocab_size(cfg.training.lm.vocab_size, tp)
     mp = megatron_config(tp)
@@ -104,11 +135,12 @@ def build_model(cfg: Config) -> nn.Module:
         return LanguageModelLoss(gpt, cfg.training.kernels)
     dp = dist.get_world_size() // (tp * pp)
     pipe = PipelineModule(
-        layers=[LayerSpec(cls, *args) for cls, args in layer_specs(cfg.model, vocab, mp)],
-        loss_fn=functools.partial(_pipeline_loss, kernels=cfg.training.kernels),
+        layers=[LayerSpec(_PIPE_LAYERS[cls], *args) for cls, args in layer_specs(cfg.model, vocab, mp)],
+        loss_fn=loss_fn or functools.partial(_pipeline_loss, kernels=cfg.training.kernels),
         topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp),
         partition_method=cfg.parallel.partition_method,
         activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
+        dynamic_shape=dynamic_shape,
     )
     # The two libraries build their own groups; they must be the same sets of ranks.
     for axis, group in (("data", parallel_state.get_data_parallel_group()),

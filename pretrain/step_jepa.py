@@ -10,8 +10,9 @@
 tools/prepare_step_data.py or NL-RX-SYNTH. --lbd 0 is the plain fine-tuning baseline.
 Two model families: a local Hugging Face causal LM (--model_name, optional LoRA, data parallel
 with ZeRO 0-2), or the project's GPT (--config: its architecture, tensor parallelism and ZeRO
-stage come from the run config; the optimisation numbers from the arguments here). Pipeline
-parallelism is refused: the objective reads states at arbitrary positions of the last layer.
+stage come from the run config; the optimisation numbers from the arguments here). With
+parallel.pipeline > 1 the packed batch's positions and mask travel through the stages and the
+last stage computes the whole objective (single pass only).
 On CPU the ranks talk over gloo; run as a plain script it is a single-process group.
 """
 import argparse
@@ -19,6 +20,7 @@ import json
 import os
 import random
 import time
+from types import SimpleNamespace
 
 import deepspeed
 import torch
@@ -84,6 +86,36 @@ class GPTBackbone:
         return lm_loss(hidden, self.gpt.output_weight, target, self.kernels)
 
 
+LOGGED = ("loss", "lm", "jepa")
+
+
+class PipelineLoss:
+    """The last pipeline stage's loss_fn: the objective on a packed batch's last-layer states.
+
+    The engine returns only the loss, so the LM and JEPA terms are kept here for the log.
+    """
+
+    def __init__(self, objective: StepJEPA, kernels: str):
+        self.objective, self.kernels = objective, kernels
+        self.sums = torch.zeros(len(LOGGED))
+
+    def __call__(self, outputs, labels):
+        hidden, weight = outputs
+        head = SimpleNamespace(lm_loss=lambda h, target: lm_loss(h, weight, target, self.kernels))
+        out = self.objective.packed_loss(head, hidden, *labels)
+        self.sums = self.sums.to(hidden.device) + torch.stack([out[k].detach().float() for k in LOGGED])
+        return out["loss"]
+
+    def take(self) -> torch.Tensor:
+        sums, self.sums = self.sums, torch.zeros_like(self.sums)
+        return sums
+
+
+def make_objective(args, predictor_ids: list[int], pad_id: int) -> StepJEPA:
+    return StepJEPA(predictor_ids, pad_id, mode=args.mode, loss_type=args.jepa_loss_type, gamma=args.gamma,
+                    lbd=args.lbd, single_pass=args.single_pass)
+
+
 def project_chat_encoder(tokenizer, separator: str = "\n\n", max_len: int = 1024) -> ChatEncoder:
     """Chats in the project's role tokens: <|system|>..<|end|><|user|>..<|end|><|assistant|>."""
     tags = {"system": SYSTEM, "user": USER}
@@ -129,7 +161,7 @@ def linear_schedule(optimizer, total: int, warmup: int):
 
 
 def build_hf(args):
-    """(model, encoder, predictor ids, pad id, decode, backbone for the engine's module, save, dp rank/size/group)."""
+    """(model, encoder, objective, decode, backbone for the engine's module, save, dp rank/size, log groups)."""
     model, tokenizer = hf.load_causal_lm(args.model_name, lora=args.lora, lora_rank=args.lora_rank,
                                          lora_alpha=args.lora_alpha, lora_targets=args.lora_targets.split(","),
                                          attn_implementation=args.attn_implementation)
@@ -139,10 +171,11 @@ def build_hf(args):
         if rank == 0:
             hf.save(engine.module, tokenizer, args.output_dir)
 
-    return dict(model=model, encoder=hf.chat_encoder(tokenizer, args.separator, args.max_len),
-                predictors=tokenizer.convert_tokens_to_ids(predictor_names(args.predictors)),
-                pad_id=tokenizer.pad_token_id, decode=tokenizer.decode, backbone=hf.HFBackbone, save=save,
-                dp_rank=rank, dp_size=world, dp_group=None, zero_stage=args.zero_stage, mpu=None)
+    objective = make_objective(args, tokenizer.convert_tokens_to_ids(predictor_names(args.predictors)),
+                               tokenizer.pad_token_id)
+    return dict(model=model, encoder=hf.chat_encoder(tokenizer, args.separator, args.max_len), objective=objective,
+                decode=tokenizer.decode, backbone=hf.HFBackbone, pipeline_loss=None, save=save,
+                dp_rank=rank, dp_size=world, log_groups=[None], zero_stage=args.zero_stage, mpu=None)
 
 
 def build_gpt(args):
@@ -151,22 +184,31 @@ def build_gpt(args):
     from pretrain.config import load_config
 
     cfg = load_config(args.config, args.set)
-    if cfg.parallel.pipeline != 1:
-        raise ValueError(f"{args.config}: parallel.pipeline={cfg.parallel.pipeline}; Step-JEPA needs every "
-                         "position's last-layer state in one stage, use parallel.pipeline=1 (TP and ZeRO work)")
+    pipelined = cfg.parallel.pipeline > 1
+    if pipelined and not args.single_pass:
+        raise ValueError(f"{args.config}: parallel.pipeline={cfg.parallel.pipeline} needs --single_pass: the "
+                         "two-pass reference runs two forwards per micro batch, use parallel.pipeline=1 for it")
     init_distributed(cfg)
-    gpt = build_model(cfg).gpt
     tokenizer = load_tokenizer(args.tokenizer or cfg.data.tokenizer)
+    objective = make_objective(args, [tokenizer.token_to_id(n) for n in predictor_names(args.predictors)], PAD_ID)
+    if pipelined:
+        pipeline_loss = PipelineLoss(objective, cfg.training.kernels)
+        # packed micro batches differ in length
+        model = build_model(cfg, loss_fn=pipeline_loss, dynamic_shape=True)
+        # only the last stage has the loss terms; the other stages add zeros
+        log_groups = [parallel_state.get_pipeline_model_parallel_group(), parallel_state.get_data_parallel_group()]
+    else:
+        pipeline_loss, model = None, build_model(cfg).gpt
+        log_groups = [parallel_state.get_data_parallel_group()]
 
     def save(engine):
         engine.save_checkpoint(args.output_dir)
 
-    return dict(model=gpt, encoder=project_chat_encoder(tokenizer, args.separator, args.max_len),
-                predictors=[tokenizer.token_to_id(n) for n in predictor_names(args.predictors)], pad_id=PAD_ID,
-                decode=tokenizer.decode, backbone=lambda m: GPTBackbone(m, cfg.training.kernels), save=save,
-                dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
-                dp_group=parallel_state.get_data_parallel_group(),
-                zero_stage=cfg.parallel.zero_stage, mpu=MegatronMPU())
+    return dict(model=model, encoder=project_chat_encoder(tokenizer, args.separator, args.max_len),
+                objective=objective, decode=tokenizer.decode, backbone=lambda m: GPTBackbone(m, cfg.training.kernels),
+                pipeline_loss=pipeline_loss, save=save, dp_rank=parallel_state.get_data_parallel_rank(),
+                dp_size=parallel_state.get_data_parallel_world_size(), log_groups=log_groups,
+                zero_stage=cfg.parallel.zero_stage, mpu=None if pipelined else MegatronMPU())
 
 
 def main(argv=None):
@@ -179,8 +221,7 @@ def main(argv=None):
 
     built = build_gpt(args) if args.config else build_hf(args)
     examples = [built["encoder"](c) for c in read_chats(args.train_file)]
-    objective = StepJEPA(built["predictors"], built["pad_id"], mode=args.mode, loss_type=args.jepa_loss_type,
-                         gamma=args.gamma, lbd=args.lbd, single_pass=args.single_pass)
+    objective, pipeline_loss = built["objective"], built["pipeline_loss"]
     with_pairs = sum(bool(e.pairs(args.mode)) for e in examples)
     if rank == 0:
         print(f"{len(examples)} examples from {args.train_file}, {with_pairs} with a '{args.mode}' pair; "
@@ -206,33 +247,38 @@ def main(argv=None):
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config(args, built["zero_stage"], device), mpu=built["mpu"],
         lr_scheduler=linear_schedule(optimizer, total, int(args.warmup_ratio * total)))
-    backbone = built["backbone"](engine.module)
+    backbone = None if pipeline_loss else built["backbone"](engine.module)
     engine.train()
 
     log, step, t0 = [], 0, time.time()
-    logged = ("loss", "lm", "jepa")
-    sums = torch.zeros(len(logged), device=engine.device)
+    sums = torch.zeros(len(LOGGED), device=engine.device)
     order = list(range(len(examples)))
     epoch, dp_rank = 0, built["dp_rank"]
     while step < total:
         random.Random(args.seed + epoch).shuffle(order)
         mine = order[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-        for m in range(micro_per_epoch // args.grad_accum * args.grad_accum):
-            out = objective(backbone, [examples[i] for i in mine[m * args.batch_size:(m + 1) * args.batch_size]],
-                            engine.device)
-            boundary = engine.is_gradient_accumulation_boundary()  # step() advances the micro step count
-            engine.backward(out["loss"])
-            engine.step()
-            sums += torch.stack([out[k].detach().float() for k in logged])
-            if not boundary:
-                continue
+        for first in range(0, micro_per_epoch // args.grad_accum * args.grad_accum, args.grad_accum):
+            micro = [[examples[i] for i in mine[m * args.batch_size:(m + 1) * args.batch_size]]
+                     for m in range(first, first + args.grad_accum)]
+            if pipeline_loss:
+                batches = [((b.input_ids, b.position_ids, b.attention_mask), (b.labels, b.view1, b.view2))
+                           for b in map(objective.packed, micro)]
+                engine.train_batch(data_iter=iter(batches))
+                sums += pipeline_loss.take().to(sums.device)
+            else:
+                for batch in micro:
+                    out = objective(backbone, batch, engine.device)
+                    engine.backward(out["loss"])
+                    engine.step()
+                    sums += torch.stack([out[k].detach().float() for k in LOGGED])
             step += 1
             # the step's loss is the mean over all its micro batches on all data-parallel ranks,
             # so the log (and every rank's copy of it) does not depend on one rank's last batch
-            torch.distributed.all_reduce(sums, group=built["dp_group"])
+            for group in built["log_groups"]:
+                torch.distributed.all_reduce(sums, group=group)
             means = (sums / (args.grad_accum * built["dp_size"])).tolist()
             sums.zero_()
-            record = {"step": step, **dict(zip(logged, means)), "lr": scheduler.get_last_lr()[0]}
+            record = {"step": step, **dict(zip(LOGGED, means)), "lr": scheduler.get_last_lr()[0]}
             log.append(record)
             if rank == 0 and (args.debug or step % args.log_every == 0 or step == total):
                 rate = step / (time.time() - t0)

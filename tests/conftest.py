@@ -38,7 +38,8 @@ def run(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.Co
     # variables in os.environ; a child must start its own.
     launcher_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
     env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # The virtualenv's editable install may point at another checkout; children import this one.
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

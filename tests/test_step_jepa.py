@@ -1,5 +1,7 @@
 """The objective on a toy backbone with learned absolute positions, so wrong position ids
 would change the result (RoPE would hide an offset)."""
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -11,7 +13,6 @@ from model.step_jepa import (IGNORE, ChatEncoder, StepJEPA, jepa_loss, lm_batch,
 VOCAB, EOS, PAD = 128, 1, 0
 PRED = [2, 3, 4]
 
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # a child run makes its own group
 
 
 class ToyBackbone(nn.Module):
@@ -247,15 +248,11 @@ def test_project_chat_encoder_uses_role_tokens(tmp_path):
         project_chat_encoder(tok)([{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}])
 
 
-def test_entry_point_trains_project_gpt(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
+def _run_entry_point(tmp_path, name, nproc=1, sets=(), args=()) -> list[dict]:
+    """pretrain/step_jepa.py on the project's GPT (tiny.yaml shrunk) over 16 NL-RX-like chats; its log."""
+    from conftest import launch
     from tools.train_tokenizer import MIN_VOCAB_SIZE, train_tokenizer
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     pairs = [("lines with the string 'dog'", ".*dog.*"), ("lines ending with a vowel", ".*[AEIOUaeiou]"),
              ("lines with a number", ".*[0-9].*"), ("lines starting with 'cat'", "cat.*")]
     chats = [[{"role": "system", "content": "Convert to regex."}, {"role": "user", "content": u},
@@ -265,14 +262,29 @@ def test_entry_point_trains_project_gpt(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
     sets = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "model.ffn_hidden_size=64",
-            f"training.lm.vocab_size={tok.get_vocab_size()}", "training.kernels=reference"]
-    cmd = [sys.executable, os.path.join(root, "pretrain", "step_jepa.py"), "--config",
-           os.path.join(root, "pretrain", "configs", "tiny.yaml"), *[a for s in sets for a in ("--set", s)],
-           "--tokenizer", str(tmp_path / "tok.json"), "--train_file", str(data), "--output_dir", str(tmp_path / "run"),
-           "--mode", "two_view", "--lbd", "1.0", "--batch_size", "4", "--num_epochs", "4", "--learning_rate", "1e-2"]
-    env = {**{k: v for k, v in os.environ.items() if k not in DIST_ENV}, "OMP_NUM_THREADS": "1", "PYTHONPATH": root}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=root)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    log = json.load(open(tmp_path / "run" / "train_log.json"))["log"]
+            f"training.lm.vocab_size={tok.get_vocab_size()}", "training.kernels=reference", *sets]
+    out = tmp_path / name
+    launch("pretrain/step_jepa.py", ["--config", "pretrain/configs/tiny.yaml", *[a for s in sets for a in ("--set", s)],
+                                     "--tokenizer", str(tmp_path / "tok.json"), "--train_file", str(data),
+                                     "--output_dir", str(out), "--mode", "two_view", "--lbd", "1.0",
+                                     "--batch_size", "4", "--learning_rate", "1e-2", *args], nproc)
+    assert (out / "latest").exists()  # DeepSpeed checkpoint
+    return json.load(open(out / "train_log.json"))["log"]
+
+
+def test_entry_point_trains_project_gpt(tmp_path):
+    log = _run_entry_point(tmp_path, "run", args=["--num_epochs", "4"])
     assert len(log) == 16 and log[-1]["lm"] < log[0]["lm"] - 1.0
-    assert (tmp_path / "run" / "latest").exists()  # DeepSpeed checkpoint
+
+
+def test_entry_point_pipeline_matches_one_stage(tmp_path):
+    """Two pipeline stages (2 processes) train the same numbers as one process: same data, same
+    init, so the first step's loss agrees and the second agrees only if the gradients crossed the
+    stages intact."""
+    args = ["--grad_accum", "2", "--max_steps", "2"]
+    one = _run_entry_point(tmp_path, "pp1", args=args)
+    two = _run_entry_point(tmp_path, "pp2", nproc=2, sets=["parallel.pipeline=2"], args=args)
+    assert len(one) == len(two) == 2 and one[0]["jepa"] > 0
+    for a, b in zip(one, two):
+        for key in ("loss", "lm", "jepa"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (key, a, b)
