@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 RUN_DIR := runs/tiny
 CONFIG := pretrain/configs/tiny.yaml
 NPROC ?= 2
+# The launcher's rendezvous port, free when the recipe runs: its default (29500) clashes with any
+# other distributed job on the machine.
+PORT = $(shell python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
 .PHONY: setup train test bench clean
 
@@ -25,7 +28,7 @@ train: setup
 	$(PY) tools/stdlib_corpus.py --output $(RUN_DIR)/corpus
 	$(PY) tools/train_tokenizer.py --config $(CONFIG) --input $(RUN_DIR)/corpus --output $(RUN_DIR)/tokenizer.json
 	$(PY) tools/build_shards.py --config $(CONFIG) --input $(RUN_DIR)/corpus --tokenizer $(RUN_DIR)/tokenizer.json --output $(RUN_DIR)/shards
-	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) pretrain/train.py --config $(CONFIG)
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(PORT) pretrain/train.py --config $(CONFIG)
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra tests

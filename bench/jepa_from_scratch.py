@@ -1,6 +1,7 @@
 """LLM-JEPA from scratch on NL-RX-SYNTH: the project's GPT trained with lambda = 0 (plain LM)
 and with the JEPA term (two views: the user's description <-> the assistant's regex), the
 same seeds, data order and number of steps for both; test exact match of greedy answers.
+Each run goes through the project's one training loop (pretrain/trainer.py, objective step_jepa).
 
 The paper (Huang, LeCun, Balestriero 2025) reports 54.4 -> 60.6 from scratch with
 Llama-3.2-1B; the CPU default here is a ~1M-parameter model sized to finish the 6 runs in
@@ -13,22 +14,21 @@ import argparse
 import json
 import multiprocessing
 import os
-import random
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
-from megatron.core import parallel_state
 from tokenizers import Tokenizer
 
 from bench.machine import machine
+from data.chats import project_chat_encoder
 from data.tokenizer import EOS_ID, PAD_ID
-from model.gpt import GPT, init_weights, megatron_config, padded_vocab_size
-from model.step_jepa import StepJEPA, predictor_names
-from pretrain.config import ModelConfig
-from pretrain.parallel import join_process_group
-from pretrain.step_jepa import GPTBackbone, linear_schedule, project_chat_encoder
+from model.config import ModelConfig
+from model.gpt import GPT, megatron_config
+from pretrain.config import load_config
+from pretrain.trainer import train
 from tools.eval_reasoning import regex_match
 from tools.train_tokenizer import train_tokenizer
 
@@ -73,63 +73,54 @@ def greedy(gpt, prompts: list[list[int]], max_new: int, batch_size: int, device)
 
 
 def run_seed(args, seed: int, tokenizer_json: str) -> list[dict]:
-    """The lambda = 0 and the JEPA run of one seed, in a process of its own: each worker makes
-    its own one-rank group (megatron's layers need one) on a fresh port."""
+    """The lambda = 0 and the JEPA run of one seed, in a process of its own: the trainer makes a
+    one-rank group there (no launcher) on a fresh port."""
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and args.workers > 1:
         torch.set_num_threads(1)
-    join_process_group()
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
     tokenizer = Tokenizer.from_str(tokenizer_json)
     encoder = project_chat_encoder(tokenizer, max_len=256)
-    train = [encoder(c) for c in read(os.path.join(args.data, "train.jsonl"))]
     test_chats = read(os.path.join(args.data, "test.jsonl"))[:args.test_limit or None]
     test_prompts = [encoder.encode(encoder.render_prompt(c[:-1])) for c in test_chats]
     test_gold = [c[-1]["content"] for c in test_chats]
-    return [run_one(args, lbd, seed, train, test_prompts, test_gold, tokenizer, device) for lbd in (0.0, args.lbd)]
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+        return [run_one(args, lbd, seed, tmp, test_prompts, test_gold, tokenizer, device) for lbd in (0.0, args.lbd)]
 
 
-def run_one(args, lbd: float, seed: int, train, test_prompts, test_gold, tokenizer, device) -> dict:
-    cfg = ModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads)
-    torch.manual_seed(seed)
-    gpt = GPT(cfg, padded_vocab_size(tokenizer.get_vocab_size(), 1), megatron_config(1))
-    for i, layer in enumerate(gpt.children()):
-        init_weights(layer, i, cfg, seed)
-    gpt.to(device).train()
-    backbone = GPTBackbone(gpt, args.kernels)
-    preds = [tokenizer.token_to_id(n) for n in predictor_names(args.predictors)]
-    objective = StepJEPA(preds, PAD_ID, mode="two_view", loss_type=args.jepa_loss_type, lbd=lbd)
-    opt = torch.optim.AdamW(gpt.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
-    sched = linear_schedule(opt, args.steps, args.steps // 20)
-    rng = random.Random(seed)  # same order for lambda = 0 and the JEPA run of a seed
-    order, cursor, t0, log = [], 0, time.time(), []
-    for step in range(1, args.steps + 1):
-        if cursor + args.batch_size > len(order):
-            order, cursor = rng.sample(range(len(train)), len(train)), 0
-        batch = [train[i] for i in order[cursor:cursor + args.batch_size]]
-        cursor += args.batch_size
-        out = objective(backbone, batch, device)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % args.log_every == 0 or step == args.steps:
-            rate = step / (time.time() - t0)
-            log.append({"step": step, "lm": out["lm"].item(), "jepa": out["jepa"].item()})
-            print(f"  lambda {lbd} seed {seed} step {step}/{args.steps} lm {out['lm'].item():.4f} "
-                  f"jepa {out['jepa'].item():.4f} | {rate:.2f} steps/s, ETA {(args.steps - step) / rate:.0f}s", flush=True)
+def run_config(args, lbd: float, seed: int, tmp: str, vocab: int):
+    """The whole run as a run config: what `pretrain/train.py --config` would train."""
+    sets = [f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}", f"model.num_heads={args.heads}",
+            "model.ffn_hidden_size=null", f"training.lm.vocab_size={vocab}", "parallel.zero_stage=0",
+            "training.objective=step_jepa", f"data.chats={os.path.join(args.data, 'train.jsonl')}",
+            f"data.tokenizer={os.path.join(tmp, 'tokenizer.json')}", "data.max_len=256", f"data.seed={seed}",
+            "training.step_jepa.mode=two_view", f"training.step_jepa.loss_type={args.jepa_loss_type}",
+            f"training.step_jepa.lbd={lbd}", f"training.step_jepa.predictors={args.predictors}",
+            f"training.batch_size={args.batch_size}", f"training.micro_batch_size={args.batch_size}",
+            "training.gradient_accumulation_steps=1", f"training.train_steps={args.steps}",
+            f"training.optimizers.lr={args.lr}", "training.scheduler.type=linear", "training.scheduler.min_lr=0",
+            f"training.scheduler.warmup_steps={args.steps // 20}", f"training.kernels={args.kernels}",
+            f"run.seed={seed}", f"run.output_dir={os.path.join(tmp, f'lambda{lbd}')}",
+            f"checkpoint.every_steps={args.steps}", f"logging.log_every={args.log_every}", "logging.tensorboard=false"]
+    return load_config(os.path.join(ROOT, "pretrain", "configs", "tiny.yaml"), sets)
+
+
+def run_one(args, lbd: float, seed: int, tmp: str, test_prompts, test_gold, tokenizer, device) -> dict:
+    cfg = run_config(args, lbd, seed, tmp, tokenizer.get_vocab_size())
+    t0 = time.time()
+    engine = train(cfg)
     train_s = time.time() - t0
-    gpt.eval()
+    log = [json.loads(line) for line in open(os.path.join(cfg.run.output_dir, "metrics.jsonl"))]
+    gpt = engine.module.model.eval()
     answers = greedy(gpt, test_prompts, args.max_new_tokens, args.eval_batch_size, device)
     hits = [regex_match(tokenizer.decode(a), g) for a, g in zip(answers, test_gold)]
     em = sum(hits) / len(hits)
     print(f"lambda {lbd} seed {seed}: exact match {em:.4f} ({sum(hits)}/{len(hits)}), "
           f"train {train_s:.0f}s, eval {time.time() - t0 - train_s:.0f}s", flush=True)
-    return {"lambda": lbd, "seed": seed, "exact_match": em, "train_seconds": train_s, "log": log,
+    return {"lambda": lbd, "seed": seed, "exact_match": em, "train_seconds": train_s,
+            "log": [{k: r[k] for k in ("step", "lm", "jepa")} for r in log if r["step"] % args.log_every == 0],
             "samples": [tokenizer.decode(a) for a in answers[:5]]}
 
 
@@ -179,8 +170,8 @@ def main(argv=None):
         ems = [r["exact_match"] for r in runs if r["lambda"] == lbd]
         summary[name] = {"mean": statistics.mean(ems), "std": statistics.stdev(ems) if len(ems) > 1 else 0.0,
                          "min": min(ems), "max": max(ems), "per_seed": ems}
-    params = sum(p.numel() for p in GPT(ModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads),
-                                        padded_vocab_size(tokenizer.get_vocab_size(), 1), megatron_config(1)).parameters())
+    model = ModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads)
+    params = sum(p.numel() for p in GPT(model, model.padded_vocab_size(tokenizer.get_vocab_size()), megatron_config(1)).parameters())
     result = {"bench": "jepa_from_scratch", "machine": machine(), "device": device,
               "model": {"kind": "project GPT (model/gpt.py), random init", "hidden": args.hidden, "layers": args.layers,
                         "heads": args.heads, "vocab": tokenizer.get_vocab_size(), "params": params},

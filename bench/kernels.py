@@ -2,18 +2,26 @@
 
 CPU (always): fused linear cross-entropy (chunked torch) vs materialised logits +
 F.cross_entropy at N tokens x H x V, peak memory and time; masked MSE (chunked torch) vs
-F.mse_loss on the gathered masked rows, time (best of --mse-reps, interleaved). CPU peak memory is the RSS high-water mark
-(getrusage) of a fresh subprocess per case, minus its RSS just before the inputs were built:
-it counts inputs, gradients and every temporary, and sees torch's allocations (tracemalloc
-would not). Time is the second of two forward + backward steps in that process, best of
---reps processes, impls interleaved. Best-of timing because the machine may be shared:
-interference only ever adds time.
+F.mse_loss on the gathered masked rows, time. Times are compared as in bench/timing.py: the
+two impls alternate (order flipped every rep), the ratio fused/reference is taken per pair, and
+the median ratio is reported with its quartiles, range and count; the load average is recorded
+at start and end.
+
+CE runs each impl in a fresh subprocess per rep (--reps pairs): its peak memory is the RSS
+high-water mark (getrusage) minus its RSS just before the inputs were built: it counts inputs,
+gradients and every temporary, and sees torch's allocations (tracemalloc would not). Memory is
+not noisy the way time is: the ratio is of the highest peak per impl, the median peak is reported
+beside it. Time is the second of two forward + backward steps in that process (the first also
+pays one-time costs). MSE times --mse-reps pairs of steps in this process, after one
+untimed step of each.
 
 GPU (when CUDA is available): the same CE comparison in fp32 and bf16 plus torch.compile of
-the reference (peak from torch.cuda.max_memory_allocated, same accounting), and the achieved
-DRAM bandwidth of the masked-MSE Triton kernels as a fraction of the GPU's peak.
+the reference (median of CUDA-event times, peak from torch.cuda.max_memory_allocated, same
+accounting), and the achieved DRAM bandwidth of the masked-MSE Triton kernels as a fraction of
+the GPU's peak.
 
-Writes bench/results/kernels_<device>.json; prints `RESULT name value` lines last.
+Writes bench/results/kernels_<device>.json; prints `RESULT name value` lines last (the worst
+case over the shapes).
 """
 import argparse
 import json
@@ -29,6 +37,7 @@ from pathlib import Path
 import torch
 
 from bench.machine import machine
+from bench.timing import interleaved, paired_ratio, rotated
 
 from model.kernels import fused_linear_cross_entropy, masked_mse
 from model.kernels import reference
@@ -87,26 +96,36 @@ def ce_cpu_worker(impl, tokens, hidden, vocab):
                       "seconds": seconds[-1]}))
 
 
+def spread(pairs):
+    return (f"{pairs['median']:.3f}x (p25 {pairs['p25']:.3f}, p75 {pairs['p75']:.3f}, "
+            f"min {pairs['min']:.3f}, max {pairs['max']:.3f}, n {pairs['n']})")
+
+
 def ce_cpu(args):
     cases = []
     for hidden in args.hidden:
         runs = {"reference": [], "torch": []}
-        for _ in range(args.reps):
-            for impl in runs:
+        for rep in range(args.reps):
+            for impl in rotated(list(runs), rep):
                 out = subprocess.run([sys.executable, __file__, "--ce-cpu-worker", impl,
                                       str(args.tokens), str(hidden), str(args.vocab)],
                                      check=True, capture_output=True, text=True).stdout
                 runs[impl].append(json.loads(out.strip().splitlines()[-1]))
-        best = {impl: {"peak_bytes": max(r["peak_bytes"] for r in rs),
-                       "peak_above_inputs_bytes": max(r["peak_above_inputs_bytes"] for r in rs),
-                       "seconds": min(r["seconds"] for r in rs), "runs": rs}
-                for impl, rs in runs.items()}
+        summary = {impl: {"peak_bytes": max(r["peak_bytes"] for r in rs),
+                          "peak_bytes_median": statistics.median(r["peak_bytes"] for r in rs),
+                          "peak_above_inputs_bytes": max(r["peak_above_inputs_bytes"] for r in rs),
+                          "seconds_median": statistics.median(r["seconds"] for r in rs), "runs": rs}
+                   for impl, rs in runs.items()}
+        ref, fused = summary["reference"], summary["torch"]
+        time_pairs = paired_ratio([r["seconds"] for r in runs["torch"]],
+                                  [r["seconds"] for r in runs["reference"]])
         case = {"tokens": args.tokens, "hidden": hidden, "vocab": args.vocab, "dtype": "float32",
-                "reference": best["reference"], "fused": best["torch"],
-                "peak_memory_ratio": best["torch"]["peak_bytes"] / best["reference"]["peak_bytes"],
-                "time_ratio": best["torch"]["seconds"] / best["reference"]["seconds"]}
-        print(f"ce cpu H={hidden}: peak {case['peak_memory_ratio']:.3f}x, "
-              f"time {case['time_ratio']:.3f}x", file=sys.stderr)
+                "reference": ref, "fused": fused,
+                "peak_memory_ratio": fused["peak_bytes"] / ref["peak_bytes"],
+                "peak_memory_ratio_of_medians": fused["peak_bytes_median"] / ref["peak_bytes_median"],
+                "time_ratio": time_pairs["median"], "time_ratio_pairs": time_pairs}
+        print(f"ce cpu H={hidden}: peak {case['peak_memory_ratio']:.3f}x, time {spread(time_pairs)}",
+              file=sys.stderr)
         cases.append(case)
     return cases
 
@@ -135,20 +154,19 @@ def fused_mse(impl):
 
 def mse_cpu(args):
     cases = []
+    fused_fn = fused_mse("torch")
     for dim in args.hidden:
         inputs = mse_inputs(args.tokens, dim, torch.float32, "cpu")
-        times = {"reference": [], "torch": []}
-        fns = {"reference": reference_mse, "torch": fused_mse("torch")}
-        for _ in range(args.mse_reps):
-            for impl, fn in fns.items():
-                start = time.perf_counter()
-                mse_step(fn, *inputs)
-                times[impl].append(time.perf_counter() - start)
-        ref, fused = (min(times[k]) for k in ("reference", "torch"))
+        fns = [lambda: mse_step(fused_fn, *inputs), lambda: mse_step(reference_mse, *inputs)]
+        for fn in fns:  # first calls pay for lazy initialisation
+            fn()
+        fused, ref = interleaved(fns, args.mse_reps)
+        time_pairs = paired_ratio(fused, ref)
         cases.append({"tokens": args.tokens, "dim": dim, "dtype": "float32",
-                      "mask_density": MSE_DENSITY, "reference_seconds": ref,
-                      "fused_seconds": fused, "time_ratio": fused / ref})
-        print(f"mse cpu D={dim}: time {fused / ref:.3f}x", file=sys.stderr)
+                      "mask_density": MSE_DENSITY, "reference_seconds_median": statistics.median(ref),
+                      "fused_seconds_median": statistics.median(fused),
+                      "time_ratio": time_pairs["median"], "time_ratio_pairs": time_pairs})
+        print(f"mse cpu D={dim}: time {spread(time_pairs)}", file=sys.stderr)
     return cases
 
 
@@ -250,8 +268,10 @@ def main():
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--hidden", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--vocab", type=int, default=50000)
-    parser.add_argument("--reps", type=int, default=2, help="CE processes per impl and shape")
-    parser.add_argument("--mse-reps", type=int, default=20)
+    # 3 by default: a rep is four processes (two impls x two shapes), about 3.5 min at the default
+    # shapes on a 2-core machine, where one step at H=2048 takes 35-45 s; 11 min in all.
+    parser.add_argument("--reps", type=int, default=3, help="CE process pairs per shape")
+    parser.add_argument("--mse-reps", type=int, default=20, help="MSE step pairs per shape")
     parser.add_argument("--skip-cpu", action="store_true", help="GPU part only")
     parser.add_argument("--out", type=Path, help="results JSON (default: by device name)")
     parser.add_argument("--ce-cpu-worker", nargs=4, metavar=("IMPL", "N", "H", "V"),

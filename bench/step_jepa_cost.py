@@ -2,12 +2,14 @@
 on the same model and the same GSM8K batches, in one run.
 
 Model: a random-init Llama (transformers) of the given size; weights do not change the cost.
-Each measured step is zero_grad + objective + backward + AdamW step. The three modes are
-interleaved round by round so drift in machine load hits them equally; the median is reported.
-On CPU torch runs one thread and the ratio is taken from the thread's CPU time (the machines
-are shared: wall time there measures other people's jobs too); wall time is reported beside it.
-Memory: on CUDA the peak allocated bytes of a step; on every device the bytes of tensors saved
-for backward (activation memory, the part the objective changes), deduplicated by storage.
+Each measured step is zero_grad + collate + objective + backward + AdamW step. The three modes
+run once per round, in an order rotated every round, so drift in machine load and order effects
+hit them alike; a ratio to the plain LM step is taken per round and its median reported with
+quartiles, range and count (bench/timing.py), beside the load average at start and end. On CPU
+torch runs one thread and time is the thread's CPU time (the machines are shared: wall time
+there measures other people's jobs too). Memory: on CUDA the peak allocated bytes of a step; on
+every device the bytes of tensors saved for backward (activation memory, the part the objective
+changes), deduplicated by storage.
 
   python bench/step_jepa_cost.py            # CPU defaults, a few minutes
   python bench/step_jepa_cost.py --hidden 1024 --layers 8 --batch_size 16   # on a GPU
@@ -23,12 +25,17 @@ import time
 import torch
 
 from bench.machine import machine
+from bench.timing import interleaved, paired_ratio
+from data.chats import hf_chat_encoder
+from data.tokenizer import load_hf_tokenizer, predictor_token
+from model.config import HFConfig
+from model.hf import load_model
+from pretrain.config import load_config
+from pretrain.objectives.step_jepa import StepJEPA
+from tools.prepare_step_data import convert
+from tools.tiny_hf_model import build_tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from model import hf
-from model.step_jepa import StepJEPA, predictor_names
-from tools.prepare_step_data import convert
-
 GSM8K = os.path.join(ROOT, "..", "shared", "data", "gsm8k", "train.jsonl")
 
 
@@ -79,59 +86,69 @@ def main(argv=None):
     ap.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "step_jepa_cost.json"))
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-
     if device == "cpu":
         torch.set_num_threads(1)
+    info = machine()
     corpus = gsm8k_chats(args.data, max(args.tokenizer_records, args.batch_size * (args.rounds + args.warmup)))
     chats = corpus[:args.batch_size * (args.rounds + args.warmup)]
     with tempfile.TemporaryDirectory() as tmp:
         texts = [m["content"] for c in corpus for m in c]
-        hf.build_tiny_llama(tmp, texts, hidden=args.hidden, layers=args.layers, heads=args.heads, vocab=args.vocab)
-        model, tok = hf.load_causal_lm(tmp, attn_implementation=args.attn_implementation)
+        build_tiny_llama(tmp, texts, hidden=args.hidden, layers=args.layers, heads=args.heads, vocab=args.vocab)
+        tok = load_hf_tokenizer(tmp)
+        model = load_model(tmp, len(tok), HFConfig(path=tmp, attn_implementation=args.attn_implementation))
     model.to(device).train()
-    encoder = hf.chat_encoder(tok)
+    encoder = hf_chat_encoder(tok)
     examples = [encoder(c) for c in chats]
     batches = [examples[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
-    preds = tok.convert_tokens_to_ids(predictor_names(args.predictors))
-    objectives = {
-        "lm": StepJEPA(preds, tok.pad_token_id, mode=args.mode, lbd=0.0),
-        "two_pass": StepJEPA(preds, tok.pad_token_id, mode=args.mode, lbd=1.0, single_pass=False),
-        "single_pass": StepJEPA(preds, tok.pad_token_id, mode=args.mode, lbd=1.0, single_pass=True),
-    }
-    backbone = hf.HFBackbone(model)
+    preds = tok.convert_tokens_to_ids([predictor_token(i) for i in range(1, args.predictors + 1)])
+
+    def objective(lbd, single_pass=True):
+        cfg = load_config(os.path.join(ROOT, "pretrain", "configs", "tiny.yaml"), [
+            "training.objective=step_jepa", "data.chats=unused.jsonl", f"training.step_jepa.mode={args.mode}",
+            f"training.step_jepa.lbd={lbd}", f"training.step_jepa.single_pass={single_pass}"])
+        return StepJEPA(cfg, encoder, preds, tok.pad_token_id)
+
+    objectives = {"lm": objective(0.0), "two_pass": objective(1.0, single_pass=False),
+                  "single_pass": objective(1.0)}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-    def step(name, batch):
-        opt.zero_grad(set_to_none=True)
-        out, act = saved_activation_bytes(lambda: objectives[name](backbone, batch, device))
-        out["loss"].backward()
-        opt.step()
-        return act
-
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    clock = time.perf_counter if device == "cuda" else time.thread_time
-    times, walls = {k: [] for k in objectives}, {k: [] for k in objectives}
     act, peak = {}, {}
-    for r, batch in enumerate(batches):
-        for name in objectives:
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            sync()
-            t, w = clock(), time.perf_counter()
-            act[name] = max(act.get(name, 0), step(name, batch))
-            sync()
-            if r >= args.warmup:
-                times[name].append(clock() - t)
-                walls[name].append(time.perf_counter() - w)
-            if device == "cuda":
-                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
-        print(f"round {r + 1}/{len(batches)}: " + ", ".join(f"{k} {times[k][-1] * 1e3:.0f} ms" for k in times if times[k]),
-              flush=True)
+
+    def step(name, examples):
+        obj = objectives[name]
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        opt.zero_grad(set_to_none=True)
+
+        def loss():
+            batch = obj.collate(examples)
+            batch = tuple(b.to(device) for b in batch) if isinstance(batch, tuple) else batch.to(device)
+            return obj.total(obj.forward(model, batch), obj.counts(batch))
+
+        out, saved = saved_activation_bytes(loss)
+        out.backward()
+        opt.step()
+        sync()  # the clock stops after the fn returns: the GPU must be done
+        act[name] = max(act.get(name, 0), saved)
+        if device == "cuda":
+            peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
+
+    def runner(name):
+        rounds = iter(batches)  # every mode runs once per round: they consume the batches in step
+        return lambda: step(name, next(rounds))
+
+    names = list(objectives)
+    fns = [runner(k) for k in names]
+    clock = time.perf_counter if device == "cuda" else time.thread_time
+    interleaved(fns, args.warmup, clock)
+    times = dict(zip(names, interleaved(fns, args.rounds, clock)))
 
     tokens = sum(len(e.input_ids) for e in examples) / len(examples)
     med = {k: statistics.median(v) for k, v in times.items()}
+    pairs = {k: paired_ratio(times[k], times["lm"]) for k in ("single_pass", "two_pass")}
+    info["load_average_at_end"] = os.getloadavg()
     result = {
-        "bench": "step_jepa_cost", "machine": machine(), "device": device,
+        "bench": "step_jepa_cost", "machine": info, "device": device,
         "model": {"kind": "random-init Llama (transformers)", "hidden": args.hidden, "layers": args.layers,
                   "heads": args.heads, "vocab": len(tok), "params": sum(p.numel() for p in model.parameters()),
                   "attn_implementation": args.attn_implementation},
@@ -141,11 +158,11 @@ def main(argv=None):
         "time_basis": "wall clock" if device == "cuda" else "thread CPU time, 1 torch thread",
         "step_time_s_median": med,
         "step_time_s_all": times,
-        "wall_time_s_median": {k: statistics.median(v) for k, v in walls.items()},
         "saved_activation_mb": {k: v / 2**20 for k, v in act.items()},
         "cuda_peak_mb": {k: v / 2**20 for k, v in peak.items()} or None,
-        "single_pass_vs_lm_time_ratio": med["single_pass"] / med["lm"],
-        "two_pass_vs_lm_time_ratio": med["two_pass"] / med["lm"],
+        "single_pass_vs_lm_time_ratio": pairs["single_pass"]["median"],
+        "two_pass_vs_lm_time_ratio": pairs["two_pass"]["median"],
+        "time_ratio_pairs": {f"{k}_vs_lm": v for k, v in pairs.items()},
     }
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
@@ -153,6 +170,9 @@ def main(argv=None):
     for k in objectives:
         print(f"{k}: {med[k] * 1e3:.1f} ms/step, saved activations {act[k] / 2**20:.1f} MiB"
               + (f", CUDA peak {peak[k] / 2**20:.0f} MiB" if peak else ""))
+    for k, p in pairs.items():
+        print(f"{k}/lm per round: median {p['median']:.3f} (p25 {p['p25']:.3f}, p75 {p['p75']:.3f}, "
+              f"min {p['min']:.3f}, max {p['max']:.3f}, n {p['n']})")
     print(f"RESULT single_pass_vs_lm_time_ratio {result['single_pass_vs_lm_time_ratio']:.3f}")
     print(f"RESULT two_pass_vs_lm_time_ratio {result['two_pass_vs_lm_time_ratio']:.3f}")
 

@@ -78,3 +78,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                 "it was not trained by tools/train_tokenizer.py with the current special tokens"
             )
     return tokenizer
+
+
+def load_hf_tokenizer(path: str | Path):
+    """A Hugging Face tokenizer from a local model directory, with the eight predictor tokens added
+    (all of them, whatever a run uses, so checkpoints stay interchangeable) and a pad token."""
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model.hf.path {str(path)!r} is not a local directory (no model hub here)")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.add_tokens([predictor_token(i) for i in range(1, NUM_PREDICTOR_TOKENS + 1)], special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

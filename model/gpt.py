@@ -19,6 +19,7 @@ DeepSpeed's PipelineModule names them, so parameter names match across PP sizes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -27,16 +28,10 @@ from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from pretrain.config import ModelConfig
-
-# Megatron pads the vocabulary so every TP shard is equal and GEMM-friendly.
-VOCAB_MULTIPLE = 128
-
-
-def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    multiple = VOCAB_MULTIPLE * tp
-    return -(-vocab_size // multiple) * multiple
+from model.config import ModelConfig
+from model.loss import lm_loss
 
 
 def megatron_config(tp: int, dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
@@ -157,17 +152,29 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class OutputLoss(ColumnParallelLinear):
+    """The vocab-parallel output projection fused with its cross-entropy: forward(hidden, labels)
+    is the loss, and the [tokens, vocab] logits never exist.
+
+    The loss is this module's forward, not a function of its weight called from outside, so that
+    ZeRO-3's hooks gather the (partitioned) weight for it like for any other layer.
+    """
+
+    def forward(self, hidden, labels, kernels: str = "fused", reduction: str = "mean"):
+        return lm_loss(hidden, self.weight, labels, kernels, reduction)
+
+
 class Head(nn.Module):
     """Final norm and the vocab-parallel output projection.
 
-    Returns the normalised hidden states together with this rank's output weight shard instead of
-    logits, so the loss can be fused with the projection and never materialise [tokens, vocab].
+    As a pipeline's last layer it returns the normalised hidden states with this rank's output
+    weight shard, for the last stage's loss function (no ZeRO-3 with a pipeline).
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig):
         super().__init__()
         self.norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
-        self.proj = ColumnParallelLinear(
+        self.proj = OutputLoss(
             cfg.hidden_size, vocab_size, config=mp, init_method=_no_init, bias=False, gather_output=False
         )
 
@@ -181,52 +188,77 @@ def layer_specs(cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig) -> l
 
 
 class GPT(nn.Module):
-    """All layers in one process (any TP size, no pipeline)."""
+    """All layers in one process (any TP size, no pipeline).
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig):
+    checkpoint_activations: each block keeps only its input for backward and recomputes the rest
+    (a pipeline does the same per layer through DeepSpeed's PipelineModule).
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig, checkpoint_activations: bool = False,
+                 kernels: str = "fused"):
         super().__init__()
         for i, (cls, args) in enumerate(layer_specs(cfg, vocab_size, mp)):
             self.add_module(str(i), cls(*args))
+        self.checkpoint_activations = checkpoint_activations
+        self.kernels = kernels
 
     def forward(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
-        layers = list(self.children())
+        """The final, normalised hidden states [b, s, hidden]."""
+        *layers, head = self.children()
         x = layers[0](input_ids)
-        for block in layers[1:-1]:
-            x = block(x, position_ids, attention_mask)
-        hidden, _ = layers[-1](x)
-        return hidden
+        for block in layers[1:]:
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                # Non-reentrant: works with inputs that need no grad and with ZeRO-3's parameter hooks.
+                x = checkpoint(block, x, position_ids, attention_mask, use_reentrant=False)
+            else:
+                x = block(x, position_ids, attention_mask)
+        return head.norm(x)
+
+    def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of the output projection of `hidden` [..., H] against `labels` [...]."""
+        return self.head.proj(hidden, labels, self.kernels, reduction)
+
+    @property
+    def head(self) -> Head:
+        return self.get_submodule(str(len(self._modules) - 1))
 
     @property
     def output_weight(self) -> torch.Tensor:
-        return list(self.children())[-1].proj.weight
+        return self.head.proj.weight
 
 
-def init_weights(layer: nn.Module, index: int, cfg: ModelConfig, seed: int) -> None:
-    """Deterministic init keyed by (seed, layer index, parameter name), independent of TP and PP.
+def init_weights(layer: nn.Module, index: int, cfg: ModelConfig, seed: int, materialize=None) -> None:
+    """Deterministic init keyed by (seed, layer index, parameter name), independent of TP, PP and
+    ZeRO partitioning.
 
     Each rank draws the FULL tensor from a generator seeded by the parameter's name and keeps its
     own shard, so a TP=2 or PP=2 model starts from exactly the weights of the TP=1 model.
+    `materialize(p)` is a context in which a parameter whose storage is partitioned (ZeRO-3) has
+    its whole (TP-local) value, one parameter at a time, and whose exit keeps what was written.
     """
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     # GPT-2/Megatron: projections that write into the residual stream are scaled by depth.
     residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     for name, p in layer.named_parameters():
-        if name.endswith("norm.weight"):
-            with torch.no_grad():
+        with (materialize or _as_is)(p), torch.no_grad():
+            if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            continue
-        full_shape = list(p.shape)
-        split = getattr(p, "tensor_model_parallel", False)
-        if split:
-            full_shape[p.partition_dim] *= tp
-        gen = torch.Generator().manual_seed(_name_seed(seed, f"{index}.{name}"))
-        std = residual_std if name.endswith(("out.weight", "down.weight")) else cfg.init_std
-        full = torch.empty(full_shape).normal_(0.0, std, generator=gen)
-        if split:
-            full = full.chunk(tp, dim=p.partition_dim)[tp_rank]
-        with torch.no_grad():
+                continue
+            full_shape = list(p.shape)
+            split = getattr(p, "tensor_model_parallel", False)
+            if split:
+                full_shape[p.partition_dim] *= tp
+            gen = torch.Generator().manual_seed(_name_seed(seed, f"{index}.{name}"))
+            std = residual_std if name.endswith(("out.weight", "down.weight")) else cfg.init_std
+            full = torch.empty(full_shape).normal_(0.0, std, generator=gen)
+            if split:
+                full = full.chunk(tp, dim=p.partition_dim)[tp_rank]
             p.copy_(full)
+
+
+def _as_is(_param):
+    return contextlib.nullcontext()
 
 
 def _name_seed(seed: int, name: str) -> int:

@@ -2,21 +2,21 @@
 
 Section and field names follow the seed's training config (seed 000, section 2.2), so a block
 copied from the design document parses as is. Every number has one home here; the DeepSpeed JSON
-in ds_configs/ only carries what DeepSpeed alone needs, and `deepspeed_config` fails loudly when it
-disagrees with this file.
+in ds_configs/ only carries what DeepSpeed alone needs (pretrain/parallel.py fills in the rest and
+fails loudly where the JSON disagrees with this file). The model's own section is model/config.py.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import ValidationError, field_validator, model_validator
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from model.config import ModelConfig, Section
 
 
 class ConfigError(ValueError):
@@ -41,41 +41,10 @@ def parse_count(value) -> int:
     raise ValueError(f"expected a count such as 5B or 1000000, got {value!r}")
 
 
-class Section(BaseModel):
-    # Unknown keys are errors: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
 class RunConfig(Section):
     name: str = "run"
     output_dir: str = "runs/run"
     seed: int = 1234
-
-
-class ModelConfig(Section):
-    hidden_size: int = 1024
-    num_layers: int = 24
-    num_heads: int = 16
-    ffn_hidden_size: int | None = None  # None: SwiGLU's 8/3 * hidden, rounded up to 64
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    init_std: float = 0.02
-
-    @model_validator(mode="after")
-    def _shapes(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
-            )
-        if (self.hidden_size // self.num_heads) % 2:
-            raise ValueError("model.hidden_size / model.num_heads must be even (RoPE rotates pairs)")
-        return self
-
-    @property
-    def ffn_size(self) -> int:
-        if self.ffn_hidden_size is not None:
-            return self.ffn_hidden_size
-        return -(-(8 * self.hidden_size // 3) // 64) * 64
 
 
 class ParallelConfig(Section):
@@ -109,8 +78,9 @@ class OptimizerConfig(Section):
 
 
 class SchedulerConfig(Section):
-    type: Literal["cosine_decay", "constant"] = "cosine_decay"
+    type: Literal["cosine_decay", "linear", "constant"] = "cosine_decay"
     warmup_tokens: int = 5 * 10**9
+    warmup_steps: int | None = None  # when set, replaces warmup_tokens (runs whose steps vary in tokens)
     min_lr: float = 1.0e-6
 
     @field_validator("warmup_tokens", mode="before")
@@ -169,18 +139,46 @@ class HybridConfig(Section):
         return self
 
 
+class StepJepaConfig(Section):
+    """Step-JEPA / LLM-JEPA (seed 004): loss = gamma * LM + lbd * JEPA between two views of a chat."""
+
+    mode: Literal["step", "multistep", "two_view"] = "step"
+    loss_type: Literal["cosine", "l2", "mse", "infonce"] = "cosine"
+    lbd: float = 0.1
+    gamma: float = 1.0
+    predictors: int = 1  # K predictor tokens after the source view
+    single_pass: bool = True  # one packed forward; false: the seed's two passes
+    separator: str = "\n\n"
+    temperature: float = 0.1  # infonce only
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if not 1 <= self.predictors <= 8:
+            raise ValueError(f"training.step_jepa.predictors must be in 1..8, got {self.predictors}")
+        if self.lbd < 0 or self.gamma < 0:
+            raise ValueError(f"training.step_jepa.lbd ({self.lbd}) and gamma ({self.gamma}) must be >= 0")
+        return self
+
+
 class TrainingConfig(Section):
+    # What the loop optimises (pretrain/objectives/): lm reads token shards (data.shards), step_jepa
+    # reads chats (data.chats).
+    objective: Literal["lm", "step_jepa"] = "lm"
     batch_size: int = 256
     micro_batch_size: int = 4
     gradient_accumulation_steps: int | None = 64  # None: derived from the other two and dp size
     train_tokens: int = 250 * 10**9
+    train_steps: int | None = None  # when set, replaces train_tokens (runs whose steps vary in tokens)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     kernels: Literal["fused", "reference"] = "fused"  # reference: plain torch losses, for debugging
+    # A step whose loss or gradient is not finite is skipped; this many in a row stop the run.
+    max_nonfinite_steps: int = 5
     optimizers: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     jepa: JepaConfig = JepaConfig()
     lm: LMConfig = LMConfig()
     hybrid: HybridConfig = HybridConfig()
+    step_jepa: StepJepaConfig = StepJepaConfig()
 
     @field_validator("train_tokens", mode="before")
     @classmethod
@@ -189,8 +187,8 @@ class TrainingConfig(Section):
 
     @model_validator(mode="after")
     def _positive(self):
-        for name in ("batch_size", "micro_batch_size", "train_tokens"):
-            if getattr(self, name) <= 0:
+        for name in ("batch_size", "micro_batch_size", "train_tokens", "train_steps", "max_nonfinite_steps"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"training.{name} must be > 0, got {getattr(self, name)}")
         return self
 
@@ -198,9 +196,20 @@ class TrainingConfig(Section):
 class DataConfig(Section):
     tokenizer: str = "runs/tiny/tokenizer.json"
     shards: str = "runs/tiny/shards"  # directory holding manifest.json
+    valid_shards: str | None = None  # held-out shards for the validation loop
+    chats: str | None = None  # jsonl of {"messages": [...]} records (chat objectives)
+    valid_chats: str | None = None
+    max_len: int = 1024  # chat records are cut to this many tokens
     num_workers: int = 1
     seed: int = 1234
     shuffle_window: int = 8  # shards whose samples each loader reader shuffles together
+    # Packed sequences: positions restart after every eos and attention stays inside each document.
+    document_mask: bool = False
+
+
+class ValidationConfig(Section):
+    every_steps: int = 0  # 0: no validation loop
+    micro_batches: int = 8  # per data-parallel rank and evaluation; the same batches every time
 
 
 class CheckpointConfig(Section):
@@ -208,9 +217,18 @@ class CheckpointConfig(Section):
     every_steps: int = 1000
 
 
+class WandbConfig(Section):
+    enabled: bool = False
+    project: str = "cromwell"
+    entity: str | None = None
+    mode: Literal["online", "offline"] = "offline"  # offline needs no network; `wandb sync` uploads later
+    dir: str | None = None  # None: <run.output_dir>
+
+
 class LoggingConfig(Section):
     log_every: int = 10
     tensorboard: bool = True
+    wandb: WandbConfig = WandbConfig()
 
 
 class Config(Section):
@@ -219,8 +237,19 @@ class Config(Section):
     parallel: ParallelConfig = ParallelConfig()
     training: TrainingConfig = TrainingConfig()
     data: DataConfig = DataConfig()
+    validation: ValidationConfig = ValidationConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _objective_inputs(self):
+        if self.training.objective == "step_jepa" and not self.data.chats:
+            raise ValueError("training.objective=step_jepa reads chat records: set data.chats (a jsonl file)")
+        if self.model.type == "hf" and (self.parallel.tensor > 1 or self.parallel.pipeline > 1):
+            raise ValueError("model.type=hf trains data-parallel only: parallel.tensor and parallel.pipeline must be 1")
+        if self.model.type == "hf" and self.training.objective != "step_jepa":
+            raise ValueError("model.type=hf is for chat fine-tuning: use training.objective=step_jepa")
+        return self
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -256,10 +285,17 @@ class Config(Section):
         return t.batch_size, t.micro_batch_size, accum, dp
 
     def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step of packed sequences (what token budgets are counted in)."""
         return self.training.batch_size * self.training.lm.context_length
 
     def train_steps(self) -> int:
-        return -(-self.training.train_tokens // self.tokens_per_step())
+        if self.training.train_steps is not None:
+            return self.training.train_steps
+        return math.ceil(self.training.train_tokens / self.tokens_per_step())
+
+    def warmup_steps(self) -> float:
+        s = self.training.scheduler
+        return s.warmup_steps if s.warmup_steps is not None else s.warmup_tokens / self.tokens_per_step()
 
 
 def _set_path(tree: dict, dotted: str, raw: str) -> None:
@@ -297,67 +333,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
             msg = err["msg"].removeprefix("Value error, ")
             lines.append(f"  {field}: {msg} (got {err.get('input')!r})" if field else f"  {msg}")
         raise ConfigError(f"{path}: invalid config\n" + "\n".join(lines)) from None
-
-
-# Fields DeepSpeed must hold, derived from the run config; a ds_configs/ file may repeat them only
-# with the same value.
-def deepspeed_config(cfg: Config, world_size: int, device: str) -> dict:
-    name = cfg.parallel.ds_config
-    if name is None:
-        name = "ds_configs/pipeline.json" if cfg.parallel.pipeline > 1 else f"ds_configs/zero{cfg.parallel.zero_stage}.json"
-    ds_path = Path(name)
-    if not ds_path.is_absolute() and not ds_path.exists():
-        ds_path = REPO_ROOT / ds_path
-    if not ds_path.is_file():
-        raise ConfigError(f"parallel.ds_config: file not found: {name}")
-    try:
-        ds = json.loads(ds_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{ds_path}: not valid JSON: {e}") from None
-
-    global_batch, micro, accum, _ = cfg.batch_sizes(world_size)
-    bf16 = precision(cfg, device) == "bf16"
-    owned = {
-        "train_batch_size": global_batch,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.training.optimizers.grad_clip,
-        "zero_optimization.stage": cfg.parallel.zero_stage,
-        "bf16.enabled": bf16,
-    }
-    source = {
-        "train_batch_size": "training.batch_size",
-        "train_micro_batch_size_per_gpu": "training.micro_batch_size",
-        "gradient_accumulation_steps": "training.gradient_accumulation_steps",
-        "gradient_clipping": "training.optimizers.grad_clip",
-        "zero_optimization.stage": "parallel.zero_stage",
-        "bf16.enabled": "training.precision",
-    }
-    for dotted, value in owned.items():
-        *parents, leaf = dotted.split(".")
-        node = ds
-        for p in parents:
-            node = node.setdefault(p, {})
-        if leaf in node and node[leaf] != value:
-            raise ConfigError(
-                f"{ds_path}: {dotted} = {node[leaf]!r} disagrees with {source[dotted]} in the run config "
-                f"(which gives {value!r}); remove it from the JSON, the run config is the source of truth"
-            )
-        node[leaf] = value
-    for key in ("optimizer", "scheduler", "fp16"):
-        if key in ds and (key != "fp16" or ds[key].get("enabled")):
-            raise ConfigError(
-                f"{ds_path}: '{key}' is set in the DeepSpeed JSON; the optimizer, LR schedule and precision "
-                "come from the run config (training.optimizers, training.scheduler, training.precision)"
-            )
-    ds.setdefault("steps_per_print", 10**9)  # our own logger reports; DeepSpeed's would duplicate it
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds
-
-
-def precision(cfg: Config, device: str) -> str:
-    if cfg.training.precision == "auto":
-        return "bf16" if device == "cuda" else "fp32"
-    if cfg.training.precision == "bf16" and device != "cuda":
-        raise ConfigError("training.precision=bf16 needs a GPU; use fp32 or auto on CPU")
-    return cfg.training.precision

@@ -1,12 +1,16 @@
-"""Where parallelism is applied: process groups, the model as one module or pipeline stages, and the
-DeepSpeed engine around it. Nothing in model/ knows about DeepSpeed; nothing here knows the maths.
+"""Where parallelism is applied: process groups, the DeepSpeed JSON, the model as one module (built
+under ZeRO-3's partitioning when asked) or pipeline stages, the engine, and one optimizer step.
+Nothing in model/ knows about DeepSpeed; nothing here knows the maths of an objective.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import json
 import os
 import socket
+from dataclasses import dataclass
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -17,14 +21,27 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from megatron.core import parallel_state
 from torch import nn
 
-from model.gpt import GPT, Block, Embedding, Head, init_weights, layer_specs, megatron_config, padded_vocab_size
+from data.tokenizer import NUM_PREDICTOR_TOKENS, predictor_token
+from model import hf
+from model.gpt import GPT, Block, Embedding, Head, init_weights, layer_specs, megatron_config
 from model.loss import lm_loss
-from pretrain.config import Config, deepspeed_config, precision
+from pretrain.config import Config, ConfigError
+from pretrain.objectives import Objective, vocab_size
 from pretrain.optim import build_optimizer, build_scheduler
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def precision(cfg: Config, device: str) -> str:
+    if cfg.training.precision == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    if cfg.training.precision == "bf16" and device != "cuda":
+        raise ConfigError("training.precision=bf16 needs a GPU; use fp32 or auto on CPU")
+    return cfg.training.precision
 
 
 def join_process_group() -> None:
@@ -57,6 +74,63 @@ def init_distributed(cfg: Config) -> int:
     return world
 
 
+def shutdown() -> None:
+    """Leave the process group before the interpreter exits: a gloo group torn down by process exit
+    can abort in its threads' destructors ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def deepspeed_config(cfg: Config, world_size: int, device: str) -> dict:
+    """The DeepSpeed JSON: ds_configs/ (or parallel.ds_config) plus the fields the run config owns.
+    A file may repeat an owned field only with the same value."""
+    name = cfg.parallel.ds_config
+    if name is None:
+        name = "ds_configs/pipeline.json" if cfg.parallel.pipeline > 1 else f"ds_configs/zero{cfg.parallel.zero_stage}.json"
+    ds_path = Path(name)
+    if not ds_path.is_absolute() and not ds_path.exists():
+        ds_path = REPO_ROOT / ds_path
+    if not ds_path.is_file():
+        raise ConfigError(f"parallel.ds_config: file not found: {name}")
+    try:
+        ds = json.loads(ds_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{ds_path}: not valid JSON: {e}") from None
+
+    global_batch, micro, accum, _ = cfg.batch_sizes(world_size)
+    owned = {  # DeepSpeed field: (value, the run-config field it comes from)
+        "train_batch_size": (global_batch, "training.batch_size"),
+        "train_micro_batch_size_per_gpu": (micro, "training.micro_batch_size"),
+        "gradient_accumulation_steps": (accum, "training.gradient_accumulation_steps"),
+        "gradient_clipping": (cfg.training.optimizers.grad_clip, "training.optimizers.grad_clip"),
+        "zero_optimization.stage": (cfg.parallel.zero_stage, "parallel.zero_stage"),
+        "bf16.enabled": (precision(cfg, device) == "bf16", "training.precision"),
+    }
+    for dotted, (value, source) in owned.items():
+        *parents, leaf = dotted.split(".")
+        node = ds
+        for p in parents:
+            node = node.setdefault(p, {})
+        if leaf in node and node[leaf] != value:
+            raise ConfigError(
+                f"{ds_path}: {dotted} = {node[leaf]!r} disagrees with {source} in the run config "
+                f"(which gives {value!r}); remove it from the JSON, the run config is the source of truth"
+            )
+        node[leaf] = value
+    for key in ("optimizer", "scheduler", "fp16"):
+        if key in ds and (key != "fp16" or ds[key].get("enabled")):
+            raise ConfigError(
+                f"{ds_path}: '{key}' is set in the DeepSpeed JSON; the optimizer, LR schedule and precision "
+                "come from the run config (training.optimizers, training.scheduler, training.precision)"
+            )
+    ds.setdefault("steps_per_print", 10**9)  # our own logger reports; DeepSpeed's would duplicate it
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
 class MegatronMPU:
     """The group accessors DeepSpeed asks of an `mpu`, answered from megatron-core's groups.
 
@@ -75,21 +149,50 @@ class MegatronMPU:
     get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
 
 
-class LanguageModelLoss(nn.Module):
-    """The trainable module of the LM stage: GPT plus its loss, so the engine's forward is the loss."""
+class TrainModule(nn.Module):
+    """The engine's module without a pipeline: the model and its objective, so that the engine's
+    forward is the objective's loss sums (ZeRO-3 gathers parameters only inside module calls)."""
 
-    def __init__(self, gpt: GPT, kernels: str):
+    def __init__(self, model: nn.Module, objective: Objective):
         super().__init__()
-        self.gpt = gpt
-        self.kernels = kernels
+        self.model = model
+        self.objective = objective
 
-    def forward(self, input_ids, labels):
-        return lm_loss(self.gpt(input_ids), self.gpt.output_weight, labels, self.kernels)
+    def forward(self, batch):
+        return self.objective.forward(self.model, batch)
 
 
-def _pipeline_loss(outputs, labels, kernels):
-    hidden, weight = outputs
-    return lm_loss(hidden, weight, labels, kernels)
+@dataclass
+class _StageHead:
+    """The last stage's output projection: its weight arrives as a layer output (no ZeRO-3 with a
+    pipeline, so it is whole)."""
+
+    weight: torch.Tensor
+    kernels: str
+
+    def lm_loss(self, hidden, labels, reduction="mean"):
+        return lm_loss(hidden, self.weight, labels, self.kernels, reduction)
+
+
+class PipelineLoss:
+    """The last pipeline stage's loss_fn: the objective's sums from the last-layer states, combined
+    with the step's normalisers. The engine returns only a loss, so the sums are kept for the log."""
+
+    def __init__(self, objective: Objective, kernels: str):
+        self.objective, self.kernels = objective, kernels
+        self.counts, self.scale = None, 1.0
+        self.sums = None
+
+    def __call__(self, outputs, targets):
+        hidden, weight = outputs
+        sums = self.objective.stage_sums(_StageHead(weight, self.kernels), hidden, targets)
+        self.sums = sums.detach() if self.sums is None else self.sums + sums.detach()
+        return self.objective.total(sums, self.counts) * self.scale
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        """The sums since the last take; zeros on stages that computed no loss."""
+        sums, self.sums = self.sums, None
+        return torch.zeros_like(like) if sums is None else sums.to(like)
 
 
 # A pipeline layer gets only the previous layer's output, so a batch with its own positions and mask travels as
@@ -119,28 +222,52 @@ class _PipeHead(Head):
 _PIPE_LAYERS = {Embedding: _PipeEmbedding, Block: _PipeBlock, Head: _PipeHead}
 
 
-def build_model(cfg: Config, loss_fn=None, dynamic_shape: bool = False) -> nn.Module:
-    """The model for this rank: the whole GPT, or this rank's pipeline stage, initialised identically.
+def _zero3_partitioned(cfg: Config, ds_config: dict):
+    """Under ZeRO-3 every parameter is partitioned over the data-parallel group as soon as its layer
+    is built, so no rank ever holds the whole model; (context for building, context in which one
+    parameter is whole for its initialisation)."""
+    if cfg.parallel.zero_stage != 3:
+        return contextlib.nullcontext(), None
+    # No dtype argument: DeepSpeed 0.19 ignores it on accelerators without fp16 (it picks bf16 for a
+    # CPU); from the config it takes bf16 or fp32 as the engine will.
+    building = deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=MegatronMPU(), remote_device=None,
+                                   pin_memory=False)
+    return building, lambda p: deepspeed.zero.GatheredParameters([p], modifier_rank=0)
 
-    Pipeline only: `loss_fn(outputs, labels)` on the last stage (default: the LM loss), and
-    `dynamic_shape` for micro batches whose shapes differ (the engine then sends shapes every time).
-    """
+
+def build_model(cfg: Config, objective: Objective, tokenizer, ds_config: dict) -> nn.Module:
+    """The module the engine trains on this rank: the model with its objective, or this rank's
+    pipeline stage ending in the objective's loss; initialised identically for every layout."""
+    if cfg.model.type == "hf":
+        if cfg.parallel.zero_stage == 3:
+            raise ConfigError("model.type=hf supports parallel.zero_stage 0-2 (its weights load whole on every rank)")
+        predictors = tokenizer.convert_tokens_to_ids([predictor_token(i) for i in range(1, NUM_PREDICTOR_TOKENS + 1)])
+        return TrainModule(hf.load_model(cfg.model.hf.path, len(tokenizer), cfg.model.hf, predictors), objective)
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
-    vocab = padded_vocab_size(cfg.training.lm.vocab_size, tp)
+    try:
+        vocab = cfg.model.padded_vocab_size(vocab_size(cfg, tokenizer), tp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     mp = megatron_config(tp)
     if pp == 1:
-        gpt = GPT(cfg.model, vocab, mp)
+        building, materialize = _zero3_partitioned(cfg, ds_config)
+        with building:
+            gpt = GPT(cfg.model, vocab, mp, checkpoint_activations=cfg.parallel.activation_checkpointing,
+                      kernels=cfg.training.kernels)
         for i, layer in enumerate(gpt.children()):
-            init_weights(layer, i, cfg.model, cfg.run.seed)
-        return LanguageModelLoss(gpt, cfg.training.kernels)
+            init_weights(layer, i, cfg.model, cfg.run.seed, materialize)
+        return TrainModule(gpt, objective)
     dp = dist.get_world_size() // (tp * pp)
     pipe = PipelineModule(
         layers=[LayerSpec(_PIPE_LAYERS[cls], *args) for cls, args in layer_specs(cfg.model, vocab, mp)],
-        loss_fn=loss_fn or functools.partial(_pipeline_loss, kernels=cfg.training.kernels),
+        loss_fn=PipelineLoss(objective, cfg.training.kernels),
         topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp),
         partition_method=cfg.parallel.partition_method,
         activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
-        dynamic_shape=dynamic_shape,
+        # Blocks only: the head returns its weight, which a (reentrant) checkpoint cannot pass through
+        # (its backward recurses forever), and the embedding's integer input gets no gradient anyway.
+        checkpointable_layers=[_PipeBlock.__name__],
+        dynamic_shape=objective.dynamic_shape,
     )
     # The two libraries build their own groups; they must be the same sets of ranks.
     for axis, group in (("data", parallel_state.get_data_parallel_group()),
@@ -154,44 +281,107 @@ def build_model(cfg: Config, loss_fn=None, dynamic_shape: bool = False) -> nn.Mo
     return pipe
 
 
-def build_engine(cfg: Config):
-    """(engine, global step count) for the run; DeepSpeed owns ZeRO, the pipeline schedule and checkpoints."""
+def build_engine(cfg: Config, objective: Objective, tokenizer):
+    """The DeepSpeed engine for the run; DeepSpeed owns ZeRO, the pipeline schedule and checkpoints."""
     world = dist.get_world_size()
-    model = build_model(cfg)
     ds_config = deepspeed_config(cfg, world, device_type())
-    optimizer = build_optimizer(model, cfg, fused=device_type() == "cuda")
-    scheduler = build_scheduler(optimizer, cfg)
+    model = build_model(cfg, objective, tokenizer, ds_config)
+    optimizer = build_optimizer(model, cfg, fused=device_type() == "cuda",
+                                skip_nonfinite=cfg.parallel.zero_stage == 0 and not ds_config["bf16"]["enabled"])
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        lr_scheduler=scheduler,
+        lr_scheduler=build_scheduler(optimizer, cfg),
         config=ds_config,
         mpu=None if cfg.parallel.pipeline > 1 else MegatronMPU(),
     )
     return engine
 
 
-def train_step(engine, batches) -> tuple[float, float]:
-    """One optimizer step over gradient_accumulation_steps micro batches. Returns the loss averaged
-    over micro batches and data-parallel ranks (the same number on every rank) and the global
-    gradient norm before clipping."""
+def to_device(batch, device):
+    if batch is None or torch.is_tensor(batch) or hasattr(batch, "to"):
+        return None if batch is None else batch.to(device)
+    return type(batch)(to_device(b, device) for b in batch)
+
+
+def _reduced_counts(objective: Objective, micro_batches: list, device) -> torch.Tensor:
+    """Each component's item count over the whole step: all micro batches, all data-parallel ranks."""
+    counts = sum(objective.counts(b) for b in micro_batches).to(device)
+    dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+    return counts
+
+
+@dataclass
+class StepResult:
+    losses: dict  # "loss" (the weighted total) and each component, averaged over the step's items
+    grad_norm: float  # before clipping; inf or nan when the step was skipped
+    skipped: bool  # the optimizer left the weights as they were (a non-finite gradient somewhere)
+
+
+def _means(objective: Objective, sums: torch.Tensor, counts: torch.Tensor) -> dict:
+    sums = sums.detach().to(torch.float64)
+    for group in _loss_groups():
+        dist.all_reduce(sums, group=group)
+    means = sums / counts.clamp(min=1)
+    total = float(objective.total(sums, counts))
+    return {"loss": total, **{name: float(m) for name, m in zip(objective.components, means)}}
+
+
+def _loss_groups():
+    # Under a pipeline only the last stage computes losses; the other stages contribute zeros.
+    groups = [parallel_state.get_data_parallel_group()]
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        groups.append(parallel_state.get_pipeline_model_parallel_group())
+    return groups
+
+
+def train_step(engine, objective: Objective, micro_batches: list) -> StepResult:
+    """One optimizer step over the gradient_accumulation_steps micro batches of this rank.
+
+    Each micro batch's loss is the objective's total over the STEP's item counts, times
+    accumulation x data-parallel size, which undoes DeepSpeed's averaging over micro batches and
+    ranks: the gradient is that of the step's token-weighted loss.
+    """
+    counts = _reduced_counts(objective, micro_batches, engine.device)
+    scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
+    skipped_before = engine.skipped_steps
     if isinstance(engine, deepspeed.PipelineEngine):
-        loss = engine.train_batch(data_iter=batches).item()
-        return loss, float(engine.get_global_grad_norm())
-    total, accum = 0.0, engine.gradient_accumulation_steps()
-    grad_norm = None
-    for micro in range(accum):
-        input_ids, labels = next(batches)
-        loss = engine(input_ids.to(engine.device), labels.to(engine.device))
-        engine.backward(loss)
-        if micro == accum - 1 and engine.zero_optimization_stage() == 0:
-            # Without ZeRO, DeepSpeed clips fp32 gradients but discards their norm; an infinite
-            # max_norm measures it the same way (TP-aware) and leaves the gradients as they are.
-            grad_norm = float(clip_grad_norm_(engine.module.parameters(), max_norm=float("inf"), mpu=engine.mpu))
-        engine.step()
-        total += loss.detach().float()
-    total = total / accum
-    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-    if grad_norm is None:
-        grad_norm = float(engine.get_global_grad_norm())
-    return (total / parallel_state.get_data_parallel_world_size()).item(), grad_norm
+        loss_fn = engine.module.loss_fn
+        loss_fn.counts, loss_fn.scale = counts, scale
+        engine.train_batch(data_iter=iter([to_device(objective.pipeline_batch(b), engine.device) for b in micro_batches]))
+        sums = loss_fn.take(counts)
+        grad_norm = engine.get_global_grad_norm()
+    else:
+        sums, grad_norm = torch.zeros_like(counts), None
+        for i, batch in enumerate(micro_batches):
+            micro_sums = engine(to_device(batch, engine.device))
+            engine.backward(objective.total(micro_sums, counts) * scale)
+            if i == len(micro_batches) - 1 and engine.zero_optimization_stage() == 0:
+                # Without ZeRO, DeepSpeed clips fp32 gradients but discards their norm; an infinite
+                # max_norm measures it the same way (TP-aware) and leaves the gradients as they are.
+                grad_norm = clip_grad_norm_(engine.module.parameters(), max_norm=float("inf"), mpu=engine.mpu)
+            engine.step()
+            sums += micro_sums.detach().to(sums)
+        if grad_norm is None:
+            grad_norm = engine.get_global_grad_norm()
+    skipped = engine.skipped_steps > skipped_before
+    return StepResult(_means(objective, sums, counts), float("nan") if grad_norm is None else float(grad_norm), skipped)
+
+
+@torch.no_grad()
+def eval_losses(engine, objective: Objective, micro_batches: list) -> dict:
+    """The objective's token-weighted losses on held-out micro batches (this rank's share)."""
+    counts = _reduced_counts(objective, micro_batches, engine.device)
+    engine.eval()
+    try:
+        if isinstance(engine, deepspeed.PipelineEngine):
+            loss_fn = engine.module.loss_fn
+            loss_fn.counts, loss_fn.scale = counts, 1.0
+            engine.eval_batch(iter([to_device(objective.pipeline_batch(b), engine.device) for b in micro_batches]),
+                              num_micro_batches=len(micro_batches))
+            sums = loss_fn.take(counts)
+        else:
+            sums = sum(engine(to_device(b, engine.device)).to(counts) for b in micro_batches)
+    finally:
+        engine.train()
+    return _means(objective, sums, counts)

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+
+# Triton decides at import and decoration time whether its kernels (its own standard library's
+# too) run in the interpreter; deepspeed imports it, so this must come before any test module's
+# imports for the kernel tests to run on CPU.
+os.environ["TRITON_INTERPRET"] = "1"
 import socket
 import subprocess
 import sys
@@ -27,7 +32,7 @@ TINY_MODEL = [
 ]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -50,7 +55,7 @@ def launch(script: str, args: list[str], nproc: int, check: bool = True) -> subp
     """`deepspeed --num_gpus nproc script args` (plain python for one process)."""
     if nproc == 1:
         return run([PYTHON, script, *args], check=check)
-    return run([DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(_free_port()), script, *args], check=check)
+    return run([DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args], check=check)
 
 
 @pytest.fixture(scope="session")
@@ -58,16 +63,19 @@ def tiny_data(tmp_path_factory) -> dict:
     """Tokenizer (vocab 512) and shards (context 64) built by the project's tools from stdlib code."""
     root = tmp_path_factory.mktemp("tiny_data")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(stdlib.glob("[a-m]*.py"))[:40]
-    with (root / "corpus.jsonl").open("w") as f:
-        for path in files:
-            f.write(json.dumps({"text": path.read_text(errors="replace"), "source": "stdlib_code"}) + "\n")
-    run([PYTHON, "tools/train_tokenizer.py", "--input", str(root / "corpus.jsonl"), "--vocab-size", "512",
+    # Training text and held-out text from different files.
+    for split, files in (("train", sorted(stdlib.glob("[a-m]*.py"))[:40]), ("valid", sorted(stdlib.glob("[n-z]*.py"))[:4])):
+        with (root / f"{split}.jsonl").open("w") as f:
+            for path in files:
+                f.write(json.dumps({"text": path.read_text(errors="replace"), "source": "stdlib_code"}) + "\n")
+    run([PYTHON, "tools/train_tokenizer.py", "--input", str(root / "train.jsonl"), "--vocab-size", "512",
          "--output", str(root / "tokenizer.json")])
-    run([PYTHON, "tools/build_shards.py", "--input", str(root / "corpus.jsonl"), "--tokenizer",
-         str(root / "tokenizer.json"), "--context-length", "64", "--samples-per-shard", "32",
-         "--output", str(root / "shards"), "--workers", "2"])
-    return {"tokenizer": str(root / "tokenizer.json"), "shards": str(root / "shards")}
+    for split, shards in (("train", "shards"), ("valid", "valid_shards")):
+        run([PYTHON, "tools/build_shards.py", "--input", str(root / f"{split}.jsonl"), "--tokenizer",
+             str(root / "tokenizer.json"), "--context-length", "64", "--samples-per-shard", "32",
+             "--output", str(root / shards), "--workers", "2"])
+    return {"tokenizer": str(root / "tokenizer.json"), "shards": str(root / "shards"),
+            "valid_shards": str(root / "valid_shards")}
 
 
 def tiny_overrides(tiny_data: dict, out_dir: Path) -> list[str]:

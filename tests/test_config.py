@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from pretrain.config import ConfigError, deepspeed_config, load_config, parse_count
+from pretrain.config import ConfigError, load_config, parse_count
+from pretrain.parallel import deepspeed_config
 
 TINY = "pretrain/configs/tiny.yaml"
 
@@ -53,6 +54,12 @@ def test_accumulation_is_derived_when_left_out():
         (["training.hybrid.alpha=0", "training.hybrid.beta=0"], "must be >= 0 and not both 0"),
         (["training"], "--set expects key=value"),
         (["training.lm.tie_embeddings=true"], "training.lm.tie_embeddings=true is not supported yet"),
+        (["training.objective=step_jepa"], "training.objective=step_jepa reads chat records: set data.chats"),
+        (["model.type=hf"], "model.type=hf needs model.hf.path"),
+        (["training.step_jepa.predictors=9"], "training.step_jepa.predictors must be in 1..8"),
+        (["training.step_jepa.mode=steps"], "training.step_jepa.mode"),
+        (["training.train_steps=0"], "training.train_steps must be > 0"),
+        (["model.make_vocab_size_divisible_by=0"], "model.make_vocab_size_divisible_by must be >= 1"),
     ],
 )
 def test_bad_values_name_the_field(override, message):
@@ -107,3 +114,10 @@ def test_bf16_on_cpu_is_refused():
     cfg = load_config(TINY, ["training.precision=bf16"])
     with pytest.raises(ConfigError, match="training.precision=bf16 needs a GPU"):
         deepspeed_config(cfg, world_size=1, device="cpu")
+
+
+def test_train_and_warmup_steps_come_from_tokens_or_steps():
+    cfg = load_config(TINY)  # 1.2M tokens, warmup 60K, 16 x 256 tokens per step
+    assert cfg.train_steps() == -(-1_200_000 // 4096) and cfg.warmup_steps() == pytest.approx(60_000 / 4096)
+    cfg = load_config(TINY, ["training.train_steps=7", "training.scheduler.warmup_steps=2"])
+    assert cfg.train_steps() == 7 and cfg.warmup_steps() == 2

@@ -1,16 +1,18 @@
 """Step-JEPA on a tiny random-init Llama built locally (nothing is downloaded)."""
 import json
 import os
-import random
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from data.tokenizer import NUM_PREDICTOR_TOKENS
+from data.chats import ChatBatches, hf_chat_encoder
+from data.tokenizer import NUM_PREDICTOR_TOKENS, load_hf_tokenizer, predictor_token
 from model import hf
-from model.step_jepa import StepJEPA, predictor_names
+from model.config import HFConfig
+from test_step_jepa import evaluate, make_objective
+from tools.tiny_hf_model import build_tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = [
@@ -35,21 +37,36 @@ CHATS = [chat(q, s) for q, s in STEPS]
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     texts = [m["content"] for c in CHATS for m in c] * 4
-    return hf.build_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")), texts, hidden=32, layers=2, vocab=400)
+    return build_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")), texts, hidden=32, layers=2, vocab=400)
+
+
+def predictor_ids(tok, k):
+    return tok.convert_tokens_to_ids([predictor_token(i) for i in range(1, k + 1)])
+
+
+def load(path, **kw):
+    """(model, tokenizer) as the trainer loads them, LoRA making the predictor rows trainable."""
+    tok = load_hf_tokenizer(path)
+    model = hf.load_model(path, len(tok), HFConfig(path=path, **kw), predictor_ids(tok, NUM_PREDICTOR_TOKENS))
+    return model, tok
 
 
 def setup(path, **kw):
     torch.manual_seed(0)
-    model, tok = hf.load_causal_lm(path, **kw)
-    encoder = hf.chat_encoder(tok)
-    preds = tok.convert_tokens_to_ids(predictor_names(2))
-    return model, tok, [encoder(c) for c in CHATS], preds
+    model, tok = load(path, **kw)
+    return model, tok, [hf_chat_encoder(tok)(c) for c in CHATS], predictor_ids(tok, 2)
+
+
+def hf_objective(tok, preds, **kw):
+    obj = make_objective(**kw)
+    obj.predictor_ids, obj.pad_id = preds, tok.pad_token_id
+    return obj
 
 
 def test_predictor_tokens_added_and_embeddings_resized(tiny_dir):
     model, tok, examples, preds = setup(tiny_dir)
     assert len(set(preds)) == 2 and all(tok.convert_ids_to_tokens(p).startswith("<|predictor_") for p in preds)
-    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    assert model.lm.get_input_embeddings().weight.shape[0] == len(tok)
     # steps are found and decode back to the text they came from
     e = examples[0]
     assert tok.decode(e.input_ids[e.steps[1][0]:e.steps[1][1]]) == STEPS[0][1][1] + "\n\n"
@@ -59,11 +76,10 @@ def test_predictor_tokens_added_and_embeddings_resized(tiny_dir):
 @pytest.mark.parametrize("mode", ["step", "two_view"])
 def test_single_pass_matches_two_pass(tiny_dir, attn, mode):
     model, tok, examples, preds = setup(tiny_dir, attn_implementation=attn)
-    backbone = hf.HFBackbone(model)
     results = []
     for single in (True, False):
         model.zero_grad()
-        out = StepJEPA(preds, tok.pad_token_id, mode=mode, lbd=1.0, single_pass=single)(backbone, examples)
+        out = evaluate(hf_objective(tok, preds, mode=mode, lbd=1.0, single_pass=single), model, examples)
         out["loss"].backward()
         results.append((out, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     (a, ga), (b, gb) = results
@@ -76,7 +92,7 @@ def test_single_pass_matches_two_pass(tiny_dir, attn, mode):
 def embedding_rows(model, vocab):
     """The input embeddings as the model sees them: peft's trainable tokens overlay the frozen base rows."""
     with torch.no_grad():
-        return model.get_input_embeddings()(torch.arange(vocab))
+        return model.lm.get_input_embeddings()(torch.arange(vocab))
 
 
 def test_lora_trains_adapters_and_predictor_rows_and_reloads(tiny_dir, tmp_path):
@@ -86,11 +102,11 @@ def test_lora_trains_adapters_and_predictor_rows_and_reloads(tiny_dir, tmp_path)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     adapter = lambda n: "lora_" in n or "trainable_tokens_delta" in n
     assert trainable and all(adapter(n) for n in trainable)
-    objective = StepJEPA(preds, tok.pad_token_id, lbd=1.0)
+    objective = hf_objective(tok, preds, lbd=1.0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
         opt.zero_grad()
-        objective(hf.HFBackbone(model), examples)["loss"].backward()
+        evaluate(objective, model, examples)["loss"].backward()
         opt.step()
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -98,15 +114,15 @@ def test_lora_trains_adapters_and_predictor_rows_and_reloads(tiny_dir, tmp_path)
     assert any("lora_B" in k for k in changed)
     rows = embedding_rows(model, len(tok))
     moved = {i for i in range(len(rows)) if not torch.equal(rows[i], rows_before[i])}
-    assert set(preds) <= moved <= set(tok.convert_tokens_to_ids(predictor_names(NUM_PREDICTOR_TOKENS)))
+    assert set(preds) <= moved <= set(predictor_ids(tok, NUM_PREDICTOR_TOKENS))
 
     hf.save(model, tok, str(tmp_path / "adapter"))
     torch.manual_seed(1)  # a different draw for any embedding row the adapter dir failed to restore
-    reloaded, _ = hf.load_causal_lm(str(tmp_path / "adapter"))
+    reloaded, _ = load(str(tmp_path / "adapter"))
     torch.testing.assert_close(embedding_rows(reloaded, len(tok)), rows, rtol=0, atol=0)
     with torch.no_grad():
-        want = objective(hf.HFBackbone(model), examples)
-        got = objective(hf.HFBackbone(reloaded), examples)
+        want = evaluate(objective, model, examples)
+        got = evaluate(objective, reloaded, examples)
     # the jepa term involves the predictor embeddings, which only the saved adapter dir holds
     torch.testing.assert_close(got["loss"], want["loss"])
 
@@ -122,29 +138,32 @@ def test_entry_point_trains_and_saves(tiny_dir, tmp_path):
     env = {**{k: v for k, v in os.environ.items() if k not in DIST_ENV}, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    log = json.load(open(out / "train_log.json"))["log"]
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(log) == 20
     first, last = log[0], log[-1]
     assert last["lm"] < first["lm"] - 0.5 and last["jepa"] < first["jepa"]
-    # step 1 logs the mean over its two micro batches, all seen by the initial weights; the entry
-    # point draws its weights and its order from --seed (42 by default)
+    # Step 1 logs its two micro batches' losses weighted by their labelled tokens and pairs, all seen
+    # by the initial weights; the entry point draws its weights and its order from --seed (42).
     torch.manual_seed(42)
-    model, tok = hf.load_causal_lm(tiny_dir)
-    examples = [hf.chat_encoder(tok)(c) for c in CHATS * 4]
-    order = list(range(len(examples)))
-    random.Random(42).shuffle(order)
-    objective = StepJEPA(tok.convert_tokens_to_ids(predictor_names(2)), tok.pad_token_id, lbd=0.5)
+    model, tok = load(tiny_dir)
+    objective = hf_objective(tok, predictor_ids(tok, 2), lbd=0.5)
+    batches = ChatBatches([hf_chat_encoder(tok)(c) for c in CHATS * 4], micro_batch_size=2, dp_rank=0, dp_size=1,
+                          seed=42)
+    micro = [objective.collate(next(batches)) for _ in range(2)]
     with torch.no_grad():
-        micro = [objective(hf.HFBackbone(model), [examples[i] for i in order[m:m + 2]]) for m in (0, 2)]
-    for key in ("loss", "lm", "jepa"):
-        assert first[key] == pytest.approx(sum(o[key].item() for o in micro) / 2, rel=1e-5)
-    model, tok = hf.load_causal_lm(str(out))
-    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+        sums = sum(objective.forward(model, b) for b in micro)
+    counts = sum(objective.counts(b) for b in micro)
+    assert first["loss"] == pytest.approx(objective.total(sums, counts).item(), rel=1e-5)
+    assert first["lm"] == pytest.approx((sums[0] / counts[0]).item(), rel=1e-5)
+    assert first["jepa"] == pytest.approx((sums[1] / counts[1]).item(), rel=1e-5)
+    model, tok = load(str(out))
+    assert model.lm.get_input_embeddings().weight.shape[0] == len(tok)
+    assert (out / "checkpoints" / "latest").read_text() == "global_step20"
 
 
 def test_bad_model_dir_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not-a-model"):
-        hf.load_causal_lm(str(tmp_path / "not-a-model"))
+        load(str(tmp_path / "not-a-model"))
 
 
 def test_answer_extraction():

@@ -1,26 +1,26 @@
 """Fused linear cross-entropy (chunked torch and Triton-interpreted) against F.cross_entropy on
-materialised logits: loss and both gradients, fp32."""
-import os
-
-# Must precede the first import of the Triton kernel modules (Triton reads it at decoration).
-os.environ["TRITON_INTERPRET"] = "1"
-
+materialised logits: loss and both gradients, fp32 and bf16/fp16, mean and sum; no gradient work
+when grad mode is off."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.kernels import ce_loss, fused_linear_cross_entropy, set_default_impl
+from model.loss import lm_loss
 
 IMPLS = ["torch", "triton"]
 
 
-def reference(hidden, weight, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0):
+def reference(hidden, weight, target, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+              reduction="mean"):
     logits = hidden.float() @ weight.float().T
     keep = target != ignore_index
     loss = F.cross_entropy(logits, target, ignore_index=ignore_index,
-                           label_smoothing=label_smoothing)
+                           label_smoothing=label_smoothing, reduction=reduction)
     lse = torch.logsumexp(logits[keep], dim=1)
-    return loss + z_loss * (lse * lse).mean()
+    z = (lse * lse).sum() if reduction == "sum" else (lse * lse).mean()
+    return loss + z_loss * z
 
 
 def loss_and_grads(fn, hidden, weight, target, **kw):
@@ -77,13 +77,23 @@ def test_vocab_spanning_several_kernel_blocks(impl):
     assert_matches(impl, hidden, weight, target, label_smoothing=0.1, z_loss=1e-4)
 
 
+@pytest.mark.parametrize("impl", IMPLS + ["reference"])
+@pytest.mark.parametrize("label_smoothing,z_loss", [(0.0, 0.0), (0.1, 1e-3)])
+def test_sum_reduction(impl, small_chunks, label_smoothing, z_loss):
+    hidden, weight, target = make(37, 16, 300, seed=9)
+    target[[0, 9, 20, 36]] = -100
+    assert_matches(impl, hidden, weight, target, reduction="sum", rtol=1e-5, atol=1e-5,
+                   label_smoothing=label_smoothing, z_loss=z_loss)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-def test_all_targets_ignored_gives_zero_and_zero_grads(impl):
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_all_targets_ignored_gives_zero_and_zero_grads(impl, reduction):
     hidden, weight, target = make(10, 8, 50)
     target[:] = -100
     loss, grad_hidden, grad_weight = loss_and_grads(
         fused_linear_cross_entropy, hidden, weight, target, impl=impl, z_loss=1e-3,
-        label_smoothing=0.1)
+        label_smoothing=0.1, reduction=reduction)
     assert loss.item() == 0.0
     assert torch.count_nonzero(grad_hidden) == 0 and torch.count_nonzero(grad_weight) == 0
 
@@ -106,17 +116,30 @@ def test_logits_near_1e4_stay_finite_and_exact(impl, small_chunks):
     assert_matches(impl, hidden, weight, target, rtol=1e-5, atol=1e-4, z_loss=1e-6)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_bf16_inputs_are_reduced_in_fp32(impl):
-    hidden, weight, target = make(20, 32, 200, seed=5)
-    hidden, weight = hidden.bfloat16(), weight.bfloat16()
-    loss, grad_hidden, grad_weight = loss_and_grads(fused_linear_cross_entropy, hidden, weight,
-                                                    target, impl=impl)
-    assert grad_hidden.dtype == torch.bfloat16 and grad_weight.dtype == torch.bfloat16
-    want = loss_and_grads(reference, hidden.float(), weight.float(), target)
-    torch.testing.assert_close(loss, want[0], rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(grad_hidden.float(), want[1], rtol=2e-2, atol=2e-3)
-    torch.testing.assert_close(grad_weight.float(), want[2], rtol=2e-2, atol=2e-3)
+def rounded_logits_reference(hidden, weight, target):
+    return F.cross_entropy((hidden @ weight.T).float(), target)
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["reference"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_logits_are_reduced_in_fp32(impl, dtype, small_chunks):
+    # Logits of magnitude 50-200, where rounding them to bf16 (fp16) moves each by up to 0.5
+    # (0.06).
+    hidden, weight, target = make(37, 16, 300, seed=8, scale=50.0)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    got = loss_and_grads(fused_linear_cross_entropy, hidden, weight, target, impl=impl)
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    # The product of two bf16/fp16 values is exact in fp32: these are the true logits.
+    want = loss_and_grads(reference, hidden, weight, target)
+    rounded = loss_and_grads(rounded_logits_reference, hidden, weight, target)
+    # Loss to fp32 accuracy; gradients, returned at input precision, to one bf16 unit in the last
+    # place.
+    tolerances = [dict(rtol=1e-6, atol=2e-4), dict(rtol=2**-8, atol=1e-6),
+                  dict(rtol=2**-8, atol=1e-6)]
+    for name, g, w, r, tol in zip(("loss", "grad_hidden", "grad_weight"), got, want, rounded,
+                                  tolerances):
+        torch.testing.assert_close(g.float(), w.float(), **tol, msg=lambda m: f"{name}: {m}")
+        assert not torch.allclose(r.float(), w.float(), **tol), f"{name}: rounding goes unseen"
 
 
 def test_incoming_gradient_scales_both_grads_and_second_backward_is_refused():
@@ -130,6 +153,42 @@ def test_incoming_gradient_scales_both_grads_and_second_backward_is_refused():
     torch.testing.assert_close(weight.grad, 3.0 * want_weight)
     with pytest.raises(RuntimeError, match="one backward pass"):
         loss.backward()
+
+
+class RecordOps(TorchDispatchMode):
+    """Counts matmuls and records the shape of every tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.matmuls, self.shapes = 0, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.matmuls += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm_)
+        if isinstance(out, torch.Tensor):
+            self.shapes.add(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("mode,grads", [
+    (torch.no_grad, ()), (torch.inference_mode, ()), (torch.enable_grad, ()),
+    (torch.enable_grad, ("hidden",)), (torch.enable_grad, ("weight",)),
+    (torch.enable_grad, ("hidden", "weight")),
+])
+def test_gradient_work_only_for_inputs_that_get_a_gradient(small_chunks, mode, grads):
+    hidden, weight, target = make(37, 16, 300, seed=10)
+    # An eval step: inputs that require grad, called with grad mode off.
+    hidden.requires_grad_(mode is not torch.enable_grad or "hidden" in grads)
+    weight.requires_grad_(mode is not torch.enable_grad or "weight" in grads)
+    record = RecordOps()
+    with mode(), record:
+        loss = fused_linear_cross_entropy(hidden, weight, target, impl="torch")
+    # Five chunks: one logits matmul each, and one more per gradient wanted.
+    assert record.matmuls == 5 * (1 + len(grads))
+    # Gradient buffers are the only tensors shaped like the hidden states or the weight.
+    assert ((37, 16) in record.shapes) == ("hidden" in grads)
+    assert ((300, 16) in record.shapes) == ("weight" in grads)
+    torch.testing.assert_close(loss.detach(), reference(hidden.detach(), weight.detach(), target))
 
 
 def test_only_hidden_needs_grad_and_no_grad_mode():
@@ -169,6 +228,18 @@ def test_default_impl_switch_forces_reference():
 def test_bad_input_is_named(change, error, match):
     with pytest.raises(error, match=match):
         fused_linear_cross_entropy(*change(*make(12, 8, 40)))
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["reference"])
+def test_unknown_reduction_is_named(impl):
+    with pytest.raises(ValueError, match="'none'"):
+        fused_linear_cross_entropy(*make(4, 8, 40), impl=impl, reduction="none")
+
+
+@pytest.mark.parametrize("kernels", ["fused", "reference"])
+def test_unknown_reduction_is_named_by_lm_loss(kernels):
+    with pytest.raises(ValueError, match="'avg'"):
+        lm_loss(*make(4, 8, 40), kernels, reduction="avg")
 
 
 def test_unknown_impl_and_triton_without_gpu_are_refused(monkeypatch):

@@ -1,10 +1,5 @@
 """Masked MSE / cosine / smooth-L1 (chunked torch and Triton-interpreted) against torch's
 losses on the gathered masked rows: loss and the gradients of pred and target."""
-import os
-
-# Must precede the first import of the Triton kernel modules (Triton reads it at decoration).
-os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
 import torch
 import torch.nn.functional as F

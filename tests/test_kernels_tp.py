@@ -1,21 +1,20 @@
 """Vocab-parallel fused linear cross-entropy on 2 gloo ranks matches the single-rank loss and
-gradients (each rank holding half of the output weight's rows)."""
-import os
-
-# Must precede the first import of the Triton kernel modules; spawned ranks inherit it.
-os.environ["TRITON_INTERPRET"] = "1"
-
+gradients (each rank holding half of the output weight's rows), mean and sum; so does lm_loss
+under megatron's TP=2 groups, fused and reference."""
 import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from megatron.core import parallel_state
 
 from model.kernels import ce_loss, fused_linear_cross_entropy
+from model.loss import lm_loss
 
 WORLD = 2
 N, H, V = 29, 12, 2 * 70
-CASES = [dict(), dict(label_smoothing=0.1, z_loss=1e-3)]
+CASES = [dict(), dict(label_smoothing=0.1, z_loss=1e-3),
+         dict(label_smoothing=0.1, z_loss=1e-3, reduction="sum")]
 
 
 def _inputs():
@@ -28,17 +27,21 @@ def _inputs():
     return hidden, weight, target
 
 
-def _loss_and_grads(hidden, weight, target, **kw):
+def _loss_and_grads(hidden, weight, target, fn=fused_linear_cross_entropy, **kw):
     hidden = hidden.clone().requires_grad_(True)
     weight = weight.clone().requires_grad_(True)
-    loss = fused_linear_cross_entropy(hidden, weight, target, **kw)
+    loss = fn(hidden, weight, target, **kw)
     return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
 
 
-def _rank_main(rank, port):
+def _init(rank, port):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
+
+
+def _rank_main(rank, port):
+    _init(rank, port)
     try:
         # 8-row chunks: every rank takes part in the collectives of a ragged last chunk too.
         ce_loss.CHUNK_BYTES.update(torch=4 * 8 * V // WORLD, triton=4 * 8 * V // WORLD)
@@ -63,6 +66,26 @@ def _rank_main(rank, port):
         dist.destroy_process_group()
 
 
+def _lm_loss_rank_main(rank, port):
+    _init(rank, port)
+    try:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=WORLD)
+        hidden, weight, target = _inputs()
+        shard = weight.chunk(WORLD)[rank]
+        for reduction in ("mean", "sum"):
+            want = _loss_and_grads(hidden, weight, target, impl="reference", reduction=reduction)
+            for kernels in ("fused", "reference"):
+                got = _loss_and_grads(hidden, shard, target, kernels=kernels, reduction=reduction,
+                                      fn=lm_loss)
+                where = f"rank {rank} lm_loss {kernels} {reduction}"
+                for name, g, w in zip(("loss", "grad_hidden", "grad_weight"), got,
+                                      (want[0], want[1], want[2].chunk(WORLD)[rank])):
+                    torch.testing.assert_close(g, w, msg=lambda m: f"{where} {name}: {m}")
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -71,3 +94,7 @@ def _free_port():
 
 def test_vocab_parallel_matches_single_rank():
     mp.spawn(_rank_main, args=(_free_port(),), nprocs=WORLD, join=True)
+
+
+def test_lm_loss_under_megatron_tp_matches_single_rank():
+    mp.spawn(_lm_loss_rank_main, args=(_free_port(),), nprocs=WORLD, join=True)

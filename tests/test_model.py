@@ -4,7 +4,8 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
-from model.gpt import GPT, init_weights, megatron_config, padded_vocab_size
+from model.config import ModelConfig
+from model.gpt import GPT, init_weights, megatron_config
 from model.loss import lm_loss
 from pretrain.config import load_config
 from pretrain.optim import lr_at
@@ -22,16 +23,20 @@ def cfg():
 
 
 def _gpt(cfg, seed=0):
-    gpt = GPT(cfg.model, padded_vocab_size(cfg.training.lm.vocab_size, 1), megatron_config(1))
+    gpt = GPT(cfg.model, cfg.model.padded_vocab_size(cfg.training.lm.vocab_size), megatron_config(1))
     for i, layer in enumerate(gpt.children()):
         init_weights(layer, i, cfg.model, seed)
     return gpt
 
 
-def test_vocab_is_padded_per_tp_rank():
-    assert padded_vocab_size(50000, 1) == 50048
-    assert padded_vocab_size(50000, 2) == 50176
-    assert padded_vocab_size(50000, 2) % (2 * 128) == 0
+def test_vocab_padding_does_not_depend_on_the_tp_size():
+    m = ModelConfig()
+    # Megatron multiplies its divisor by the TP size (50000 -> 50048 at TP=1 but 50176 at TP=2),
+    # so checkpoints could not move between TP sizes; here every TP size gets the same rows.
+    assert {m.padded_vocab_size(50000, tp) for tp in (1, 2, 4, 8, 16, 32, 64, 128)} == {50048}
+    assert ModelConfig(make_vocab_size_divisible_by=64).padded_vocab_size(600, 2) == 640
+    with pytest.raises(ValueError, match=r"not divisible by parallel.tensor \(3\).*make_vocab_size_divisible_by"):
+        m.padded_vocab_size(50000, 3)
 
 
 def test_hidden_states_are_causal(cfg):
@@ -77,6 +82,8 @@ def test_fused_loss_matches_reference_in_value_and_gradients(cfg):
     for kernels in ("fused", "reference"):
         gpt.zero_grad()
         loss = lm_loss(gpt(ids), gpt.output_weight, labels, kernels)
+        if kernels == "fused":  # the model's own loss is the same fused call, through its head module
+            torch.testing.assert_close(gpt.lm_loss(gpt(ids), labels), loss)
         loss.backward()
         grads[kernels] = (loss.detach(), [p.grad.clone() for p in gpt.parameters()])
     torch.testing.assert_close(grads["fused"][0], grads["reference"][0])
@@ -95,3 +102,59 @@ def test_lr_schedule_warms_up_then_decays_to_min(cfg):
     assert max(lrs) <= c.training.optimizers.lr
     assert all(x >= y for x, y in zip(lrs[warm + 1:], lrs[warm + 2:]))
     assert lrs[-1] == pytest.approx(c.training.scheduler.min_lr)
+
+
+def _saved_bytes(fn):
+    """Bytes of the tensors autograd keeps for backward while fn runs (activation memory),
+    deduplicated by storage: a count, not a timing, so it is exact on a busy machine."""
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+def test_activation_checkpointing_same_gradients_less_memory(cfg):
+    ids = torch.randint(0, 300, (2, 32))
+    labels = torch.roll(ids, -1, dims=1)
+    results = {}
+    for ckpt in (False, True):
+        gpt = _gpt(cfg)
+        gpt.checkpoint_activations = ckpt
+        loss, saved = _saved_bytes(lambda: gpt.lm_loss(gpt(ids), labels))
+        loss.backward()
+        results[ckpt] = (loss.detach(), [p.grad for p in gpt.parameters()], saved)
+    (l0, g0, m0), (l1, g1, m1) = results[False], results[True]
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # Each block keeps only its input; without checkpointing it keeps every intermediate.
+    assert m1 < 0.5 * m0, (m1, m0)
+
+
+def test_document_mask_keeps_documents_apart(cfg):
+    from data.masks import document_positions_and_mask
+
+    eos = 2
+    ids = torch.tensor([[5, 6, 7, eos, 8, 9, eos, 10, 11, 12], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
+    pos, mask = document_positions_and_mask(ids, eos)
+    assert pos.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 2], list(range(10))]
+    assert mask[0, 0, 4].nonzero().flatten().tolist() == [4]  # the first token of document 2 sees only itself
+    assert mask[0, 0, 6].nonzero().flatten().tolist() == [4, 5, 6]  # eos belongs to its document
+    assert torch.equal(mask[1, 0], torch.ones(10, 10, dtype=torch.bool).tril())  # one document: plain causal
+    # What the model computes for each document is what it computes for that document alone.
+    gpt = _gpt(cfg)
+    packed = gpt(ids, pos, mask)
+    for start, end in ((0, 4), (4, 7), (7, 10)):
+        alone = gpt(ids[:1, start:end])
+        torch.testing.assert_close(packed[:1, start:end], alone, atol=1e-5, rtol=1e-4)
+    # and without the mask the later documents would see the earlier ones
+    assert not torch.allclose(gpt(ids)[:1, 4:7], gpt(ids[:1, 4:7]), atol=1e-3)

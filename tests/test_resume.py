@@ -3,7 +3,6 @@ norms, learning rates and the very same samples (data fingerprints) as an uninte
 
 import json
 
-import pytest
 
 from conftest import launch, tiny_overrides
 

@@ -7,11 +7,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.step_jepa import (IGNORE, ChatEncoder, StepJEPA, jepa_loss, lm_batch, packed_batch,
-                             reference_view_batch)
+from data.chats import ChatEncoder
+from data.step_jepa import IGNORE, lm_batch, packed_batch, reference_view_batch
+from model.jepa import jepa_loss
+from pretrain.config import load_config
+from pretrain.objectives.step_jepa import StepJEPA
 
 VOCAB, EOS, PAD = 128, 1, 0
 PRED = [2, 3, 4]
+
+
+def make_objective(mode="step", loss_type="cosine", lbd=0.1, gamma=1.0, single_pass=True) -> StepJEPA:
+    cfg = load_config("pretrain/configs/tiny.yaml", [
+        "training.objective=step_jepa", "data.chats=unused.jsonl", f"training.step_jepa.mode={mode}",
+        f"training.step_jepa.loss_type={loss_type}", f"training.step_jepa.lbd={lbd}",
+        f"training.step_jepa.gamma={gamma}", f"training.step_jepa.single_pass={single_pass}"])
+    return StepJEPA(cfg, encoder, PRED, PAD)
+
+
+def evaluate(objective: StepJEPA, model, examples) -> dict:
+    """The objective on one micro batch, as the loop would see a step made of only this batch."""
+    batch = objective.collate(examples)
+    sums, counts = objective.forward(model, batch), objective.counts(batch)
+    means = sums / counts.to(sums).clamp(min=1)
+    return {"loss": objective.total(sums, counts), "lm": means[0], "jepa": means[1], "pairs": int(counts[1])}
 
 
 
@@ -24,9 +43,11 @@ class ToyBackbone(nn.Module):
         self.head = nn.Linear(d, VOCAB)
         self.calls = 0
 
-    def hidden(self, input_ids, position_ids, attention_mask):
+    def forward(self, input_ids, position_ids=None, attention_mask=None):
         self.calls += 1
         s = input_ids.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(s).expand_as(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones(s, s, dtype=torch.bool).tril()
         x = self.emb(input_ids) + self.pos(position_ids)
@@ -36,8 +57,8 @@ class ToyBackbone(nn.Module):
             x = x + mlp(x)
         return x
 
-    def lm_loss(self, hidden, target):
-        return F.cross_entropy(self.head(hidden), target)
+    def lm_loss(self, hidden, target, reduction="mean"):
+        return F.cross_entropy(self.head(hidden), target, reduction=reduction)
 
 
 # one token per character: 'a' -> 97 etc., the separator '|' -> 124
@@ -116,7 +137,7 @@ def test_packed_views_are_isolated():
     def views(answer, prompt="SU>"):
         enc = ChatEncoder(encoder.encode, lambda m: prompt, EOS, "|")
         b = packed_batch([enc(chat(answer))], "step", PRED, PAD)
-        h = net.hidden(b.input_ids, b.position_ids, b.attention_mask)
+        h = net(b.input_ids, b.position_ids, b.attention_mask)
         return h[0, b.view1[0, 1]], h[0, b.view2[0, 1]]
 
     v1, v2 = views("abc|de|fg")
@@ -130,6 +151,7 @@ def test_packed_views_are_isolated():
 
 def test_loss_types():
     a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert jepa_loss(a, -a, "cosine", reduction="sum").item() == pytest.approx(4.0)
     assert jepa_loss(a, a, "cosine").item() == pytest.approx(0.0)
     assert jepa_loss(a, -a, "cosine").item() == pytest.approx(2.0)
     b = a + torch.tensor([[3.0, 4.0], [0.0, 0.0]])
@@ -156,9 +178,9 @@ def test_single_pass_equals_two_pass(mode, loss_type):
     exs = [encoder(chat("abcd|efg|hi|jklm")), encoder(chat("ab|cde")), encoder(chat("no steps"))]
     outs = {}
     for single in (True, False):
-        obj = StepJEPA(PRED, PAD, mode=mode, loss_type=loss_type, lbd=0.7, gamma=1.3, single_pass=single)
+        obj = make_objective(mode, loss_type, lbd=0.7, gamma=1.3, single_pass=single)
         net.calls = 0
-        out = obj(net, exs)
+        out = evaluate(obj, net, exs)
         outs[single] = (out, grads(net, out), net.calls)
     (a, ga, calls_a), (b, gb, calls_b) = outs[True], outs[False]
     assert (calls_a, calls_b) == (1, 2)
@@ -174,10 +196,10 @@ def test_lm_loss_is_assistant_tokens_only():
     torch.manual_seed(2)
     net = ToyBackbone()
     exs = [encoder(chat("abc|de")), encoder(chat("xyz|uvw|rs"))]
-    out = StepJEPA(PRED, PAD, lbd=0.0)(net, exs)
+    out = evaluate(make_objective(lbd=0.0), net, exs)
     assert out["pairs"] == 0 and out["jepa"].item() == 0
     b = lm_batch(exs, PAD)
-    logits = net.head(net.hidden(b.input_ids, b.position_ids, None))
+    logits = net.head(net(b.input_ids, b.position_ids, None))
     nll, count = 0.0, 0
     for r, ex in enumerate(exs):
         for t in range(ex.n_prompt, len(ex.input_ids)):  # token t is predicted from position t-1
@@ -185,30 +207,41 @@ def test_lm_loss_is_assistant_tokens_only():
             count += 1
     torch.testing.assert_close(out["lm"], nll / count)
     # the single pass's LM loss is the same number: appended tokens carry no labels
-    packed = StepJEPA(PRED, PAD, lbd=1.0)(net, exs)
+    packed = evaluate(make_objective(lbd=1.0), net, exs)
     torch.testing.assert_close(packed["lm"], out["lm"])
 
 
-def test_bad_config_is_named():
-    with pytest.raises(ValueError, match="'bogus'"):
-        StepJEPA(PRED, PAD, mode="bogus")
-    with pytest.raises(ValueError, match="'hinge'"):
-        StepJEPA(PRED, PAD, loss_type="hinge")
+def test_step_loss_is_weighted_by_labelled_tokens_across_micro_batches():
+    """Two micro batches with 3 and 13 labelled tokens: the step's LM loss is the mean over its 16
+    tokens (as if they were one batch), not the mean of the two batches' means."""
+    torch.manual_seed(3)
+    net = ToyBackbone()
+    small, large = [encoder(chat("ab"))], [encoder(chat("cdefghij|klm"))]
+    obj = make_objective(lbd=0.5)
+    batches = [obj.collate(small), obj.collate(large)]
+    counts = sum(obj.counts(b) for b in batches)
+    assert [obj.counts(b)[0].item() for b in batches] == [3.0, 13.0]
+    sums = sum(obj.forward(net, b) for b in batches)
+    whole = evaluate(obj, net, small + large)
+    torch.testing.assert_close(obj.total(sums, counts), whole["loss"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sums[0] / counts[0], whole["lm"].double(), rtol=1e-6, atol=1e-6)
+    a, b = evaluate(obj, net, small)["lm"], evaluate(obj, net, large)["lm"]
+    torch.testing.assert_close(whole["lm"], (3 * a + 13 * b) / 16)
 
 
-def _project_gpt(vocab=VOCAB):
+def _project_gpt(vocab=VOCAB, kernels="fused"):
     """The project's GPT (model/gpt.py) in a one-process group, TP = 1."""
     from megatron.core import parallel_state
 
+    from model.config import ModelConfig
     from model.gpt import GPT, init_weights, megatron_config
-    from pretrain.config import ModelConfig
     from pretrain.parallel import join_process_group
 
     join_process_group()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64)
-    gpt = GPT(cfg, vocab, megatron_config(1))
+    gpt = GPT(cfg, vocab, megatron_config(1), kernels=kernels)
     for i, layer in enumerate(gpt.children()):
         init_weights(layer, i, cfg, seed=3)
     return gpt
@@ -216,14 +249,11 @@ def _project_gpt(vocab=VOCAB):
 
 @pytest.mark.parametrize("kernels", ["fused", "reference"])
 def test_project_gpt_single_pass_equals_two_pass(kernels):
-    from pretrain.step_jepa import GPTBackbone
-
-    gpt = _project_gpt()
-    backbone = GPTBackbone(gpt, kernels)
+    gpt = _project_gpt(kernels=kernels)
     exs = [encoder(chat("abcd|efg|hi")), encoder(chat("ab|cdefg"))]
     results = []
     for single in (True, False):
-        out = StepJEPA(PRED, PAD, mode="multistep", lbd=0.5, single_pass=single)(backbone, exs)
+        out = evaluate(make_objective("multistep", lbd=0.5, single_pass=single), gpt, exs)
         results.append((out, grads(gpt, out)))
     (a, ga), (b, gb) = results
     assert a["jepa"].item() > 0
@@ -233,8 +263,8 @@ def test_project_gpt_single_pass_equals_two_pass(kernels):
 
 
 def test_project_chat_encoder_uses_role_tokens(tmp_path):
+    from data.chats import project_chat_encoder
     from data.tokenizer import ASSISTANT, EOS_ID, SYSTEM
-    from pretrain.step_jepa import project_chat_encoder
     from tools.train_tokenizer import MIN_VOCAB_SIZE, train_tokenizer
 
     tok = train_tokenizer(["lines with the string 'dog'", "(dog)*", "Convert to regex."], MIN_VOCAB_SIZE + 20,
@@ -268,8 +298,8 @@ def _run_entry_point(tmp_path, name, nproc=1, sets=(), args=()) -> list[dict]:
                                      "--tokenizer", str(tmp_path / "tok.json"), "--train_file", str(data),
                                      "--output_dir", str(out), "--mode", "two_view", "--lbd", "1.0",
                                      "--batch_size", "4", "--learning_rate", "1e-2", *args], nproc)
-    assert (out / "latest").exists()  # DeepSpeed checkpoint
-    return json.load(open(out / "train_log.json"))["log"]
+    assert (out / "checkpoints" / "latest").exists()  # DeepSpeed checkpoint
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_entry_point_trains_project_gpt(tmp_path):

@@ -20,8 +20,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from data.chats import hf_chat_encoder
+from data.step_jepa import lm_batch, packed_batch
+from data.tokenizer import load_hf_tokenizer, predictor_token
 from model import hf
-from model.step_jepa import lm_batch, packed_batch, predictor_names
 from tools.prepare_step_data import convert
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -78,7 +80,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+        gen = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
         done = len(out)
@@ -90,20 +92,19 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
 @torch.no_grad()
 def step_embeddings(model, tokenizer, chats: list[list[dict]], predictors: int, batch_size: int) -> dict:
     """Consecutive-step cosines (causal step ends; JEPA views) and the isolated step embeddings."""
-    encoder = hf.chat_encoder(tokenizer)
-    backbone = hf.HFBackbone(model)
-    preds = tokenizer.convert_tokens_to_ids(predictor_names(predictors))
+    encoder = hf_chat_encoder(tokenizer)
+    preds = tokenizer.convert_tokens_to_ids([predictor_token(i) for i in range(1, predictors + 1)])
     causal_cos, view_cos, emb, step_index = [], [], [], []
     examples = [e for e in (encoder(c) for c in chats) if len(e.steps) >= 2]
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         b = lm_batch(chunk, tokenizer.pad_token_id)
-        h = backbone.hidden(b.input_ids, b.position_ids, None)
+        h = model(b.input_ids, b.position_ids)
         for r, e in enumerate(chunk):
             ends = torch.stack([h[r, end - 1] for _, end in e.steps])
             causal_cos += F.cosine_similarity(ends[:-1], ends[1:], dim=-1).tolist()
         p = packed_batch(chunk, "multistep", preds, tokenizer.pad_token_id)
-        h = backbone.hidden(p.input_ids, p.position_ids, p.attention_mask)
+        h = model(p.input_ids, p.position_ids, p.attention_mask)
         v1, v2 = h[p.view1[:, 0], p.view1[:, 1]], h[p.view2[:, 0], p.view2[:, 1]]
         view_cos += F.cosine_similarity(v1, v2, dim=-1).tolist()
         emb.append(v2.float())
@@ -157,9 +158,9 @@ def main(argv=None):
     for name, path in runs.items():
         print(f"{name}: {path}", flush=True)
         torch.manual_seed(0)
-        model, tokenizer = hf.load_causal_lm(path)
-        model.eval()
-        encoder = hf.chat_encoder(tokenizer)
+        tokenizer = load_hf_tokenizer(path)
+        model = hf.load_model(path, len(tokenizer)).eval()
+        encoder = hf_chat_encoder(tokenizer)
         prompts = [encoder.encode(encoder.render_prompt(it["messages"][:-1])) for it in items]
         preds = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
         correct = [score(p, it["gold"]) for p, it in zip(preds, items)]

@@ -33,7 +33,8 @@ def chunk_rows_for(n_rows: int, v_local: int, impl: str) -> int:
 
 
 def chunked_linear_cross_entropy(hidden, weight, target, ignore_index, label_smoothing, z_loss,
-                                 tp_group, ops, chunk_rows, need_hidden_grad, need_weight_grad):
+                                 reduction, tp_group, ops, chunk_rows, need_hidden_grad,
+                                 need_weight_grad):
     """Returns (loss, grad_hidden or None, grad_weight or None). grad_hidden is this rank's
     partial sum under TP; the caller all-reduces it."""
     n_rows, _ = hidden.shape
@@ -43,8 +44,9 @@ def chunked_linear_cross_entropy(hidden, weight, target, ignore_index, label_smo
     device = hidden.device
 
     valid = target != ignore_index
-    count = valid.sum().clamp(min=1)
-    row_scale = valid.float() / count
+    # Dividing by 1 is exact, so "sum" is the plain sum, not a mean scaled back up.
+    norm = valid.sum().clamp(min=1) if reduction == "mean" else 1
+    row_scale = valid.float() / norm
     local_target = target - rank * v_local
     in_shard = valid & (local_target >= 0) & (local_target < v_local)
     local_target = torch.where(in_shard, local_target, -1)
@@ -53,17 +55,21 @@ def chunked_linear_cross_entropy(hidden, weight, target, ignore_index, label_smo
     grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
     grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=device)
                    if need_weight_grad else None)
-    low_precision = hidden.dtype != torch.float32
+    # bf16/fp16 logits must leave the matmul in fp32: rounded to bf16 first, logits near 100
+    # would move by up to 0.25 and the loss with them. CUDA's mm writes fp32 from bf16/fp16
+    # directly (out_dtype); CPU's cannot, so there the weight shard is upcast once per call (an
+    # fp32 copy, twice its bf16 size; per chunk would repeat it) and every matmul runs in fp32.
+    upcast = hidden.dtype != torch.float32 and not hidden.is_cuda
+    w = weight.float() if upcast else weight
+    low_precision = w.dtype != torch.float32
+    mm_dtype = (torch.float32,) if low_precision else ()
     buffer = torch.empty(chunk_rows, v_local, dtype=torch.float32, device=device)
 
     for start in range(0, n_rows, chunk_rows):
         rows = slice(start, min(start + chunk_rows, n_rows))
-        h = hidden[rows]
+        h = hidden[rows].to(w.dtype)
         logits = buffer[: h.shape[0]]
-        if low_precision:
-            logits.copy_(h @ weight.T)
-        else:
-            torch.mm(h, weight.T, out=logits)
+        torch.mm(h, w.T, *mm_dtype, out=logits)
         row_max, sumexp, target_logit, logit_sum = ops.row_stats(logits, local_target[rows])
         global_max = row_max
         if world > 1:
@@ -79,9 +85,11 @@ def chunked_linear_cross_entropy(hidden, weight, target, ignore_index, label_smo
             continue
         ops.logit_grad_(logits, row_max, lse, local_target[rows], row_scale[rows],
                         label_smoothing, z_loss, vocab)
-        grad_logits = logits.to(hidden.dtype)
-        if need_hidden_grad:
-            torch.mm(grad_logits, weight, out=grad_hidden[rows])
+        grad_logits = logits.to(w.dtype)
+        if need_hidden_grad and upcast:
+            grad_hidden[rows] = grad_logits @ w
+        elif need_hidden_grad:
+            torch.mm(grad_logits, w, out=grad_hidden[rows])
         if need_weight_grad and low_precision:
             # The chunk product runs at input precision (fp32 inside the matmul); the sum
             # over chunks is kept in fp32.
@@ -89,19 +97,22 @@ def chunked_linear_cross_entropy(hidden, weight, target, ignore_index, label_smo
         elif need_weight_grad:
             grad_weight.addmm_(grad_logits.T, h)
 
-    loss = torch.where(valid, row_loss, 0.0).sum() / count
+    loss = torch.where(valid, row_loss, 0.0).sum() / norm
     return loss, grad_hidden, grad_weight
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, ignore_index, label_smoothing, z_loss, tp_group,
-                impl):
+    def forward(ctx, hidden, weight, target, ignore_index, label_smoothing, z_loss, reduction,
+                tp_group, impl, grad_enabled):
         ops = ce_torch if impl == "torch" else importlib.import_module("model.kernels.ce_triton")
         chunk_rows = chunk_rows_for(hidden.shape[0], weight.shape[0], impl)
+        # needs_input_grad ignores grad mode (forward always runs without it, hence the flag):
+        # under no_grad a weight that requires grad would get a gradient computed for nothing.
         loss, grad_hidden, grad_weight = chunked_linear_cross_entropy(
-            hidden, weight, target, ignore_index, label_smoothing, z_loss, tp_group, ops,
-            chunk_rows, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            hidden, weight, target, ignore_index, label_smoothing, z_loss, reduction, tp_group,
+            ops, chunk_rows, grad_enabled and ctx.needs_input_grad[0],
+            grad_enabled and ctx.needs_input_grad[1])
         ctx.tp_group = tp_group
         ctx.weight_dtype = weight.dtype
         # Held on ctx rather than saved: backward scales them in place and drops them, so the
@@ -122,7 +133,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 dist.all_reduce(grad_hidden, group=ctx.tp_group)
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -148,20 +159,24 @@ def _check_inputs(hidden, weight, target):
 
 
 def fused_linear_cross_entropy(hidden, weight, target, *, ignore_index=-100, label_smoothing=0.0,
-                               z_loss=0.0, tp_group=None, impl="auto"):
-    """Mean cross-entropy of `hidden @ weight.T` against `target` over non-ignored tokens.
+                               z_loss=0.0, reduction="mean", tp_group=None, impl="auto"):
+    """Mean (or with reduction="sum", summed) cross-entropy of `hidden @ weight.T` against
+    `target` over non-ignored tokens.
 
     hidden [N, H] is replicated on every TP rank; weight [V_local, H] is this rank's
     contiguous row shard of the output weight; target [N] holds global vocab ids. The result
     is identical on every rank, 0 (with zero gradients) when every target is ignored. Under
-    TP the returned hidden gradient is already the full one. z_loss adds
-    z_loss * mean(logsumexp^2) over non-ignored tokens. bf16/fp16 inputs are reduced in fp32.
+    TP the returned hidden gradient is already the full one. z_loss adds z_loss * logsumexp^2
+    per non-ignored token to what is reduced. bf16/fp16 inputs are reduced in fp32, logits
+    included. No gradient is computed where grad mode is off.
     """
     _check_inputs(hidden, weight, target)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if z_loss < 0.0:
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     impl = resolve_impl(impl, hidden)
     if not hidden.is_cuda:
         # Out-of-range ids would otherwise silently score a zero logit; on CUDA the check would
@@ -173,6 +188,7 @@ def fused_linear_cross_entropy(hidden, weight, target, *, ignore_index=-100, lab
                              f"ignore_index={ignore_index}: {target[bad][:5].tolist()}")
     if impl == "reference":
         return reference.linear_cross_entropy(hidden, weight, target, ignore_index,
-                                              label_smoothing, z_loss, tp_group)
+                                              label_smoothing, z_loss, tp_group, reduction)
     return _FusedLinearCrossEntropy.apply(hidden, weight, target, ignore_index, label_smoothing,
-                                          z_loss, tp_group, impl)
+                                          z_loss, reduction, tp_group, impl,
+                                          torch.is_grad_enabled())

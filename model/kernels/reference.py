@@ -22,17 +22,19 @@ class _GatherRows(torch.autograd.Function):
         return grad.chunk(world)[rank], None
 
 
-def linear_cross_entropy(hidden, weight, target, ignore_index, label_smoothing, z_loss, tp_group):
+def linear_cross_entropy(hidden, weight, target, ignore_index, label_smoothing, z_loss, tp_group,
+                         reduction="mean"):
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         weight = _GatherRows.apply(weight, tp_group)
-    logits = (hidden @ weight.T).float()
+    # Upcast before the matmul, as the fused versions do, so that bf16 logits are not rounded.
+    logits = hidden.float() @ weight.float().T
     valid = target != ignore_index
-    count = valid.sum().clamp(min=1)
+    norm = valid.sum().clamp(min=1) if reduction == "mean" else 1
     loss = F.cross_entropy(logits, target, ignore_index=ignore_index,
-                           label_smoothing=label_smoothing, reduction="sum") / count
+                           label_smoothing=label_smoothing, reduction="sum") / norm
     if z_loss:
         lse = torch.logsumexp(logits, dim=1)
-        loss = loss + z_loss * torch.where(valid, lse * lse, 0.0).sum() / count
+        loss = loss + z_loss * torch.where(valid, lse * lse, 0.0).sum() / norm
     return loss
 
 

@@ -1,0 +1,112 @@
+"""Training objectives: what the one training loop (pretrain/trainer.py) optimises.
+
+An objective owns its data (which loader, how micro batches are collated) and its loss, as a small
+set of named components. Each component is a sum over items (labelled tokens, JEPA pairs) with a
+count of items, so the loop normalises every component by its count over the WHOLE step — all
+micro batches on all data-parallel ranks — as if the step were one batch: a micro batch holding
+more labelled tokens weighs more, which a mean of per-micro-batch means gets wrong.
+
+    total = sum_k weights[k] * S_k / N_k    (S_k, N_k: component k's sum and count over the step)
+
+Adding an objective (the VL-JEPA hybrid, SFT) is one more module here and one entry in
+`build_objective`, not another loop.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from data.tokenizer import PAD_ID, load_hf_tokenizer, load_tokenizer, predictor_token, predictor_token_id
+from pretrain.config import Config, ConfigError
+
+
+class Objective:
+    components: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
+    dynamic_shape = False  # micro batches differ in shape: a pipeline must send shapes with each one
+
+    def batches(self, split: str, dp_rank: int, dp_size: int):
+        """An endless, resumable (state_dict / load_state_dict) iterator of this rank's micro batches
+        of `split` ("train" or "valid")."""
+        raise NotImplementedError
+
+    def counts(self, batch) -> torch.Tensor:
+        """float64 [K]: the items each component sums over in this micro batch."""
+        raise NotImplementedError
+
+    def input_ids(self, batch) -> torch.Tensor:
+        """The token ids the model reads (the loop counts them and fingerprints what each step read)."""
+        raise NotImplementedError
+
+    def forward(self, model, batch) -> torch.Tensor:
+        """[K] loss sums of one micro batch; the model gives final hidden states and lm_loss."""
+        inputs, targets = self.pipeline_batch(batch)
+        hidden = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+        return self.stage_sums(model, hidden, targets)
+
+    def pipeline_batch(self, batch) -> tuple:
+        """(inputs, targets): inputs enter the first pipeline stage (a tensor or a tuple of tensors
+        the model takes), targets go to the last stage's `stage_sums`."""
+        raise NotImplementedError
+
+    def stage_sums(self, head, hidden: torch.Tensor, targets) -> torch.Tensor:
+        """[K] loss sums from the final hidden states; head.lm_loss(hidden, labels, reduction)."""
+        raise NotImplementedError
+
+    def total(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        weights = torch.tensor(self.weights, dtype=sums.dtype, device=sums.device)
+        return (weights * sums / counts.to(sums).clamp(min=1)).sum()
+
+
+class Collated:
+    """A resumable loader whose batches pass through `collate`; the position is the loader's."""
+
+    def __init__(self, loader, collate):
+        self.loader, self.collate = loader, collate
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.collate(next(self.loader))
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def load_run_tokenizer(cfg: Config):
+    """The project's tokenizer (data.tokenizer), or a Hugging Face model's own (model.type: hf)."""
+    if cfg.model.type == "hf":
+        return load_hf_tokenizer(cfg.model.hf.path)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.get_vocab_size() > cfg.training.lm.vocab_size:
+        raise ConfigError(f"{cfg.data.tokenizer}: tokenizer vocab {tokenizer.get_vocab_size()} exceeds "
+                          f"training.lm.vocab_size {cfg.training.lm.vocab_size}")
+    return tokenizer
+
+
+def vocab_size(cfg: Config, tokenizer) -> int:
+    """Rows of the model's embedding before padding."""
+    return len(tokenizer) if cfg.model.type == "hf" else cfg.training.lm.vocab_size
+
+
+def build_objective(cfg: Config, tokenizer) -> Objective:
+    if cfg.training.objective == "lm":
+        from pretrain.objectives.lm import LanguageModeling
+
+        return LanguageModeling(cfg)
+    from data.chats import hf_chat_encoder, project_chat_encoder
+    from pretrain.objectives.step_jepa import StepJEPA
+
+    sj = cfg.training.step_jepa
+    if cfg.model.type == "hf":
+        encoder = hf_chat_encoder(tokenizer, sj.separator, cfg.data.max_len)
+        predictors = tokenizer.convert_tokens_to_ids([predictor_token(i) for i in range(1, sj.predictors + 1)])
+        pad = tokenizer.pad_token_id
+    else:
+        encoder = project_chat_encoder(tokenizer, sj.separator, cfg.data.max_len)
+        predictors, pad = [predictor_token_id(i) for i in range(1, sj.predictors + 1)], PAD_ID
+    return StepJEPA(cfg, encoder, predictors, pad)

@@ -1,0 +1,151 @@
+"""The one training loop. Every objective (pretrain/objectives/), model (the project's GPT or a
+Hugging Face LM) and parallel layout (pretrain/parallel.py) trains through `train`."""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from data.shards import ShardError
+from model import hf
+from pretrain import checkpoint
+from pretrain.checkpoint import CheckpointError
+from pretrain.config import Config, ConfigError
+from pretrain.metrics import MetricsLog
+from pretrain.objectives import build_objective, load_run_tokenizer, vocab_size
+from pretrain.parallel import build_engine, device_type, eval_losses, init_distributed, shutdown, train_step
+from pretrain.throughput import Throughput, flops_per_token, peak_flops_per_device
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every device's generator too
+
+
+def train(cfg: Config, resume: bool = False, stop_after: int | None = None):
+    """Train to the run's last step (or `stop_after` steps, then checkpoint). Returns the DeepSpeed
+    engine: `engine.module.model` is the trained model, for callers that go on in-process."""
+    init_distributed(cfg)
+    seed_everything(cfg.run.seed)
+    tokenizer = load_run_tokenizer(cfg)
+    objective = build_objective(cfg, tokenizer)
+    engine = build_engine(cfg, objective, tokenizer)
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    data = objective.batches("train", dp_rank, dp_size)
+    accum = cfg.batch_sizes(dist.get_world_size())[2]
+    state = {"step": 0, "tokens_seen": 0, "nonfinite_steps": 0, "train_loss": float("nan"), "eval_metrics": {}}
+    if resume:
+        saved = checkpoint.load(engine, cfg.checkpoint_dir)
+        data.load_state_dict(saved["data"])
+        state.update({k: saved[k] for k in state})
+    total = cfg.train_steps()
+    stop_at = min(total, stop_after or total)
+    log = MetricsLog(cfg, total, state["step"]) if dist.get_rank() == 0 else None
+    peak, peak_source = peak_flops_per_device(device_type(), torch.bfloat16 if engine.bfloat16_enabled() else torch.float32)
+    speed = Throughput(_flops_per_token(cfg, engine, tokenizer), peak, dist.get_world_size(), device_type())
+    if log:
+        log.note(f"MFU against a peak of {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
+    in_a_row = 0
+    while state["step"] < stop_at:
+        start = time.perf_counter()
+        micro_batches = [next(data) for _ in range(accum)]
+        result = train_step(engine, objective, micro_batches)
+        tokens, fingerprint = _consumed(objective, micro_batches)
+        state["step"] += 1
+        state["tokens_seen"] += tokens
+        state["train_loss"] = result.losses["loss"]
+        record = {**result.losses, "lr": engine.get_lr()[0], "grad_norm": result.grad_norm,
+                  "tokens_seen": state["tokens_seen"], "data_fingerprint": fingerprint,
+                  **speed.update(tokens, time.perf_counter() - start)}
+        in_a_row = in_a_row + 1 if result.skipped or not math.isfinite(result.losses["loss"]) else 0
+        state["nonfinite_steps"] += in_a_row > 0
+        record["nonfinite_steps"] = state["nonfinite_steps"]
+        every = cfg.validation.every_steps
+        if every and (state["step"] % every == 0 or state["step"] == total):
+            state["eval_metrics"] = validate(cfg, engine, objective, dp_rank, dp_size)
+            record.update(state["eval_metrics"])
+        if log:
+            log.step(state["step"], record)
+        if in_a_row >= cfg.training.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{in_a_row} steps in a row (the last: step {state['step']}) had a non-finite loss or gradient and "
+                f"were skipped (training.max_nonfinite_steps = {cfg.training.max_nonfinite_steps}); the last good "
+                f"checkpoint is {checkpoint.latest(cfg.checkpoint_dir) or 'none (no checkpoint was written)'}")
+        if state["step"] % cfg.checkpoint.every_steps == 0 or state["step"] == stop_at:
+            _save(cfg, engine, tokenizer, state, data)
+    if log:
+        log.close(cfg.checkpoint_dir / f"global_step{state['step']}")
+    if cfg.model.type == "hf" and state["step"] == total and dist.get_rank() == 0:
+        hf.save(engine.module.model, tokenizer, cfg.run.output_dir)
+    return engine
+
+
+def run(cfg, resume: bool = False, stop_after: int | None = None) -> None:
+    """train() for a command line: bad input (config, data, checkpoint) is one error line and a non-zero
+    exit, and the process group is left cleanly."""
+    try:
+        train(cfg, resume, stop_after)
+    except (ConfigError, CheckpointError, ShardError, NonFiniteError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    shutdown()
+
+
+def validate(cfg: Config, engine, objective, dp_rank: int, dp_size: int) -> dict:
+    """Held-out loss (and perplexity of the LM term) on the same micro batches every time."""
+    valid = objective.batches("valid", dp_rank, dp_size)
+    losses = eval_losses(engine, objective, [next(valid) for _ in range(cfg.validation.micro_batches)])
+    metrics = {f"val_{k}": v for k, v in losses.items()}
+    if "lm" in losses:
+        metrics["val_ppl"] = math.exp(min(losses["lm"], 700.0))
+    return metrics
+
+
+def _consumed(objective, micro_batches: list) -> tuple[int, int]:
+    """(tokens, fingerprint) of the step over all data-parallel ranks. The fingerprint is a
+    position-weighted checksum of the input ids: equal fingerprints mean the same samples were read."""
+    tokens, fingerprint = 0, 0
+    for batch in micro_batches:
+        ids = objective.input_ids(batch).long()
+        weights = torch.arange(1, ids.numel() + 1, dtype=torch.int64).view_as(ids)
+        tokens += ids.numel()
+        fingerprint = (fingerprint + int((ids * weights).sum())) % (1 << 56)
+    both = torch.tensor([tokens, fingerprint], dtype=torch.int64)
+    dist.all_reduce(both, group=parallel_state.get_data_parallel_group())
+    return int(both[0]), int(both[1]) % (1 << 56)
+
+
+def _flops_per_token(cfg: Config, engine, tokenizer) -> float:
+    seq = cfg.training.lm.context_length if cfg.training.objective == "lm" else cfg.data.max_len
+    if cfg.model.type == "gpt":
+        return flops_per_token(cfg.model, cfg.model.padded_vocab_size(vocab_size(cfg, tokenizer), cfg.parallel.tensor), seq)
+    # A Hugging Face model: 6 FLOPs per weight and token (forward 2, backward 4), no attention term.
+    embedding = engine.module.model.lm.get_input_embeddings().weight.numel()
+    return 6.0 * (sum(p.numel() for p in engine.module.parameters()) - embedding)
+
+
+def _save(cfg: Config, engine, tokenizer, state: dict, data) -> Path:
+    hf_tokenizer = cfg.model.type == "hf"
+
+    def write_tokenizer(tag_dir: Path) -> None:
+        if hf_tokenizer:
+            tokenizer.save_pretrained(tag_dir / "tokenizer")
+        else:
+            shutil.copy(cfg.data.tokenizer, tag_dir / "tokenizer.json")
+
+    training_state = {**state, "epoch": data.state_dict()["epoch"], "config": cfg.model_dump(), "data": data.state_dict(),
+                      "tokenizer": (tokenizer.backend_tokenizer if hf_tokenizer else tokenizer).to_str()}
+    return checkpoint.save(engine, cfg.checkpoint_dir, state["step"], training_state, write_tokenizer)

@@ -1,0 +1,25 @@
+"""pretrain/train.py with a NaN planted in the loss of some steps (env NAN_STEPS, 1-based), on rank 0
+only: the other ranks' losses stay finite, so skipping the step needs every rank to agree."""
+
+import os
+
+import torch.distributed as dist
+
+from pretrain.objectives.lm import LanguageModeling
+from pretrain.train import main
+
+BAD = {int(s) for s in os.environ["NAN_STEPS"].split(",")}
+ACCUM = int(os.environ["ACCUM"])
+finite_stage_sums = LanguageModeling.stage_sums
+calls = 0
+
+
+def stage_sums(self, head, hidden, labels):
+    global calls
+    sums = finite_stage_sums(self, head, hidden, labels)
+    step, calls = calls // ACCUM + 1, calls + 1
+    return sums * float("nan") if step in BAD and dist.get_rank() == 0 else sums
+
+
+LanguageModeling.stage_sums = stage_sums
+main()
