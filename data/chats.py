@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from data.loader import StreamPosition
 from data.tokenizer import ASSISTANT, BOS, END, EOS_ID, SYSTEM, USER
 
 
@@ -116,7 +117,7 @@ def read_chats(path: str) -> list[list[dict]]:
     return chats
 
 
-class ChatBatches:
+class ChatBatches(StreamPosition):
     """Endless micro batches (lists of examples) of one data-parallel rank.
 
     Epoch e: the examples are shuffled by random.Random(seed + e); rank r takes the r-th of dp_size
@@ -153,14 +154,3 @@ class ChatBatches:
     def _layout(self) -> dict:
         return {"micro_batch_size": self.micro_batch_size, "dp_size": self.dp_size, "seed": self.seed,
                 "num_examples": len(self.examples)}
-
-    def state_dict(self) -> dict:
-        epoch, batch_in_epoch = divmod(self._position, self.batches_per_epoch)
-        return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, **self._layout()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, value in self._layout().items():
-            if state.get(name) != value:
-                raise ValueError(f"loader state has {name}={state.get(name)!r} but this loader has {value!r}: "
-                                 "it would not continue the same stream")
-        self._position = state["epoch"] * self.batches_per_epoch + state["batch_in_epoch"]

@@ -107,7 +107,39 @@ class _RankStream(IterableDataset):
             epoch, batch = epoch + 1, 0
 
 
-class TokenBatches:
+class StreamPosition:
+    """The resumable position of an endless stream of micro batches, (epoch, batch_in_epoch), saved
+    with the layout the stream depends on: a state is refused by a stream of another layout."""
+
+    batches_per_epoch: int
+    _position: int
+
+    def _layout(self) -> dict:
+        raise NotImplementedError
+
+    def _restart(self) -> None:
+        """Called after the position moved: the next batch is read from there."""
+
+    def state_dict(self) -> dict:
+        epoch, batch_in_epoch = divmod(self._position, self.batches_per_epoch)
+        return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, **self._layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in self._layout().items():
+            if state.get(name) != value:
+                raise ValueError(
+                    f"loader state has {name}={state.get(name)!r} but this loader has {value!r}: "
+                    "it would not continue the same stream"
+                )
+        for name, limit in (("epoch", None), ("batch_in_epoch", self.batches_per_epoch)):
+            value = state.get(name)
+            if not isinstance(value, int) or value < 0 or (limit is not None and value >= limit):
+                raise ValueError(f"loader state field {name} must be an int in 0..{limit or 'inf'}, got {value!r}")
+        self._position = state["epoch"] * self.batches_per_epoch + state["batch_in_epoch"]
+        self._restart()
+
+
+class TokenBatches(StreamPosition):
     """Endless (input_ids, labels) int64 micro batches, each [micro_batch_size, context_length],
     of one data-parallel rank; see the module docstring for the order."""
 
@@ -188,21 +220,6 @@ class TokenBatches:
             "seed": self.seed, "shuffle_window": self.shuffle_window, "num_samples": self.manifest.num_samples,
         }
 
-    def state_dict(self) -> dict:
-        epoch, batch_in_epoch = divmod(self._position, self.batches_per_epoch)
-        return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, **self._layout()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, value in self._layout().items():
-            if state.get(name) != value:
-                raise ValueError(
-                    f"loader state has {name}={state.get(name)!r} but this loader has {value!r}: "
-                    "it would not continue the same stream"
-                )
-        for name, limit in (("epoch", None), ("batch_in_epoch", self.batches_per_epoch)):
-            value = state.get(name)
-            if not isinstance(value, int) or value < 0 or (limit is not None and value >= limit):
-                raise ValueError(f"loader state field {name} must be an int in 0..{limit or 'inf'}, got {value!r}")
-        self._position = state["epoch"] * self.batches_per_epoch + state["batch_in_epoch"]
+    def _restart(self) -> None:
         # Dropping the iterator also stops its DataLoader workers.
         self._batches = None

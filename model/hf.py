@@ -37,11 +37,12 @@ class HFCausalLM(nn.Module):
 
 
 def load_model(path: str, vocab_size: int, cfg: HFConfig | None = None, trainable_token_ids: list[int] = (),
-               dtype=torch.float32) -> HFCausalLM:
+               dtype=torch.float32, checkpoint_activations: bool = False) -> HFCausalLM:
     """The model in a local directory, a full checkpoint or a LoRA adapter saved by `save` (its
     base is read from adapter_config.json), with the embeddings resized to `vocab_size` (the
     tokenizer's, with the project's special tokens added). With cfg.lora only the adapters and
-    the `trainable_token_ids` rows of the input embeddings train (the rest stays frozen)."""
+    the `trainable_token_ids` rows of the input embeddings train (the rest stays frozen).
+    checkpoint_activations: each decoder layer recomputes its activations in backward."""
     from transformers import AutoModelForCausalLM
 
     cfg = cfg or HFConfig(path=path)
@@ -51,6 +52,9 @@ def load_model(path: str, vocab_size: int, cfg: HFConfig | None = None, trainabl
     base = json.load(open(adapter_cfg))["base_model_name_or_path"] if os.path.exists(adapter_cfg) else path
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, attn_implementation=cfg.attn_implementation)
     model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    if checkpoint_activations:
+        # Non-reentrant, as for the project's GPT: frozen (LoRA) inputs need no grad for it to work.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if base != path:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, path)

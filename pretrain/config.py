@@ -247,6 +247,9 @@ class Config(Section):
             raise ValueError("training.objective=step_jepa reads chat records: set data.chats (a jsonl file)")
         if self.model.type == "hf" and (self.parallel.tensor > 1 or self.parallel.pipeline > 1):
             raise ValueError("model.type=hf trains data-parallel only: parallel.tensor and parallel.pipeline must be 1")
+        if self.model.type == "hf" and self.parallel.zero_stage == 3:
+            raise ValueError("model.type=hf supports parallel.zero_stage 0-2: its weights load whole on every rank, "
+                             "which ZeRO-3 is there to avoid")
         if self.model.type == "hf" and self.training.objective != "step_jepa":
             raise ValueError("model.type=hf is for chat fine-tuning: use training.objective=step_jepa")
         return self

@@ -239,10 +239,10 @@ def build_model(cfg: Config, objective: Objective, tokenizer, ds_config: dict) -
     """The module the engine trains on this rank: the model with its objective, or this rank's
     pipeline stage ending in the objective's loss; initialised identically for every layout."""
     if cfg.model.type == "hf":
-        if cfg.parallel.zero_stage == 3:
-            raise ConfigError("model.type=hf supports parallel.zero_stage 0-2 (its weights load whole on every rank)")
         predictors = tokenizer.convert_tokens_to_ids([predictor_token(i) for i in range(1, NUM_PREDICTOR_TOKENS + 1)])
-        return TrainModule(hf.load_model(cfg.model.hf.path, len(tokenizer), cfg.model.hf, predictors), objective)
+        model = hf.load_model(cfg.model.hf.path, len(tokenizer), cfg.model.hf, predictors,
+                              checkpoint_activations=cfg.parallel.activation_checkpointing)
+        return TrainModule(model, objective)
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     try:
         vocab = cfg.model.padded_vocab_size(vocab_size(cfg, tokenizer), tp)

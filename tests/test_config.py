@@ -56,6 +56,8 @@ def test_accumulation_is_derived_when_left_out():
         (["training.lm.tie_embeddings=true"], "training.lm.tie_embeddings=true is not supported yet"),
         (["training.objective=step_jepa"], "training.objective=step_jepa reads chat records: set data.chats"),
         (["model.type=hf"], "model.type=hf needs model.hf.path"),
+        (["model.type=hf", "model.hf.path=x", "training.objective=step_jepa", "data.chats=c.jsonl",
+          "parallel.zero_stage=3"], "model.type=hf supports parallel.zero_stage 0-2"),
         (["training.step_jepa.predictors=9"], "training.step_jepa.predictors must be in 1..8"),
         (["training.step_jepa.mode=steps"], "training.step_jepa.mode"),
         (["training.train_steps=0"], "training.train_steps must be > 0"),

@@ -89,6 +89,26 @@ def test_single_pass_matches_two_pass(tiny_dir, attn, mode):
     torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
 
 
+def test_activation_checkpointing_same_gradients_less_memory(tiny_dir):
+    from bench.step_jepa_cost import saved_activation_bytes
+
+    results = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        tok = load_hf_tokenizer(tiny_dir)
+        model = hf.load_model(tiny_dir, len(tok), HFConfig(path=tiny_dir), checkpoint_activations=ckpt)
+        model.lm.train()
+        examples = [hf_chat_encoder(tok)(c) for c in CHATS]
+        out, saved = saved_activation_bytes(lambda: evaluate(hf_objective(tok, predictor_ids(tok, 1), lbd=1.0), model, examples))
+        out["loss"].backward()
+        results[ckpt] = (out["loss"].detach(), [p.grad for p in model.parameters()], saved)
+    (l0, g0, m0), (l1, g1, m1) = results[False], results[True]
+    torch.testing.assert_close(l1, l0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert m1 < 0.8 * m0, (m1, m0)
+
+
 def embedding_rows(model, vocab):
     """The input embeddings as the model sees them: peft's trainable tokens overlay the frozen base rows."""
     with torch.no_grad():

@@ -4,6 +4,7 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
+from bench.step_jepa_cost import saved_activation_bytes
 from model.config import ModelConfig
 from model.gpt import GPT, init_weights, megatron_config
 from model.loss import lm_loss
@@ -104,24 +105,6 @@ def test_lr_schedule_warms_up_then_decays_to_min(cfg):
     assert lrs[-1] == pytest.approx(c.training.scheduler.min_lr)
 
 
-def _saved_bytes(fn):
-    """Bytes of the tensors autograd keeps for backward while fn runs (activation memory),
-    deduplicated by storage: a count, not a timing, so it is exact on a busy machine."""
-    seen, total = set(), 0
-
-    def pack(t):
-        nonlocal total
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, total
-
-
 def test_activation_checkpointing_same_gradients_less_memory(cfg):
     ids = torch.randint(0, 300, (2, 32))
     labels = torch.roll(ids, -1, dims=1)
@@ -129,7 +112,8 @@ def test_activation_checkpointing_same_gradients_less_memory(cfg):
     for ckpt in (False, True):
         gpt = _gpt(cfg)
         gpt.checkpoint_activations = ckpt
-        loss, saved = _saved_bytes(lambda: gpt.lm_loss(gpt(ids), labels))
+        # Bytes autograd keeps for backward (activation memory): a count, exact on a busy machine.
+        loss, saved = saved_activation_bytes(lambda: gpt.lm_loss(gpt(ids), labels))
         loss.backward()
         results[ckpt] = (loss.detach(), [p.grad for p in gpt.parameters()], saved)
     (l0, g0, m0), (l1, g1, m1) = results[False], results[True]

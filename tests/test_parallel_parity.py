@@ -1,7 +1,7 @@
 """Parallelism is correct when it changes nothing: ZeRO-1/2/3 on 2 data-parallel ranks, TP=2, PP=2,
-TP=2 x PP=2 and activation checkpointing give the losses and gradient norms of one process, for the
-same init and global batches; for the LM objective and for Step-JEPA, whose micro batches hold
-different numbers of labelled tokens.
+TP=2 x PP=2 and activation checkpointing give the losses and gradient norms of one process, and the
+same held-out losses afterwards, for the same init and global batches; for the LM objective and for
+Step-JEPA, whose micro batches hold different numbers of labelled tokens.
 
 Real multi-process runs under the deepspeed launcher (gloo, CPU), through the trainer's own
 build_engine and train_step. Tolerance: fp32 with a different reduction order (sharded optimizer,
@@ -11,6 +11,7 @@ double-counted gradient or a per-micro-batch normalisation moves them by >1e-2).
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,7 @@ def _assert_same(result, baseline):
         got, want = [s[key] for s in result["losses"]], [s[key] for s in baseline["losses"]]
         assert got == pytest.approx(want, rel=RTOL), key
     assert result["grad_norm"] == pytest.approx(baseline["grad_norm"], rel=RTOL)
+    assert result["eval"] == pytest.approx(baseline["eval"], rel=RTOL)
     # Training moves the loss, so equal losses are not equal constants.
     assert abs(result["losses"][-1]["loss"] - result["losses"][0]["loss"]) > 1e-3
 
@@ -116,3 +118,28 @@ def test_step_jepa_data_parallel_is_token_weighted(tiny_data, tmp_path, chats):
     for name, sets in (("sj_dp2", ["training.micro_batch_size=2", "parallel.zero_stage=2"]),
                        ("sj_tp2", ["training.micro_batch_size=4", "parallel.tensor=2"])):
         _assert_same(_run(tiny_data, tmp_path, name, 2, sets, base), one)
+
+
+@pytest.fixture(scope="module")
+def short_documents(tiny_data, tmp_path_factory):
+    """Shards of short documents (the stdlib's paragraphs), so that every sequence packs several."""
+    from conftest import PYTHON, run
+
+    root = tmp_path_factory.mktemp("short_docs")
+    train = [json.loads(line)["text"] for line in (Path(tiny_data["shards"]).parent / "train.jsonl").open()]
+    paragraphs = [p for text in train[:10] for p in text.split("\n\n") if p.strip()]
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    run([PYTHON, "tools/build_shards.py", "--input", str(root / "docs.jsonl"), "--tokenizer", tiny_data["tokenizer"],
+         "--context-length", "64", "--samples-per-shard", "32", "--output", str(root / "shards"), "--workers", "1"])
+    return str(root / "shards")
+
+
+def test_document_mask_through_a_pipeline_matches_one_process(tiny_data, tmp_path, short_documents):
+    """Positions that restart at every document and the block-diagonal mask travel with the
+    activations through 2 pipeline stages."""
+    docs = LM + [f"data.shards={short_documents}"]
+    plain = _run(tiny_data, tmp_path, "docs", 1, ["parallel.zero_stage=0"], docs)
+    masked = _run(tiny_data, tmp_path, "docs_masked", 1, ["parallel.zero_stage=0", "data.document_mask=true"], docs)
+    assert abs(masked["losses"][0]["loss"] - plain["losses"][0]["loss"]) > 1e-3  # the mask changes the model's input
+    _assert_same(_run(tiny_data, tmp_path, "docs_masked_pp2", 2,
+                      ["parallel.pipeline=2", "parallel.zero_stage=1", "data.document_mask=true"], docs), masked)

@@ -1,5 +1,6 @@
-"""Trains a few steps through the trainer's own pieces and writes per-step losses, gradient norms
-and this rank's parameter memory as JSON.
+"""Trains a few steps through the trainer's own pieces and writes per-step losses, gradient norms,
+the held-out losses of the trained model (on the first global batch again) and the largest
+per-rank parameter memory as JSON.
 
 Every layout reads the same global batches (one dp_size=1 stream of the objective's real data)
 and each data-parallel rank takes its slice, so 1 process and N processes see identical samples
@@ -15,7 +16,7 @@ from megatron.core import parallel_state
 
 from pretrain.config import load_config
 from pretrain.objectives import build_objective, load_run_tokenizer
-from pretrain.parallel import build_engine, init_distributed, shutdown, train_step
+from pretrain.parallel import build_engine, eval_losses, init_distributed, shutdown, train_step
 from pretrain.trainer import seed_everything
 
 
@@ -63,9 +64,12 @@ def main():
         result = train_step(engine, objective, [next(batches) for _ in range(accum)])
         losses.append(result.losses)
         norms.append(result.grad_norm)
+    again = dp_slices(cfg, tokenizer, world)
+    evaluation = eval_losses(engine, objective, [next(again) for _ in range(accum)])
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
-            json.dump({"losses": losses, "grad_norm": norms, "max_rank_parameter_bytes": int(param_bytes)}, f)
+            json.dump({"losses": losses, "grad_norm": norms, "eval": evaluation,
+                       "max_rank_parameter_bytes": int(param_bytes)}, f)
     shutdown()
 
 
