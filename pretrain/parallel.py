@@ -370,7 +370,7 @@ def train_step(engine, objective: Objective, micro_batches: list) -> StepResult:
 
 @torch.no_grad()
 def eval_losses(engine, objective: Objective, micro_batches: list) -> dict:
-    """The objective's token-weighted losses on held-out micro batches (this rank's share)."""
+    """The objective's token-weighted losses over every data-parallel rank's held-out micro batches."""
     counts = _reduced_counts(objective, micro_batches, engine.device)
     engine.eval()
     try:
