@@ -44,6 +44,17 @@ def precision(cfg: Config, device: str) -> str:
     return cfg.training.precision
 
 
+def _skip_shm_comm_op() -> None:
+    """DeepSpeed's first init_distributed JIT-compiles a shared-memory all-reduce that only its CPU
+    *inference* path calls. The compile takes minutes on a fresh machine, and a process killed
+    during it leaves torch's build lock behind, after which every later run on that machine waits
+    on the lock forever (a CI run hung this way). Marked incompatible, DeepSpeed builds nothing and
+    reduces through gloo, which is what training uses anyway."""
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def join_process_group() -> None:
     """Join the launcher's process group, or, run as a plain script, make a group of one."""
     if "RANK" not in os.environ:  # one process without a launcher (benchmarks, notebooks)
@@ -54,6 +65,7 @@ def join_process_group() -> None:
     if device_type() == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
+        _skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend="nccl" if device_type() == "cuda" else "gloo")
 
 
