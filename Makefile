@@ -28,7 +28,7 @@ train: setup
 	$(PY) tools/stdlib_corpus.py --output $(RUN_DIR)/corpus
 	$(PY) tools/train_tokenizer.py --config $(CONFIG) --input $(RUN_DIR)/corpus --output $(RUN_DIR)/tokenizer.json
 	$(PY) tools/build_shards.py --config $(CONFIG) --input $(RUN_DIR)/corpus --tokenizer $(RUN_DIR)/tokenizer.json --output $(RUN_DIR)/shards
-	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(PORT) pretrain/train.py --config $(CONFIG)
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(PORT) pretrain/train.py --config $(CONFIG) --overwrite
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra tests

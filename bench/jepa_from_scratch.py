@@ -102,7 +102,7 @@ def run_config(args, lbd: float, seed: int, tmp: str, vocab: int):
             "training.gradient_accumulation_steps=1", f"training.train_steps={args.steps}",
             f"training.optimizers.lr={args.lr}", "training.scheduler.type=linear", "training.scheduler.min_lr=0",
             f"training.scheduler.warmup_steps={args.steps // 20}", f"training.kernels={args.kernels}",
-            f"run.seed={seed}", f"run.output_dir={os.path.join(tmp, f'lambda{lbd}')}",
+            f"run.seed={seed}", f"run.output_dir={os.path.join(tmp, f'lambda{lbd}_seed{seed}')}",
             f"checkpoint.every_steps={args.steps}", f"logging.log_every={args.log_every}", "logging.tensorboard=false"]
     return load_config(os.path.join(ROOT, "pretrain", "configs", "tiny.yaml"), sets)
 

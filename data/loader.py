@@ -24,6 +24,7 @@ state_dict() resumes them all.
 
 import logging
 import math
+import signal
 from pathlib import Path
 from typing import Iterator
 
@@ -56,13 +57,22 @@ def _to_tensors(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return sequences[:, :-1].contiguous(), sequences[:, 1:].contiguous()
 
 
+def _leave_signals_to_trainer(worker_id: int) -> None:
+    """Slurm signals every process of a job, DataLoader workers too. A worker that died of it would
+    take its rank down before the rank's graceful stop could checkpoint; the rank stops the workers
+    itself, and they exit on their own if the rank dies."""
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
+
+
 class _RankStream(IterableDataset):
     """The batches of one data-parallel rank from absolute position `start` (batches since epoch
     0 began); in a DataLoader worker, only the batches that worker hands out."""
 
-    def __init__(self, manifest: Manifest, *, seed: int, micro_batch_size: int, dp_rank: int,
+    def __init__(self, manifest: Manifest, *, vocab_size: int, seed: int, micro_batch_size: int, dp_rank: int,
                  dp_size: int, workers: int, shuffle_window: int, per_reader: int, start: int):
         self.manifest = manifest
+        self.vocab_size = vocab_size
         self.seed = seed
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
@@ -97,7 +107,7 @@ class _RankStream(IterableDataset):
                 if skip >= samples:
                     skip -= samples  # skipped whole, without opening its files
                     continue
-                tokens = np.concatenate([read_shard(self.manifest, shard)[0] for shard in members])
+                tokens = np.concatenate([read_shard(self.manifest, shard, self.vocab_size)[0] for shard in members])
                 order = group_order(self.seed, epoch, reader, group, samples)[skip : skip + wanted]
                 skip, wanted = 0, wanted - len(order)
                 pending = np.concatenate([pending, tokens[order]])
@@ -120,6 +130,11 @@ class StreamPosition:
     def _restart(self) -> None:
         """Called after the position moved: the next batch is read from there."""
 
+    def close(self) -> None:
+        """Stop any reader processes now. They ignore stop signals (_leave_signals_to_trainer), so
+        the interpreter's exit, which terminates them with a signal, must not be left to do it."""
+        self._restart()
+
     def state_dict(self) -> dict:
         epoch, batch_in_epoch = divmod(self._position, self.batches_per_epoch)
         return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, **self._layout()}
@@ -141,18 +156,20 @@ class StreamPosition:
 
 class TokenBatches(StreamPosition):
     """Endless (input_ids, labels) int64 micro batches, each [micro_batch_size, context_length],
-    of one data-parallel rank; see the module docstring for the order."""
+    of one data-parallel rank; see the module docstring for the order. Every id is checked to be
+    below vocab_size (the model's embedding rows) as its shard is read."""
 
-    def __init__(self, manifest_dir: str | Path, *, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 seed: int, num_workers: int = 0, shuffle_window: int = 8):
-        for name, value, low in (("micro_batch_size", micro_batch_size, 1), ("dp_size", dp_size, 1),
-                                 ("seed", seed, 0), ("num_workers", num_workers, 0),
+    def __init__(self, manifest_dir: str | Path, *, vocab_size: int, micro_batch_size: int, dp_rank: int,
+                 dp_size: int, seed: int, num_workers: int = 0, shuffle_window: int = 8):
+        for name, value, low in (("vocab_size", vocab_size, 1), ("micro_batch_size", micro_batch_size, 1),
+                                 ("dp_size", dp_size, 1), ("seed", seed, 0), ("num_workers", num_workers, 0),
                                  ("shuffle_window", shuffle_window, 1)):
             if value < low:
                 raise ValueError(f"{name} must be at least {low}, got {value}")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is outside 0..{dp_size - 1} (dp_size {dp_size})")
         self.manifest = read_manifest(manifest_dir)
+        self.vocab_size = vocab_size
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
@@ -204,13 +221,13 @@ class TokenBatches(StreamPosition):
 
     def _stream(self):
         stream = _RankStream(
-            self.manifest, seed=self.seed, micro_batch_size=self.micro_batch_size, dp_rank=self.dp_rank,
-            dp_size=self.dp_size, workers=max(1, self.num_workers), shuffle_window=self.shuffle_window,
-            per_reader=self._per_reader, start=self._position,
+            self.manifest, vocab_size=self.vocab_size, seed=self.seed, micro_batch_size=self.micro_batch_size,
+            dp_rank=self.dp_rank, dp_size=self.dp_size, workers=max(1, self.num_workers),
+            shuffle_window=self.shuffle_window, per_reader=self._per_reader, start=self._position,
         )
         if self.num_workers == 0:
             return stream
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=_leave_signals_to_trainer)
 
     def _layout(self) -> dict:
         # What the stream depends on besides the position: resuming under other values would not

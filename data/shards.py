@@ -91,6 +91,28 @@ def write_manifest(manifest: Manifest) -> Path:
 def read_manifest(directory: str | Path, verify_checksums: bool = False) -> Manifest:
     """Read and check directory/manifest.json: its fields, and that every listed shard exists
     (and, with verify_checksums, has the listed sha256)."""
+    manifest = parse_manifest(directory)
+    for i in range(len(manifest.shards)):
+        problem = shard_file_problem(manifest, i, verify_checksums)
+        if problem:
+            raise ShardError(problem)
+    return manifest
+
+
+def shard_file_problem(manifest: Manifest, index: int, verify_checksum: bool = False) -> str | None:
+    """What is wrong with shard `index`'s file: missing, or (with verify_checksum) another sha256
+    than the manifest lists; None when nothing is."""
+    path = manifest.shard_path(index)
+    listed_in = manifest.directory / MANIFEST_NAME
+    if not path.is_file():
+        return f"shard file {path} listed in {listed_in} does not exist"
+    if verify_checksum and sha256_file(path) != manifest.shards[index].sha256:
+        return f"shard file {path} does not match the sha256 listed in {listed_in}"
+    return None
+
+
+def parse_manifest(directory: str | Path) -> Manifest:
+    """directory/manifest.json with its fields checked, without looking at the shard files."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     if not path.is_file():
@@ -138,23 +160,18 @@ def read_manifest(directory: str | Path, verify_checksums: bool = False) -> Mani
         build=field(raw, "build", dict),
     )
     for i, shard in enumerate(manifest.shards):
-        shard_path = manifest.shard_path(i)
-        if not shard_path.is_file():
-            raise ShardError(f"shard file {shard_path} listed in {path} does not exist")
         if shard.tokens != shard.samples * manifest.sequence_length:
             raise ShardError(
                 f"shard manifest {path}: shards[{i}] ({shard.path}) lists {shard.tokens} tokens, but "
                 f"{shard.samples} samples of {manifest.sequence_length} tokens are {shard.samples * manifest.sequence_length}"
             )
-        if verify_checksums and sha256_file(shard_path) != shard.sha256:
-            raise ShardError(f"shard file {shard_path} does not match the sha256 listed in {path}")
     return manifest
 
 
-def read_shard(manifest: Manifest, index: int) -> tuple[np.ndarray, list[str]]:
+def read_shard(manifest: Manifest, index: int, vocab_size: int | None = None) -> tuple[np.ndarray, list[str]]:
     """The samples of shard `index` in stored order: tokens [samples, context_length + 1] and
     the source of each sample. Raises ShardError naming the file when it is not what the
-    manifest lists."""
+    manifest lists, or holds an id >= vocab_size (when given)."""
     info = manifest.shards[index]
     path = manifest.shard_path(index)
     rows, sources = [], []
@@ -196,4 +213,13 @@ def read_shard(manifest: Manifest, index: int) -> tuple[np.ndarray, list[str]]:
         raise corrupt(f"{type(e).__name__}: {e}") from e
     if len(rows) != info.samples:
         raise corrupt("the archive ends early" if len(rows) < info.samples else "it holds more samples than listed")
-    return np.stack(rows), sources
+    tokens = np.stack(rows)
+    # One max() per shard: an id past the model's embedding would otherwise be an IndexError
+    # deep in the forward pass, naming no file.
+    if vocab_size is not None and tokens.max() >= vocab_size:
+        sample, position = np.argwhere(tokens >= vocab_size)[0]
+        raise ShardError(
+            f"{path}: sample {sample} holds token id {tokens[sample, position]}, outside the model's vocabulary "
+            f"of {vocab_size} ids (the shards were built with a larger tokenizer, or are corrupt)"
+        )
+    return tokens, sources

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, model_validator
 
 
 class Section(BaseModel):
-    # Unknown keys are errors: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors: a typo must not silently fall back to a default. A NaN or infinite
+    # number is refused too: it would only surface as a NaN loss or a crash steps later.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -21,24 +22,24 @@ class HFConfig(Section):
 
     path: str | None = None
     lora: bool = False
-    lora_rank: int = 16
-    lora_alpha: int | None = None  # None: 2 x lora_rank
+    lora_rank: PositiveInt = 16
+    lora_alpha: PositiveInt | None = None  # None: 2 x lora_rank
     lora_targets: list[str] = list(DEFAULT_LORA_TARGETS)
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
 
 class ModelConfig(Section):
     type: Literal["gpt", "hf"] = "gpt"  # gpt: the project's model below; hf: model.hf.path
-    hidden_size: int = 1024
-    num_layers: int = 24
-    num_heads: int = 16
-    ffn_hidden_size: int | None = None  # None: SwiGLU's 8/3 * hidden, rounded up to 64
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    init_std: float = 0.02
+    hidden_size: PositiveInt = 1024
+    num_layers: PositiveInt = 24
+    num_heads: PositiveInt = 16
+    ffn_hidden_size: PositiveInt | None = None  # None: SwiGLU's 8/3 * hidden, rounded up to 64
+    norm_eps: PositiveFloat = 1e-5
+    rope_theta: PositiveFloat = 10000.0
+    init_std: PositiveFloat = 0.02
     # Megatron's make-vocab-size-divisible-by, but not multiplied by the TP size: the padded
     # vocabulary (and so every checkpoint) is the same at every TP size that divides it.
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: PositiveInt = 128
     hf: HFConfig = HFConfig()
 
     @model_validator(mode="after")
@@ -49,8 +50,6 @@ class ModelConfig(Section):
             )
         if (self.hidden_size // self.num_heads) % 2:
             raise ValueError("model.hidden_size / model.num_heads must be even (RoPE rotates pairs)")
-        if self.make_vocab_size_divisible_by < 1:
-            raise ValueError(f"model.make_vocab_size_divisible_by must be >= 1, got {self.make_vocab_size_divisible_by}")
         if self.type == "hf" and not self.hf.path:
             raise ValueError("model.type=hf needs model.hf.path (a local Hugging Face model directory)")
         return self

@@ -1,15 +1,32 @@
 """Checkpoints: DeepSpeed's own format (model, optimizer, scheduler, ZeRO partitions) plus the seed's
-training-state fields (seed 000, section 5.1) and each rank's RNG state, so --resume is exact."""
+training-state fields (seed 000, section 5.1) and each rank's RNG state, so --resume is exact.
+
+A checkpoint is complete or invisible. Every rank writes into the step's folder; only when all of
+them have finished does rank 0 write `complete.json` (every file's size and sha256, the config and
+the layout) and then `latest`. Resume takes the newest folder whose marker matches its files and
+says which newer ones it skipped. DeepSpeed's own `latest` cannot be trusted for this: rank 0
+writes it before the other ranks' optimizer partitions are on disk.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import pickle
 import random
+import re
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+MARKER = "complete.json"
+_TAG = re.compile(r"global_step(\d+)")
 
 
 class CheckpointError(RuntimeError):
@@ -17,59 +34,262 @@ class CheckpointError(RuntimeError):
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # Tensors and plain numbers only, so the file loads with weights_only=True.
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def safe_load(path: Path, map_location=None):
+    """torch.load that never runs pickled code: a file holding anything but tensors, containers and
+    plain values is refused, naming the file."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # DeepSpeed pickles these few of its own classes into its optimizer files; they only hold numbers.
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: refused to load, it holds pickled objects that would run code ({first})") from None
+
+
+class SafeCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, loading with weights_only=True."""
+
+    def load(self, path: str, map_location=None):
+        return safe_load(Path(path), map_location)
+
+
+def make_safe(engine) -> None:
+    """Load DeepSpeed's files with weights_only=True, and leave out the zero_to_fp32.py it copies
+    into every checkpoint (it loads with weights_only=False); the installed deepspeed package still
+    has it, for whoever chooses to run it."""
+    engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
+    engine._copy_recovery_script = lambda save_path: None
+
+
+def step_of(tag_dir: Path) -> int:
+    return int(_TAG.fullmatch(tag_dir.name).group(1))
+
+
+def _tag_dirs(directory: Path) -> list[Path]:
+    """Every global_step<N> folder, newest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and _TAG.fullmatch(p.name)]
+    return sorted(found, key=step_of, reverse=True)
+
+
+def read_marker(tag_dir: Path) -> dict:
+    return json.loads((tag_dir / MARKER).read_text())
+
+
+def problem(tag_dir: Path) -> str | None:
+    """Why `tag_dir` is not a complete checkpoint, or None. Sizes only: cheap enough to scan many."""
+    try:
+        marker = read_marker(tag_dir)
+    except FileNotFoundError:
+        return f"no {MARKER} (its save did not finish)"
+    except (OSError, ValueError) as e:
+        return f"unreadable {MARKER}: {e}"
+    for name, entry in marker["files"].items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["size"]:
+            return f"{name} has {path.stat().st_size} bytes, {entry['size']} were written"
+    return None
+
+
+def newest_complete(directory: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest complete checkpoint or None, [(newer incomplete one, why)])."""
+    skipped = []
+    for tag_dir in _tag_dirs(directory):
+        why = problem(tag_dir)
+        if why is None:
+            return tag_dir, skipped
+        skipped.append((tag_dir, why))
+    return None, skipped
+
+
 def latest(directory: Path) -> Path | None:
-    """The checkpoint `latest` names in `directory`, or None."""
-    marker = Path(directory) / "latest"
-    return Path(directory) / marker.read_text().strip() if marker.is_file() else None
+    """The newest complete checkpoint in `directory`, or None."""
+    return newest_complete(Path(directory))[0]
 
 
-def save(engine, directory: Path, step: int, training_state: dict, write_tokenizer: Callable[[Path], None]) -> Path:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+        # The writer closed the file; this makes sure it is on the storage, not only in the page cache.
+        os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _files_on_all_ranks(tag_dir: Path) -> dict:
+    """{relative name: {size, sha256}} of every file under tag_dir, each rank hashing a share."""
+    names = sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file() and p.name != MARKER)
+    mine = {n: {"size": (tag_dir / n).stat().st_size, "sha256": _sha256(tag_dir / n)}
+            for n in names[dist.get_rank()::dist.get_world_size()]}
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, mine)
+    return {n: entry for share in shares for n, entry in sorted(share.items())}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(engine, directory: Path, step: int, training_state: dict, write_tokenizer: Callable[[Path], None],
+         layout: dict, keep: int | None = None) -> Path:
     """Collective: every rank calls it. training_state holds the seed's fields (epoch, tokens_seen,
     train_loss, eval_metrics, config, tokenizer) and the loader position; it is stored with the
-    model states. write_tokenizer(tag_dir) puts the tokenizer's files beside them (rank 0)."""
-    tag = f"global_step{step}"
-    tag_dir = directory / tag
+    model states. write_tokenizer(tag_dir) puts the tokenizer's files beside them (rank 0). layout
+    (world and parallel sizes) goes into the marker, for resume to compare. keep: how many complete
+    checkpoints to leave, the newest ones."""
+    tag_dir = directory / f"global_step{step}"
     rank = dist.get_rank()
     if rank == 0:
-        tag_dir.mkdir(parents=True, exist_ok=True)
+        if tag_dir.exists():  # a save of this step that was cut short, by a killed earlier attempt
+            shutil.rmtree(tag_dir)
+        tag_dir.mkdir(parents=True)
         write_tokenizer(tag_dir)
     dist.barrier()
-    # RNG first: `latest` is written last, by DeepSpeed, so a checkpoint it names is complete.
     torch.save(_rng_state(), tag_dir / f"rng_state_rank{rank:05d}.pt")
-    engine.save_checkpoint(str(directory), tag=tag, client_state={"step": step, **training_state}, save_latest=True)
+    engine.save_checkpoint(str(directory), tag=tag_dir.name, client_state={"step": step, **training_state},
+                           save_latest=False)
+    dist.barrier()
+    files = _files_on_all_ranks(tag_dir)
+    if rank == 0:
+        marker = {"step": step, "layout": layout, "config": training_state["config"], "files": files}
+        _write_atomically(tag_dir / MARKER, json.dumps(marker, indent=1))
+        _write_atomically(directory / "latest", tag_dir.name)  # for people and DeepSpeed's tools
+        if keep:
+            prune(directory, keep)
+    dist.barrier()
     return tag_dir
 
 
-def load(engine, directory: Path) -> dict:
-    """Restore the latest checkpoint in `directory` into the engine and this rank's RNG; return the
-    training state saved with it."""
-    tag_dir = latest(directory)
-    if tag_dir is None:
-        raise CheckpointError(
-            f"--resume: no checkpoint in {directory} (no 'latest' file; a run writes one every "
-            "checkpoint.every_steps steps and at its end)"
-        )
+def prune(directory: Path, keep: int) -> list[Path]:
+    """Delete the checkpoints older than the newest `keep` complete ones (incomplete ones among
+    them too); never a complete one that is among the newest `keep`."""
+    complete = [d for d in _tag_dirs(directory) if problem(d) is None]
+    if len(complete) <= keep:
+        return []
+    oldest_kept = step_of(complete[keep - 1])
+    doomed = [d for d in _tag_dirs(directory) if step_of(d) < oldest_kept]
+    for d in doomed:
+        shutil.rmtree(d)
+    return doomed
+
+
+def verify_checksums(tag_dir: Path) -> None:
+    """Every file's sha256 against the marker, each rank reading a share (collective)."""
+    files = sorted(read_marker(tag_dir)["files"].items())
+    bad = [f"{name} (sha256 differs)" for name, entry in files[dist.get_rank()::dist.get_world_size()]
+           if _sha256(tag_dir / name) != entry["sha256"]]
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, bad)
+    bad = [b for share in shares for b in share]
+    if bad:
+        raise CheckpointError(f"checkpoint {tag_dir} is corrupt: {', '.join(bad)}")
+
+
+def load(engine, tag_dir: Path) -> dict:
+    """Restore checkpoint `tag_dir` into the engine and this rank's RNG; return the training state
+    saved with it. The LR scheduler's state is restored too (its step count); the trainer re-derives
+    the learning rates from the current config."""
+    verify_checksums(tag_dir)
     rng_file = tag_dir / f"rng_state_rank{dist.get_rank():05d}.pt"
+    rng, error = None, None
     try:
-        load_path, client_state = engine.load_checkpoint(str(directory), tag=tag_dir.name)
-        rng = torch.load(rng_file, weights_only=False)
+        rng = safe_load(rng_file)
+    except FileNotFoundError:
+        error = (f"checkpoint {tag_dir} has no {rng_file.name}: it was written by fewer ranks than the "
+                 f"{dist.get_world_size()} running now")
+    except CheckpointError as e:
+        error = str(e)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)  # every rank stops, not only the one that found it
+    if any(errors):
+        raise CheckpointError(next(e for e in errors if e))
+    try:
+        load_path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except CheckpointError:
+        raise
     except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {tag_dir} is unreadable (truncated or incomplete?): {e}") from e
+        raise CheckpointError(f"checkpoint {tag_dir} could not be loaded: {e}") from e
     if load_path is None or client_state is None:
-        raise CheckpointError(f"checkpoint {tag_dir} named by {directory / 'latest'} could not be loaded")
+        raise CheckpointError(f"checkpoint {tag_dir} could not be loaded")
     _set_rng_state(rng)
     return client_state
+
+
+# What a resumed run may change. Anything else (the model, vocabulary, tokenizer, TP/PP, ZeRO stage,
+# precision, objective) would not match the saved tensors or would silently train another model.
+_MAY_CHANGE = ("training.optimizers.lr", "training.scheduler.", "training.train_tokens", "training.train_steps",
+               "training.max_nonfinite_steps", "training.kernels", "parallel.activation_checkpointing", "logging.",
+               "checkpoint.", "validation.", "run.name", "run.output_dir", "data.valid_shards", "data.valid_chats")
+# These decide which sample comes next; the loader state can only continue the layout it was saved in.
+_DATA_LAYOUT = ("data.shards", "data.chats", "data.seed", "data.shuffle_window", "data.num_workers", "data.max_len",
+                "data.document_mask", "training.batch_size", "training.micro_batch_size",
+                "training.gradient_accumulation_steps", "run.seed", "data-parallel size")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, current: dict, saved_dp: int, dp: int) -> list[str]:
+    """The fields that differ from the checkpoint's, as 'field: old -> new'. Raises CheckpointError
+    listing those a resumed run cannot change."""
+    old, new = _flat(saved), _flat(current)
+    old["data-parallel size"], new["data-parallel size"] = saved_dp, dp
+    changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+
+    def line(k):
+        return f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+
+    fixed = [line(k) for k in changed if not k.startswith(_MAY_CHANGE) and not k.startswith(_DATA_LAYOUT)]
+    layout = [line(k) for k in changed if k.startswith(_DATA_LAYOUT)]
+    if fixed or layout:
+        parts = []
+        if fixed:
+            parts.append("these cannot change on resume:\n  " + "\n  ".join(fixed))
+        if layout:
+            parts.append("these change the data layout, which a resumed loader cannot follow yet:\n  "
+                         + "\n  ".join(layout))
+        raise CheckpointError("--resume: the config differs from the checkpoint's; " + "\n".join(parts)
+                              + "\n(start a new run with --overwrite or another run.output_dir to train it as configured)")
+    return [line(k) for k in changed]

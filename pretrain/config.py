@@ -8,20 +8,28 @@ fails loudly where the JSON disagrees with this file). The model's own section i
 
 from __future__ import annotations
 
+import difflib
+import functools
 import math
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
+                      field_validator, model_validator)
 
+from data.tokenizer import NUM_PREDICTOR_TOKENS
 from model.config import ModelConfig, Section
 
 
 class ConfigError(ValueError):
     """A config problem, with the field (and file) it concerns in the message."""
 
+
+# np.random.seed takes 32 bits, and the loader's generators refuse negative seeds.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+Beta = Annotated[float, Field(ge=0, lt=1)]  # torch's AdamW refuses 1 and beyond
 
 _SUFFIX = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
@@ -44,12 +52,12 @@ def parse_count(value) -> int:
 class RunConfig(Section):
     name: str = "run"
     output_dir: str = "runs/run"
-    seed: int = 1234
+    seed: Seed = 1234
 
 
 class ParallelConfig(Section):
-    tensor: int = 1
-    pipeline: int = 1
+    tensor: PositiveInt = 1
+    pipeline: PositiveInt = 1
     zero_stage: Literal[0, 1, 2, 3] = 1
     ds_config: str | None = None  # None: ds_configs/zero<stage>.json, or pipeline.json when pipeline > 1
     # Pipeline micro-batches are partitioned by parameter count unless a layer type is given.
@@ -69,19 +77,19 @@ class ParallelConfig(Section):
 
 class OptimizerConfig(Section):
     type: Literal["adamw"] = "adamw"
-    lr: float = 3.0e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1.0e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    lr: NonNegativeFloat = 3.0e-4  # 0 is allowed: a run that only evaluates, or checks that nothing moves
+    beta1: Beta = 0.9
+    beta2: Beta = 0.95
+    eps: PositiveFloat = 1.0e-8
+    weight_decay: NonNegativeFloat = 0.1
+    grad_clip: NonNegativeFloat = 1.0  # 0: no clipping (DeepSpeed's gradient_clipping)
 
 
 class SchedulerConfig(Section):
     type: Literal["cosine_decay", "linear", "constant"] = "cosine_decay"
-    warmup_tokens: int = 5 * 10**9
-    warmup_steps: int | None = None  # when set, replaces warmup_tokens (runs whose steps vary in tokens)
-    min_lr: float = 1.0e-6
+    warmup_tokens: NonNegativeInt = 5 * 10**9
+    warmup_steps: NonNegativeInt | None = None  # when set, replaces warmup_tokens (runs whose steps vary in tokens)
+    min_lr: NonNegativeFloat = 1.0e-6
 
     @field_validator("warmup_tokens", mode="before")
     @classmethod
@@ -90,22 +98,20 @@ class SchedulerConfig(Section):
 
 
 class JepaConfig(Section):
-    mask_ratio: float = 0.15
-    prediction_steps: int = 3
-    step_weights: list[float] = [1.0, 0.8, 0.6]
-    embedding_dim: int = 512
+    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    prediction_steps: PositiveInt = 3
+    step_weights: list[NonNegativeFloat] = [1.0, 0.8, 0.6]
+    embedding_dim: PositiveInt = 512
     masking: dict[str, Literal["block", "random", "span"]] = {
         "vision": "block",
         "language": "random",
         "joint": "span",
     }
-    block_size: int = 16
-    span_length: int = 32
+    block_size: PositiveInt = 16
+    span_length: PositiveInt = 32
 
     @model_validator(mode="after")
     def _consistent(self):
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"training.jepa.mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if len(self.step_weights) != self.prediction_steps:
             raise ValueError(
                 f"training.jepa.step_weights has {len(self.step_weights)} entries but "
@@ -115,8 +121,8 @@ class JepaConfig(Section):
 
 
 class LMConfig(Section):
-    context_length: int = 4096
-    vocab_size: int = 50000
+    context_length: PositiveInt = 4096
+    vocab_size: PositiveInt = 50000
     tie_embeddings: bool = False
 
     @model_validator(mode="after")
@@ -127,15 +133,13 @@ class LMConfig(Section):
 
 
 class HybridConfig(Section):
-    alpha: float = 0.3
-    beta: float = 0.7
+    alpha: NonNegativeFloat = 0.3
+    beta: NonNegativeFloat = 0.7
 
     @model_validator(mode="after")
     def _weights(self):
-        if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:
-            raise ValueError(
-                f"training.hybrid.alpha ({self.alpha}) and beta ({self.beta}) must be >= 0 and not both 0"
-            )
+        if self.alpha + self.beta == 0:
+            raise ValueError("training.hybrid.alpha and training.hybrid.beta are both 0: nothing would be trained")
         return self
 
 
@@ -144,35 +148,28 @@ class StepJepaConfig(Section):
 
     mode: Literal["step", "multistep", "two_view"] = "step"
     loss_type: Literal["cosine", "l2", "mse", "infonce"] = "cosine"
-    lbd: float = 0.1
-    gamma: float = 1.0
-    predictors: int = 1  # K predictor tokens after the source view
+    lbd: NonNegativeFloat = 0.1
+    gamma: NonNegativeFloat = 1.0
+    # K predictor tokens after the source view, of the tokenizer's reserved ones.
+    predictors: Annotated[int, Field(ge=1, le=NUM_PREDICTOR_TOKENS)] = 1
     single_pass: bool = True  # one packed forward; false: the seed's two passes
     separator: str = "\n\n"
-    temperature: float = 0.1  # infonce only
-
-    @model_validator(mode="after")
-    def _ranges(self):
-        if not 1 <= self.predictors <= 8:
-            raise ValueError(f"training.step_jepa.predictors must be in 1..8, got {self.predictors}")
-        if self.lbd < 0 or self.gamma < 0:
-            raise ValueError(f"training.step_jepa.lbd ({self.lbd}) and gamma ({self.gamma}) must be >= 0")
-        return self
+    temperature: PositiveFloat = 0.1  # infonce only
 
 
 class TrainingConfig(Section):
     # What the loop optimises (pretrain/objectives/): lm reads token shards (data.shards), step_jepa
     # reads chats (data.chats).
     objective: Literal["lm", "step_jepa"] = "lm"
-    batch_size: int = 256
-    micro_batch_size: int = 4
-    gradient_accumulation_steps: int | None = 64  # None: derived from the other two and dp size
-    train_tokens: int = 250 * 10**9
-    train_steps: int | None = None  # when set, replaces train_tokens (runs whose steps vary in tokens)
+    batch_size: PositiveInt = 256
+    micro_batch_size: PositiveInt = 4
+    gradient_accumulation_steps: PositiveInt | None = 64  # None: derived from the other two and dp size
+    train_tokens: PositiveInt = 250 * 10**9
+    train_steps: PositiveInt | None = None  # when set, replaces train_tokens (runs whose steps vary in tokens)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     kernels: Literal["fused", "reference"] = "fused"  # reference: plain torch losses, for debugging
     # A step whose loss or gradient is not finite is skipped; this many in a row stop the run.
-    max_nonfinite_steps: int = 5
+    max_nonfinite_steps: PositiveInt = 5
     optimizers: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     jepa: JepaConfig = JepaConfig()
@@ -186,10 +183,12 @@ class TrainingConfig(Section):
         return parse_count(v)
 
     @model_validator(mode="after")
-    def _positive(self):
-        for name in ("batch_size", "micro_batch_size", "train_tokens", "train_steps", "max_nonfinite_steps"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"training.{name} must be > 0, got {getattr(self, name)}")
+    def _lr_range(self):
+        o, s = self.optimizers, self.scheduler
+        # Only a decaying schedule reaches min_lr; a constant one never reads it.
+        if s.type != "constant" and s.min_lr > o.lr:
+            raise ValueError(f"training.scheduler.min_lr ({s.min_lr}) is above training.optimizers.lr ({o.lr}): "
+                             "the schedule would rise instead of decay")
         return self
 
 
@@ -199,22 +198,23 @@ class DataConfig(Section):
     valid_shards: str | None = None  # held-out shards for the validation loop
     chats: str | None = None  # jsonl of {"messages": [...]} records (chat objectives)
     valid_chats: str | None = None
-    max_len: int = 1024  # chat records are cut to this many tokens
-    num_workers: int = 1
-    seed: int = 1234
-    shuffle_window: int = 8  # shards whose samples each loader reader shuffles together
+    max_len: PositiveInt = 1024  # chat records are cut to this many tokens
+    num_workers: NonNegativeInt = 1  # 0: read in the training process
+    seed: Seed = 1234
+    shuffle_window: PositiveInt = 8  # shards whose samples each loader reader shuffles together
     # Packed sequences: positions restart after every eos and attention stays inside each document.
     document_mask: bool = False
 
 
 class ValidationConfig(Section):
-    every_steps: int = 0  # 0: no validation loop
-    micro_batches: int = 8  # per data-parallel rank and evaluation; the same batches every time
+    every_steps: NonNegativeInt = 0  # 0: no validation loop
+    micro_batches: PositiveInt = 8  # per data-parallel rank and evaluation; the same batches every time
 
 
 class CheckpointConfig(Section):
     dir: str | None = None  # None: <run.output_dir>/checkpoints
-    every_steps: int = 1000
+    every_steps: PositiveInt = 1000
+    keep: PositiveInt | None = None  # how many complete checkpoints to leave, the newest; None: all
 
 
 class WandbConfig(Section):
@@ -226,7 +226,7 @@ class WandbConfig(Section):
 
 
 class LoggingConfig(Section):
-    log_every: int = 10
+    log_every: PositiveInt = 10
     tensorboard: bool = True
     wandb: WandbConfig = WandbConfig()
 
@@ -334,5 +334,50 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         for err in e.errors():
             field = ".".join(str(p) for p in err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  {field}: {msg} (got {err.get('input')!r})" if field else f"  {msg}")
+            # A whole section's check names its values itself; echoing the section would bury it.
+            got = "" if isinstance(err.get("input"), dict) else f" (got {err.get('input')!r})"
+            lines.append(f"  {field}: {msg}{got}" if field else f"  {msg}")
         raise ConfigError(f"{path}: invalid config\n" + "\n".join(lines)) from None
+
+
+@functools.cache
+def _deepspeed_keys() -> frozenset[str]:
+    """The top-level keys the installed DeepSpeed reads: its config parser is run on a dict that
+    notes every key looked up, so there is no list here to fall behind a DeepSpeed upgrade."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    looked_up = set()
+
+    class Recording(dict):
+        def __contains__(self, key):
+            looked_up.add(key)
+            return super().__contains__(key)
+
+        def __getitem__(self, key):
+            looked_up.add(key)
+            return super().__getitem__(key)
+
+        def get(self, key, default=None):
+            looked_up.add(key)
+            return super().get(key, default)
+
+        def keys(self):  # DeepSpeed often asks `key in d.keys()`
+            return self
+
+    # Batch sizes that fit any world size, so the parser gets through with nothing else set.
+    DeepSpeedConfig(Recording(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1))
+    return frozenset(looked_up)
+
+
+def check_deepspeed_keys(ds: dict, source: str) -> None:
+    """Refuse top-level keys DeepSpeed does not read: it ignores them, so a misspelt section would
+    silently fall back to DeepSpeed's defaults. (Keys inside zero_optimization, bf16 and the other
+    sections DeepSpeed parses with pydantic models are already refused by DeepSpeed itself.)"""
+    known = _deepspeed_keys()
+    unknown = [key for key in ds if key not in known]
+    if unknown:
+        named = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            named.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{source}: DeepSpeed does not read {', '.join(named)} (it ignores unknown keys silently)")

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from data.tokenizer import NUM_PREDICTOR_TOKENS, predictor_token
 from model import hf
 from model.gpt import GPT, Block, Embedding, Head, init_weights, layer_specs, megatron_config
 from model.loss import lm_loss
-from pretrain.config import Config, ConfigError
+from pretrain import checkpoint
+from pretrain.config import Config, ConfigError, check_deepspeed_keys
 from pretrain.objectives import Objective, vocab_size
 from pretrain.optim import build_optimizer, build_scheduler
 
@@ -64,6 +66,9 @@ def join_process_group() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if device_type() == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    # Ops DeepSpeed still compiles (CPU Adam for offload) go into this environment, not the user-wide
+    # ~/.cache, where two environments would rebuild them in turn.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     if not dist.is_initialized():
         _skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend="nccl" if device_type() == "cuda" else "gloo")
@@ -111,6 +116,7 @@ def deepspeed_config(cfg: Config, world_size: int, device: str) -> dict:
         ds = json.loads(ds_path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{ds_path}: not valid JSON: {e}") from None
+    check_deepspeed_keys(ds, str(ds_path))
 
     global_batch, micro, accum, _ = cfg.batch_sizes(world_size)
     owned = {  # DeepSpeed field: (value, the run-config field it comes from)
@@ -307,6 +313,7 @@ def build_engine(cfg: Config, objective: Objective, tokenizer):
         config=ds_config,
         mpu=None if cfg.parallel.pipeline > 1 else MegatronMPU(),
     )
+    checkpoint.make_safe(engine)
     return engine
 
 

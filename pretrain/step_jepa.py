@@ -59,7 +59,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--log_every", type=int, default=10)
     ap.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --output_dir")
+    ap.add_argument("--overwrite", action="store_true", help="start over in an --output_dir that holds a run")
     ap.add_argument("--debug", type=int, choices=[0, 1], default=0, help="1: show the first example's steps, log every step")
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     args = ap.parse_args(argv)
@@ -87,7 +88,7 @@ def run_config(args, world_size: int):
         f"training.step_jepa.lbd={args.lbd}", f"training.step_jepa.gamma={args.gamma}",
         f"training.step_jepa.predictors={args.predictors}", f"training.step_jepa.single_pass={args.single_pass}",
         f"training.micro_batch_size={args.batch_size}", f"training.gradient_accumulation_steps={args.grad_accum}",
-        f"training.optimizers.lr={args.learning_rate}", f"logging.log_every={1 if args.debug else args.log_every}",
+        f"training.optimizers.lr={args.learning_rate}", "training.scheduler.min_lr=0.0", f"logging.log_every={1 if args.debug else args.log_every}",
     ] + args.set  # last, so that an explicit --set wins
     cfg = load_config(HF_CONFIG if args.model_name else args.config, sets)
     cfg.training.step_jepa.separator = args.separator  # a YAML round trip would mangle whitespace
@@ -100,7 +101,7 @@ def run_config(args, world_size: int):
     total = max(1, int(args.num_epochs * micro_per_epoch) // args.grad_accum)
     cfg.training.train_steps = min(total, args.max_steps) if args.max_steps else total
     s = cfg.training.scheduler
-    s.type, s.warmup_steps, s.min_lr = "linear", int(args.warmup_ratio * cfg.training.train_steps), 0.0
+    s.type, s.warmup_steps = "linear", int(args.warmup_ratio * cfg.training.train_steps)
     cfg.checkpoint.every_steps = args.save_every or cfg.training.train_steps
     return cfg
 
@@ -121,7 +122,7 @@ def main(argv=None):
     cfg = run_config(args, int(os.environ.get("WORLD_SIZE", "1")))
     if args.debug and os.environ.get("RANK", "0") == "0":
         show_first_example(cfg)
-    run(cfg, args.resume)
+    run(cfg, args.resume, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="run config (YAML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run directory that holds a run (deletes its checkpoints and logs)")
     p.add_argument(
         "--stop-after", type=int, metavar="STEPS",
         help="checkpoint and exit once the run has done STEPS optimizer steps (a job that fits a "
@@ -37,7 +39,7 @@ def main(argv=None) -> None:
         cfg = load_config(args.config, args.set)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    run(cfg, args.resume, args.stop_after)
+    run(cfg, args.resume, args.stop_after, args.overwrite)
 
 
 if __name__ == "__main__":

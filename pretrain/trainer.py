@@ -3,9 +3,13 @@ Hugging Face LM) and parallel layout (pretrain/parallel.py) trains through `trai
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
 import random
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -17,11 +21,13 @@ from megatron.core import parallel_state
 
 from data.shards import ShardError
 from model import hf
-from pretrain import checkpoint
+from pretrain import checkpoint, run_dir
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError
 from pretrain.metrics import MetricsLog
 from pretrain.objectives import build_objective, load_run_tokenizer, vocab_size
+from pretrain.run_dir import RunDirError
+from pretrain.signals import GracefulStop
 from pretrain.parallel import build_engine, device_type, eval_losses, init_distributed, shutdown, train_step
 from pretrain.throughput import Throughput, flops_per_token, peak_flops_per_device
 
@@ -36,31 +42,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # every device's generator too
 
 
-def train(cfg: Config, resume: bool = False, stop_after: int | None = None):
-    """Train to the run's last step (or `stop_after` steps, then checkpoint). Returns the DeepSpeed
-    engine: `engine.module.model` is the trained model, for callers that go on in-process."""
-    init_distributed(cfg)
+def train(cfg: Config, resume: bool = False, stop_after: int | None = None, overwrite: bool = False):
+    """Train to the run's last step (or `stop_after` steps, or a stop signal, then checkpoint). Returns
+    the DeepSpeed engine: `engine.module.model` is the trained model, for callers that go on in-process."""
+    stopper = GracefulStop()
+    with contextlib.ExitStack() as cleanup:
+        stopper.install(launched="RANK" in os.environ)
+        cleanup.callback(stopper.uninstall)
+        init_distributed(cfg)
+        cleanup.callback(run_dir.release, _from_rank0(lambda: _claim(cfg, resume, overwrite)))
+        return _train(cfg, resume, stop_after, stopper, cleanup)
+
+
+def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulStop, cleanup: contextlib.ExitStack):
     seed_everything(cfg.run.seed)
     tokenizer = load_run_tokenizer(cfg)
     objective = build_objective(cfg, tokenizer)
+    world = dist.get_world_size()
+    _, _, accum, dp_size = cfg.batch_sizes(world)
+    tag_dir, changes = _from_rank0(lambda: _resume_point(cfg, dp_size)) if resume else (None, [])
     engine = build_engine(cfg, objective, tokenizer)
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
     data = objective.batches("train", dp_rank, dp_size)
-    accum = cfg.batch_sizes(dist.get_world_size())[2]
+    cleanup.callback(data.close)
     state = {"step": 0, "tokens_seen": 0, "nonfinite_steps": 0, "train_loss": float("nan"), "eval_metrics": {}}
-    if resume:
-        saved = checkpoint.load(engine, cfg.checkpoint_dir)
+    if tag_dir:
+        saved = checkpoint.load(engine, tag_dir)
         data.load_state_dict(saved["data"])
         state.update({k: saved[k] for k in state})
+        _schedule_from_config(engine, cfg)
     total = cfg.train_steps()
     stop_at = min(total, stop_after or total)
     log = MetricsLog(cfg, total, state["step"]) if dist.get_rank() == 0 else None
+    if log and tag_dir:
+        log.note(f"resumed from {tag_dir} (step {state['step']})"
+                 + ("; changed: " + "; ".join(changes) if changes else "; config unchanged"))
     peak, peak_source = peak_flops_per_device(device_type(), torch.bfloat16 if engine.bfloat16_enabled() else torch.float32)
-    speed = Throughput(_flops_per_token(cfg, engine, tokenizer), peak, dist.get_world_size(), device_type())
+    speed = Throughput(_flops_per_token(cfg, engine, tokenizer), peak, world, device_type())
     if log:
         log.note(f"MFU against a peak of {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
-    in_a_row = 0
-    while state["step"] < stop_at:
+    in_a_row = signum = 0
+    while state["step"] < stop_at and not signum:
         start = time.perf_counter()
         micro_batches = [next(data) for _ in range(accum)]
         result = train_step(engine, objective, micro_batches)
@@ -85,21 +107,26 @@ def train(cfg: Config, resume: bool = False, stop_after: int | None = None):
                 f"{in_a_row} steps in a row (the last: step {state['step']}) had a non-finite loss or gradient and "
                 f"were skipped (training.max_nonfinite_steps = {cfg.training.max_nonfinite_steps}); the last good "
                 f"checkpoint is {checkpoint.latest(cfg.checkpoint_dir) or 'none (no checkpoint was written)'}")
-        if state["step"] % cfg.checkpoint.every_steps == 0 or state["step"] == stop_at:
-            _save(cfg, engine, tokenizer, state, data)
+        signum = stopper.agreed(engine.device)
+        if state["step"] % cfg.checkpoint.every_steps == 0 or state["step"] == stop_at or signum:
+            _save(cfg, engine, tokenizer, state, data, dp_size)
     if log:
-        log.close(cfg.checkpoint_dir / f"global_step{state['step']}")
+        last = cfg.checkpoint_dir / f"global_step{state['step']}"
+        if signum:
+            log.note(f"\n{signal.Signals(signum).name}: stopped after step {state['step']} of {total}; checkpoint "
+                     f"{last} is complete; continue with --resume")
+        log.close(last)
     if cfg.model.type == "hf" and state["step"] == total and dist.get_rank() == 0:
         hf.save(engine.module.model, tokenizer, cfg.run.output_dir)
     return engine
 
 
-def run(cfg, resume: bool = False, stop_after: int | None = None) -> None:
-    """train() for a command line: bad input (config, data, checkpoint) is one error line and a non-zero
-    exit, and the process group is left cleanly."""
+def run(cfg, resume: bool = False, stop_after: int | None = None, overwrite: bool = False) -> None:
+    """train() for a command line: bad input (config, data, checkpoint, run directory) is one error
+    line and a non-zero exit, and the process group is left cleanly."""
     try:
-        train(cfg, resume, stop_after)
-    except (ConfigError, CheckpointError, ShardError, NonFiniteError, FileNotFoundError, ValueError) as e:
+        train(cfg, resume, stop_after, overwrite)
+    except (ConfigError, CheckpointError, RunDirError, ShardError, NonFiniteError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     shutdown()
 
@@ -137,7 +164,61 @@ def _flops_per_token(cfg: Config, engine, tokenizer) -> float:
     return 6.0 * (sum(p.numel() for p in engine.module.parameters()) - embedding)
 
 
-def _save(cfg: Config, engine, tokenizer, state: dict, data) -> Path:
+def _from_rank0(fn):
+    """fn() run on rank 0 alone, its result (or its user-facing error) given to every rank."""
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (fn(), None)
+        except (RunDirError, CheckpointError) as e:
+            box[0] = (None, e)
+    dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error:
+        raise error
+    return result
+
+
+def _claim(cfg: Config, resume: bool, overwrite: bool) -> Path:
+    lock = run_dir.acquire(Path(cfg.run.output_dir))
+    try:
+        if not resume:
+            run_dir.check_fresh(Path(cfg.run.output_dir), cfg.checkpoint_dir, overwrite)
+    except RunDirError:
+        run_dir.release(lock)
+        raise
+    return lock
+
+
+def _resume_point(cfg: Config, dp_size: int) -> tuple[Path, list[str]]:
+    """The newest complete checkpoint and the config fields that changed since it was written."""
+    tag_dir, skipped = checkpoint.newest_complete(cfg.checkpoint_dir)
+    for path, why in skipped:
+        print(f"warning: skipping incomplete checkpoint {path}: {why}", flush=True)
+    if tag_dir is None:
+        raise CheckpointError(f"--resume: no complete checkpoint in {cfg.checkpoint_dir} (a run writes one every "
+                              "checkpoint.every_steps steps, at its end and when it is signalled to stop)")
+    marker = checkpoint.read_marker(tag_dir)
+    changes = checkpoint.config_changes(marker["config"], json.loads(json.dumps(cfg.model_dump())),
+                                        marker["layout"]["dp"], dp_size)
+    if cfg.model.type == "gpt" and (tag_dir / "tokenizer.json").read_bytes() != Path(cfg.data.tokenizer).read_bytes():
+        raise CheckpointError(f"--resume: {cfg.data.tokenizer} is not the tokenizer the checkpoint was trained with "
+                              f"({tag_dir / 'tokenizer.json'})")
+    return tag_dir, changes
+
+
+def _schedule_from_config(engine, cfg: Config) -> None:
+    """LambdaLR saves its base LR, so a resumed run would scale the old peak LR by the new schedule;
+    the learning rate is a function of the step and the config in force now."""
+    sched = engine.lr_scheduler
+    sched.base_lrs = [cfg.training.optimizers.lr] * len(sched.base_lrs)
+    lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
+    for group, lr in zip(sched.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = lrs
+
+
+def _save(cfg: Config, engine, tokenizer, state: dict, data, dp_size: int) -> Path:
     hf_tokenizer = cfg.model.type == "hf"
 
     def write_tokenizer(tag_dir: Path) -> None:
@@ -148,4 +229,6 @@ def _save(cfg: Config, engine, tokenizer, state: dict, data) -> Path:
 
     training_state = {**state, "epoch": data.state_dict()["epoch"], "config": cfg.model_dump(), "data": data.state_dict(),
                       "tokenizer": (tokenizer.backend_tokenizer if hf_tokenizer else tokenizer).to_str()}
-    return checkpoint.save(engine, cfg.checkpoint_dir, state["step"], training_state, write_tokenizer)
+    layout = {"world_size": dist.get_world_size(), "tp": cfg.parallel.tensor, "pp": cfg.parallel.pipeline, "dp": dp_size}
+    return checkpoint.save(engine, cfg.checkpoint_dir, state["step"], training_state, write_tokenizer, layout,
+                           cfg.checkpoint.keep)

@@ -1,10 +1,15 @@
 """The run config: the seed's fields parse, and every bad value is an error naming its field."""
 
 import json
+import types
+import typing
+from pathlib import Path
 
 import pytest
+from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+from pydantic import BaseModel, ValidationError
 
-from pretrain.config import ConfigError, load_config, parse_count
+from pretrain.config import Config, ConfigError, check_deepspeed_keys, load_config, parse_count
 from pretrain.parallel import deepspeed_config
 
 TINY = "pretrain/configs/tiny.yaml"
@@ -51,23 +56,86 @@ def test_accumulation_is_derived_when_left_out():
         (["parallel.pipeline=2", "parallel.zero_stage=2"], "parallel.zero_stage=2 cannot be combined with parallel.pipeline=2"),
         (["training.jepa.prediction_steps=2"], "training.jepa.step_weights has 3 entries but training.jepa.prediction_steps is 2"),
         (["model.hidden_size=100", "model.num_heads=3"], "model.hidden_size (100) must be divisible by model.num_heads (3)"),
-        (["training.hybrid.alpha=0", "training.hybrid.beta=0"], "must be >= 0 and not both 0"),
+        (["training.hybrid.alpha=0", "training.hybrid.beta=0"], "training.hybrid.alpha and training.hybrid.beta are both 0"),
         (["training"], "--set expects key=value"),
         (["training.lm.tie_embeddings=true"], "training.lm.tie_embeddings=true is not supported yet"),
         (["training.objective=step_jepa"], "training.objective=step_jepa reads chat records: set data.chats"),
         (["model.type=hf"], "model.type=hf needs model.hf.path"),
         (["model.type=hf", "model.hf.path=x", "training.objective=step_jepa", "data.chats=c.jsonl",
           "parallel.zero_stage=3"], "model.type=hf supports parallel.zero_stage 0-2"),
-        (["training.step_jepa.predictors=9"], "training.step_jepa.predictors must be in 1..8"),
+        (["training.step_jepa.predictors=9"], "training.step_jepa.predictors: Input should be less than or equal to 8 (got 9)"),
         (["training.step_jepa.mode=steps"], "training.step_jepa.mode"),
-        (["training.train_steps=0"], "training.train_steps must be > 0"),
-        (["model.make_vocab_size_divisible_by=0"], "model.make_vocab_size_divisible_by must be >= 1"),
+        (["training.train_steps=0"], "training.train_steps: Input should be greater than 0 (got 0)"),
+        (["model.make_vocab_size_divisible_by=0"], "model.make_vocab_size_divisible_by: Input should be greater than 0 (got 0)"),
     ],
 )
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(TINY, override)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("training.optimizers.lr=-1.0e-4", "training.optimizers.lr: Input should be greater than or equal to 0 (got -0.0001)"),
+        ("training.optimizers.lr=.nan", "training.optimizers.lr: Input should be a finite number (got nan)"),
+        ("training.optimizers.lr=nan", "training.optimizers.lr: Input should be a finite number (got 'nan')"),
+        ("training.optimizers.lr=.inf", "training.optimizers.lr: Input should be a finite number (got inf)"),
+        ("checkpoint.every_steps=0", "checkpoint.every_steps: Input should be greater than 0 (got 0)"),
+        ("logging.log_every=0", "logging.log_every: Input should be greater than 0 (got 0)"),
+        ("data.num_workers=-1", "data.num_workers: Input should be greater than or equal to 0 (got -1)"),
+        ("training.optimizers.beta2=1", "training.optimizers.beta2: Input should be less than 1 (got 1)"),
+        ("training.optimizers.eps=0", "training.optimizers.eps: Input should be greater than 0 (got 0)"),
+        ("training.scheduler.min_lr=0.01",
+         "training: training.scheduler.min_lr (0.01) is above training.optimizers.lr (0.003): the schedule would rise"),
+        ("training.jepa.step_weights=[1, -0.5, 0]",
+         "training.jepa.step_weights.1: Input should be greater than or equal to 0 (got -0.5)"),
+        ("training.jepa.mask_ratio=1", "training.jepa.mask_ratio: Input should be less than 1 (got 1)"),
+        ("run.seed=4294967296", "run.seed: Input should be less than 4294967296 (got 4294967296)"),
+    ],
+)
+def test_out_of_range_numbers_name_the_field_and_value(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [override])
+    assert message in str(e.value)
+
+
+def _numeric_fields(model: type[BaseModel], prefix: str = ""):
+    """Dotted paths of every int or float field (optional or not) of the run config."""
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        kinds = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+        # Outside a union pydantic moves the bounds to the field; inside one they stay Annotated.
+        kinds = [typing.get_args(k)[0] if typing.get_origin(k) is typing.Annotated else k for k in kinds]
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            yield from _numeric_fields(kind, f"{prefix}{name}.")
+        elif any(k in (int, float) for k in kinds):
+            yield f"{prefix}{name}"
+
+
+NUMERIC_FIELDS = list(_numeric_fields(Config))
+
+
+def test_every_numeric_field_is_found():
+    assert {"training.optimizers.lr", "training.train_steps", "model.hf.lora_alpha", "run.seed"} <= set(NUMERIC_FIELDS)
+    assert "parallel.zero_stage" not in NUMERIC_FIELDS  # a Literal: its own error
+
+
+@pytest.mark.parametrize("path", NUMERIC_FIELDS)
+@pytest.mark.parametrize("value", ["-1", ".nan"])
+def test_every_numeric_field_has_a_range(path, value):
+    # No field of the run config means anything below 0, nor NaN.
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [f"{path}={value}"])
+    assert f"  {path}: " in str(e.value)
+
+
+def test_lr_zero_and_constant_schedule_are_accepted():
+    cfg = load_config(TINY, ["training.optimizers.lr=0", "training.scheduler.min_lr=0"])
+    assert cfg.training.optimizers.lr == 0
+    # A constant schedule never reaches min_lr, so min_lr above lr does not matter.
+    load_config(TINY, ["training.optimizers.lr=0", "training.scheduler.type=constant"])
 
 
 def test_inconsistent_batch_numbers_name_all_fields():
@@ -123,3 +191,23 @@ def test_train_and_warmup_steps_come_from_tokens_or_steps():
     assert cfg.train_steps() == -(-1_200_000 // 4096) and cfg.warmup_steps() == pytest.approx(60_000 / 4096)
     cfg = load_config(TINY, ["training.train_steps=7", "training.scheduler.warmup_steps=2"])
     assert cfg.train_steps() == 7 and cfg.warmup_steps() == 2
+
+
+@pytest.mark.parametrize("path", sorted(Path("ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_deepspeed_jsons_have_only_known_keys(path):
+    check_deepspeed_keys(json.loads(path.read_text()), str(path))
+
+
+def test_unknown_deepspeed_keys_are_named_with_the_closest_known_key():
+    ds = {"zero_optimisation": {"stage": 1}, "gradient_clipping": 1.0, "flops_profiler": {}, "xyzzy": 1}
+    with pytest.raises(ConfigError) as e:
+        check_deepspeed_keys(ds, "my_ds.json")
+    assert str(e.value) == ("my_ds.json: DeepSpeed does not read 'zero_optimisation' (did you mean "
+                            "'zero_optimization'?), 'xyzzy' (it ignores unknown keys silently)")
+
+
+def test_deepspeed_refuses_unknown_zero_keys_itself():
+    # Why check_deepspeed_keys looks at the top level only: DeepSpeed's pydantic section models
+    # refuse what they do not know. Should a DeepSpeed upgrade stop doing so, this fails.
+    with pytest.raises(ValidationError, match="reduce_bucket_sise"):
+        DeepSpeedZeroConfig(stage=1, reduce_bucket_sise=10)

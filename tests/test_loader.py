@@ -17,6 +17,7 @@ from tools import build_shards, train_tokenizer
 CONTEXT = 8
 BATCH = 3
 SEED = 7
+VOCAB = 300
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def shard_dir(tmp_path_factory):
     with open(root / "corpus.jsonl", "w") as f:
         for i, text in enumerate(texts):
             f.write(json.dumps({"text": text, "source": "a" if i % 4 else "b"}) + "\n")
-    train_tokenizer.train_tokenizer(texts, 300, show_progress=False).save(str(root / "tokenizer.json"))
+    train_tokenizer.train_tokenizer(texts, VOCAB, show_progress=False).save(str(root / "tokenizer.json"))
     build_shards.build_shards(
         [root / "corpus.jsonl"], root / "tokenizer.json", root / "shards", CONTEXT, workers=1,
         samples_per_shard=11, show_progress=False,
@@ -62,8 +63,8 @@ def expected_epoch(shard_dir, epoch, dp_rank, dp_size, workers, window) -> list[
 
 
 def loader(shard_dir, dp_rank=0, dp_size=1, workers=0, window=8):
-    return TokenBatches(shard_dir, micro_batch_size=BATCH, dp_rank=dp_rank, dp_size=dp_size, seed=SEED,
-                        num_workers=workers, shuffle_window=window)
+    return TokenBatches(shard_dir, vocab_size=VOCAB, micro_batch_size=BATCH, dp_rank=dp_rank, dp_size=dp_size,
+                        seed=SEED, num_workers=workers, shuffle_window=window)
 
 
 def shard_of_row(shard_dir) -> dict[bytes, int]:
@@ -106,7 +107,7 @@ def test_same_seed_same_batches_other_epoch_other_order(shard_dir):
     epochs = sequences(islice(batches, 2 * batches.batches_per_epoch))
     epoch0, epoch1 = epochs[: batches.batches_per_epoch], epochs[batches.batches_per_epoch :]
     assert not np.array_equal(np.stack(epoch0), np.stack(epoch1))
-    other_seed = TokenBatches(shard_dir, micro_batch_size=BATCH, dp_rank=0, dp_size=1, seed=SEED + 1)
+    other_seed = TokenBatches(shard_dir, vocab_size=VOCAB, micro_batch_size=BATCH, dp_rank=0, dp_size=1, seed=SEED + 1)
     assert not np.array_equal(np.stack(sequences(islice(other_seed, 5))), np.stack(first[:5]))
 
 
@@ -120,7 +121,8 @@ def test_a_micro_batch_mixes_shards_of_the_window(shard_dir):
     # Only the batches that straddle two consecutive shards mix them.
     assert sum(n > 1 for n in one_shard_at_a_time) < len(read_manifest(shard_dir).shards)
     # Without shuffle_window, to check that the default mixes.
-    mixed = shards_per_batch(TokenBatches(shard_dir, micro_batch_size=BATCH, dp_rank=0, dp_size=1, seed=SEED))
+    mixed = shards_per_batch(TokenBatches(shard_dir, vocab_size=VOCAB, micro_batch_size=BATCH, dp_rank=0, dp_size=1,
+                                          seed=SEED))
     assert mixed[0] > 1
     assert sum(n > 1 for n in mixed) > 0.9 * len(mixed)
 
@@ -171,7 +173,7 @@ def test_resume_does_not_read_skipped_groups(shard_dir, monkeypatch):
     # Resume at the start of the third group of two shards of epoch 0 (one reader reads all shards).
     position = (sum(counts[:4]) + BATCH - 1) // BATCH
     read = []
-    monkeypatch.setattr(data.loader, "read_shard", lambda m, i: read.append(i) or read_shard(m, i))
+    monkeypatch.setattr(data.loader, "read_shard", lambda m, i, vocab: read.append(i) or read_shard(m, i, vocab))
     batches = loader(shard_dir, window=2)
     batches.load_state_dict({**batches.state_dict(), "batch_in_epoch": position})
     next(batches)
@@ -192,18 +194,18 @@ def test_balancing_loss_is_logged_once(shard_dir, caplog):
 def test_fewer_shards_than_readers_names_both_numbers(shard_dir):
     shards = len(read_manifest(shard_dir).shards)
     with pytest.raises(ValueError, match=f"has {shards} shards, fewer than the {shards + 1} readers"):
-        TokenBatches(shard_dir, micro_batch_size=1, dp_rank=0, dp_size=shards + 1, seed=0)
+        TokenBatches(shard_dir, vocab_size=VOCAB, micro_batch_size=1, dp_rank=0, dp_size=shards + 1, seed=0)
     with pytest.raises(ValueError, match=rf"\(dp_size 2 x {shards} per rank\)"):
-        TokenBatches(shard_dir, micro_batch_size=1, dp_rank=0, dp_size=2, seed=0, num_workers=shards)
+        TokenBatches(shard_dir, vocab_size=VOCAB, micro_batch_size=1, dp_rank=0, dp_size=2, seed=0, num_workers=shards)
 
 
 def test_bad_arguments_and_state_are_named(shard_dir, tmp_path):
     with pytest.raises(ShardError, match=f"shard manifest {tmp_path / 'manifest.json'} does not exist"):
-        TokenBatches(tmp_path, micro_batch_size=1, dp_rank=0, dp_size=1, seed=0)
+        TokenBatches(tmp_path, vocab_size=VOCAB, micro_batch_size=1, dp_rank=0, dp_size=1, seed=0)
     with pytest.raises(ValueError, match="dp_rank 2 is outside 0..1"):
         loader(shard_dir, 2, 2)
     with pytest.raises(ValueError, match="micro_batch_size 1000 is larger than the samples"):
-        TokenBatches(shard_dir, micro_batch_size=1000, dp_rank=0, dp_size=1, seed=0)
+        TokenBatches(shard_dir, vocab_size=VOCAB, micro_batch_size=1000, dp_rank=0, dp_size=1, seed=0)
     with pytest.raises(ValueError, match="shuffle_window must be at least 1, got 0"):
         loader(shard_dir, window=0)
     with pytest.raises(ValueError, match="loader state has shuffle_window=8 but this loader has 2"):

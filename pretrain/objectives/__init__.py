@@ -76,15 +76,21 @@ class Collated:
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
 
+    def close(self) -> None:
+        self.loader.close()
+
 
 def load_run_tokenizer(cfg: Config):
     """The project's tokenizer (data.tokenizer), or a Hugging Face model's own (model.type: hf)."""
     if cfg.model.type == "hf":
         return load_hf_tokenizer(cfg.model.hf.path)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    try:
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
     if tokenizer.get_vocab_size() > cfg.training.lm.vocab_size:
-        raise ConfigError(f"{cfg.data.tokenizer}: tokenizer vocab {tokenizer.get_vocab_size()} exceeds "
-                          f"training.lm.vocab_size {cfg.training.lm.vocab_size}")
+        raise ConfigError(f"data.tokenizer {cfg.data.tokenizer} has {tokenizer.get_vocab_size()} tokens, more than "
+                          f"training.lm.vocab_size {cfg.training.lm.vocab_size}: the model could not embed every id")
     return tokenizer
 
 

@@ -23,11 +23,12 @@ class LanguageModeling(Objective):
         shards = d.shards if split == "train" else d.valid_shards
         if shards is None:
             raise ConfigError("validation.every_steps > 0 needs held-out shards: set data.valid_shards")
-        loader = TokenBatches(
-            shards, micro_batch_size=self.cfg.training.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-            seed=d.seed, num_workers=d.num_workers if split == "train" else 0, shuffle_window=d.shuffle_window,
-        )
         lm = self.cfg.training.lm
+        loader = TokenBatches(
+            shards, vocab_size=lm.vocab_size, micro_batch_size=self.cfg.training.micro_batch_size, dp_rank=dp_rank,
+            dp_size=dp_size, seed=d.seed, num_workers=d.num_workers if split == "train" else 0,
+            shuffle_window=d.shuffle_window,
+        )
         if loader.context_length != lm.context_length:
             raise ConfigError(f"{shards}: shards hold sequences of context length {loader.context_length} but "
                               f"training.lm.context_length is {lm.context_length}")

@@ -1,0 +1,291 @@
+"""The trainer treated as a flaky cluster and a careless user would treat it: stop signals, kill -9 at
+random steps, a killed launcher, a save cut short, changed resumes, planted pickles, a huge LR, two
+runs on one directory. Every interrupted run, once resumed, must equal an uninterrupted one bit for
+bit: the same losses, gradient norms, learning rates and samples (data fingerprints)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import DEEPSPEED, PYTHON, REPO, free_port, launch, tiny_overrides
+
+TOTAL, EVERY = 40, 10
+KEYS = ("loss", "grad_norm", "lr", "tokens_seen", "data_fingerprint")
+
+
+def _args(tiny_data, out_dir, extra=()) -> list[str]:
+    sets = tiny_overrides(tiny_data, out_dir) + [
+        "--set", "training.batch_size=8", "--set", "training.micro_batch_size=2",
+        "--set", f"training.train_steps={TOTAL}", "--set", f"checkpoint.every_steps={EVERY}",
+        "--set", "data.num_workers=1",  # the resumed position must survive the DataLoader worker too
+    ]
+    return ["pretrain/train.py", "--config", "pretrain/configs/tiny.yaml", *sets, *extra]
+
+
+def _train(tiny_data, out_dir, extra=(), nproc=2, check=True):
+    script, *args = _args(tiny_data, out_dir, extra)
+    return launch(script, args, nproc=nproc, check=check)
+
+
+def _start(tiny_data, out_dir, extra=(), nproc=2) -> tuple[subprocess.Popen, Path]:
+    """A run in its own process group, its output in a file (a pipe could fill and block it)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = out_dir.parent / f"{out_dir.name}.{time.monotonic_ns()}.log"
+    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port())] if nproc > 1 else [PYTHON]
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd + _args(tiny_data, out_dir, extra), cwd=REPO, env=env, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, log
+
+
+def _records(out_dir) -> dict:
+    """step -> record; a resumed run's records replace those of the steps it redid."""
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return {r["step"]: r for r in rows}
+
+
+def _wait_for_step(proc, out_dir, step: int, what: str) -> None:
+    while max(_records(out_dir), default=0) < step:
+        assert proc.poll() is None, f"{what} ended (rc {proc.returncode}) before step {step}"
+        time.sleep(0.05)
+
+
+def _ranks(launcher: subprocess.Popen, with_workers: bool = False) -> list[psutil.Process]:
+    """The training processes under a launcher (forked DataLoader workers share their command line)."""
+    found = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "--local_rank" in " ".join(p.cmdline())]
+    pids = {p.pid for p in found}
+    return found if with_workers else [p for p in found if p.ppid() not in pids]
+
+
+def _assert_same_run(out_dir, reference):
+    got = _records(out_dir)
+    assert sorted(got) == list(range(1, TOTAL + 1))
+    for step, ref in reference.items():
+        for key in KEYS:
+            assert got[step][key] == ref[key], f"step {step}: {key} {got[step][key]!r} != {ref[key]!r}"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("faults") / "reference"
+    _train(tiny_data, out)
+    records = _records(out)
+    # Different steps read different samples, so equal fingerprints below mean the same samples.
+    assert len({r["data_fingerprint"] for r in records.values()}) == TOTAL
+    return out, records
+
+
+def _shm_segments() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to every rank", "SIGUSR1 to the launcher's process group"])
+def test_stop_signal_checkpoints_the_current_step_and_resumes_bit_identically(tiny_data, tmp_path, reference, how):
+    """What Slurm does before a time limit (SIGTERM to each task) or a preemption (--signal=USR1);
+    the probe's SIGUSR1 to the group killed every process with no log line."""
+    shm_before = _shm_segments()
+    out = tmp_path / "signalled"
+    proc, log = _start(tiny_data, out)
+    _wait_for_step(proc, out, 2, "the run")
+    ranks = _ranks(proc, with_workers=True)  # as Slurm does: every process of the job
+    if how.startswith("SIGTERM"):
+        for rank in ranks:
+            rank.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGUSR1)  # the launchers die of it; the ranks stop and checkpoint
+    proc.wait(timeout=300)
+    psutil.wait_procs(ranks, timeout=300)
+    output = log.read_text()
+    name = how.split()[0]
+    stopped = max(_records(out))
+    assert f"{name}: stopped after step {stopped} of {TOTAL}" in output, output[-3000:]
+    assert stopped < TOTAL
+    assert (out / "checkpoints" / f"global_step{stopped}" / "complete.json").is_file()
+    if how.startswith("SIGTERM"):
+        assert proc.returncode == 0, output[-3000:]
+    _train(tiny_data, out, ["--resume"])
+    _assert_same_run(out, reference[1])
+    # DeepSpeed's CPU shared-memory transport is not used: a run leaves nothing in /dev/shm.
+    assert not {s for s in _shm_segments() - shm_before if "deepspeed" in s}
+
+
+def test_sigkill_at_five_random_steps_then_resume_equals_an_uninterrupted_run(tiny_data, tmp_path, reference):
+    """kill -9 of every process, at random points (during a save too, now and then)."""
+    out = tmp_path / "soak"
+    rng = random.Random(int(os.environ.get("SOAK_SEED", "0")))
+    extra = ["--set", "checkpoint.every_steps=3"]  # a checkpoint interval may change on resume
+    for i, step in enumerate(sorted(rng.sample(range(2, TOTAL - 2), 5))):
+        # A kill before the first complete checkpoint leaves nothing to resume: start over.
+        started = any((d / "complete.json").is_file() for d in (out / "checkpoints").glob("global_step*"))
+        proc, log = _start(tiny_data, out, extra + ["--resume" if started else "--overwrite"])
+        _wait_for_step(proc, out, step, f"attempt {i} ({log})")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    _train(tiny_data, out, extra + ["--resume"])
+    _assert_same_run(out, reference[1])
+
+
+def test_a_save_cut_short_is_skipped_on_resume(tiny_data, tmp_path, reference):
+    """The probe: rank 1 slowed while writing its partition, `latest` already naming the new step,
+    then a kill. Without its marker the newest folder is invisible; resume takes the one before."""
+    out = tmp_path / "cut"
+    shutil.copytree(reference[0], out)
+    newest = out / "checkpoints" / f"global_step{TOTAL}"
+    (newest / "complete.json").unlink()
+    partition = next(newest.glob("zero_pp_rank_1_*optim_states.pt"))
+    partition.write_bytes(partition.read_bytes()[:1000])
+    assert (out / "checkpoints" / "latest").read_text() == newest.name
+    proc = _train(tiny_data, out, ["--resume"])
+    assert f"skipping incomplete checkpoint {newest}: no complete.json" in proc.stdout + proc.stderr
+    assert f"resumed from {out / 'checkpoints' / 'global_step30'} (step 30)" in proc.stdout
+    _assert_same_run(out, reference[1])
+
+
+def test_ranks_exit_when_their_launcher_is_killed(tiny_data, tmp_path):
+    out = tmp_path / "orphans"
+    proc, log = _start(tiny_data, out)
+    _wait_for_step(proc, out, 2, "the run")
+    ranks = _ranks(proc)
+    assert len(ranks) == 2
+    everything = _ranks(proc, with_workers=True)
+    ranks[0].parent().kill()  # the launcher that started the ranks, alone
+    gone, alive = psutil.wait_procs(everything, timeout=120)
+    assert not alive, f"ranks still running: {alive}\n{log.read_text()[-3000:]}"
+    assert "SIGHUP: stopped after step" in log.read_text()
+
+
+def _copy_of(reference, tmp_path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(reference[0], out, ignore=shutil.ignore_patterns("run.lock"))
+    return out
+
+
+def test_resume_applies_a_new_learning_rate_and_lists_the_change(tiny_data, tmp_path, reference):
+    """The probe's hybrid schedule: the old peak LR scaled by the new schedule's ratio."""
+    out = _copy_of(reference, tmp_path)
+    shutil.rmtree(out / "checkpoints" / f"global_step{TOTAL}")
+    proc = _train(tiny_data, out, ["--resume", "--set", "training.optimizers.lr=0.002",
+                                   "--set", "training.scheduler.min_lr=0.0002"])
+    assert "; training.optimizers.lr: 0.003 -> 0.002; training.scheduler.min_lr: 0.0001 -> 0.0002" in proc.stdout, proc.stdout[-2000:]
+    from pretrain.config import load_config
+    from pretrain.optim import lr_at
+
+    sets = [a for a in _args(tiny_data, out)[3:] if a != "--set"]
+    cfg = load_config(REPO / "pretrain/configs/tiny.yaml",
+                      sets + ["training.optimizers.lr=0.002", "training.scheduler.min_lr=0.0002"])
+    records = _records(out)
+    for step in (31, 35, TOTAL):
+        assert records[step]["lr"] == pytest.approx(lr_at(step, cfg), rel=1e-9), step
+    assert records[TOTAL]["lr"] == pytest.approx(0.0002)
+
+
+def test_resume_refuses_a_changed_model_or_data_layout_listing_the_differences(tiny_data, tmp_path, reference):
+    out = _copy_of(reference, tmp_path)
+    proc = _train(tiny_data, out, ["--resume", "--set", "model.hidden_size=32", "--set", "training.micro_batch_size=4",
+                                   "--set", "training.gradient_accumulation_steps=2"], nproc=1, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "these cannot change on resume:\n  model.hidden_size: 64 -> 32" in output, output[-3000:]
+    assert "change the data layout" in output and "training.micro_batch_size: 2 -> 4" in output
+    assert "data-parallel size: 2 -> 1" in output
+    assert "Traceback" not in output
+
+
+def test_a_planted_pickle_is_refused_and_never_runs(tiny_data, tmp_path, reference):
+    out = _copy_of(reference, tmp_path)
+    tag = out / "checkpoints" / f"global_step{TOTAL}"
+    witness = tmp_path / "pwned"
+    planted = tag / "rng_state_rank00000.pt"
+    subprocess.run([PYTHON, "-c", f"""
+import os, torch
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch {witness}",))
+torch.save({{"python": Evil()}}, "{planted}")
+"""], check=True)
+    # Whoever can plant a file can update the marker too: make the checkpoint look complete.
+    from pretrain.checkpoint import _sha256
+
+    marker = json.loads((tag / "complete.json").read_text())
+    marker["files"][planted.name] = {"size": planted.stat().st_size, "sha256": _sha256(planted)}
+    (tag / "complete.json").write_text(json.dumps(marker))
+    proc = _train(tiny_data, out, ["--resume"], check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"error: {planted}: refused to load, it holds pickled objects" in output, output[-3000:]
+    assert not witness.exists()
+
+
+def test_a_fresh_run_into_a_used_directory_is_refused_and_overwrite_starts_over(tiny_data, tmp_path, reference):
+    out = _copy_of(reference, tmp_path)
+    proc = _train(tiny_data, out, nproc=1, check=False)
+    assert proc.returncode != 0
+    assert f"error: {out} already holds a run (checkpoints, metrics.jsonl" in proc.stderr, proc.stderr[-2000:]
+    assert len(_records(out)) == TOTAL  # nothing was touched
+    _train(tiny_data, out, ["--overwrite", "--set", "training.train_steps=2"], nproc=1)
+    assert sorted(_records(out)) == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").glob("global_step*")) == ["global_step2"]
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused(tiny_data, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    holder = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(600)"])
+    try:
+        from pretrain.run_dir import LOCK, _start_ticks
+
+        (out / LOCK).write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid,
+                                            "start_ticks": _start_ticks(holder.pid), "started": "earlier"}))
+        proc = _train(tiny_data, out, nproc=1, check=False)
+        assert proc.returncode != 0
+        assert f"error: {out} is in use by another run (pid {holder.pid} on host" in proc.stderr, proc.stderr[-2000:]
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its holder gone, the lock is stale: the next run takes it over and trains.
+    proc = _train(tiny_data, out, ["--set", "training.train_steps=1"], nproc=1)
+    assert "taking over" in proc.stdout and not (out / LOCK).exists()
+
+
+def test_divergence_stops_the_run_with_an_error(tiny_data, tmp_path):
+    """The probe: a huge LR, every step skipped by DeepSpeed's overflow check, and 'finished'."""
+    out = tmp_path / "diverged"
+    proc = _train(tiny_data, out, ["--set", "training.optimizers.lr=1e30", "--set", "training.scheduler.warmup_steps=0",
+                                   "--set", "training.scheduler.type=constant"], nproc=1, check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert "steps in a row" in output and "finished" not in output
+    assert not math.isfinite(_records(out)[max(_records(out))]["grad_norm"])
+
+
+def test_resume_without_checkpoint_names_the_directory(tiny_data, tmp_path):
+    proc = _train(tiny_data, tmp_path / "empty", ["--resume"], nproc=1, check=False)
+    assert proc.returncode != 0
+    assert f"no complete checkpoint in {tmp_path / 'empty' / 'checkpoints'}" in proc.stderr
+
+
+def test_a_corrupt_checkpoint_file_is_named(tiny_data, tmp_path, reference):
+    out = _copy_of(reference, tmp_path)
+    states = next((out / "checkpoints" / f"global_step{TOTAL}").glob("mp_rank_00_model_states.pt"))
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, so the marker's sizes match: the checksum must catch it
+    states.write_bytes(bytes(data))
+    proc = _train(tiny_data, out, ["--resume"], check=False)
+    assert proc.returncode != 0
+    assert f"checkpoint {states.parent} is corrupt: {states.name} (sha256 differs)" in proc.stderr
