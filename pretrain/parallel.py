@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,19 @@ def _skip_shm_comm_op() -> None:
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
+STALE_BUILD_LOCK_S = 600
+
+
+def _warn_about_stale_build_locks(extensions: Path) -> None:
+    """torch's extension builds take a lock file that a killed build leaves behind; the next run to
+    load that op then waits on it forever, silently. Say so before that can happen."""
+    for lock in extensions.glob("*/*/lock") if extensions.is_dir() else []:
+        age = time.time() - lock.stat().st_mtime
+        if age > STALE_BUILD_LOCK_S:
+            print(f"warning: {lock} is {age / 60:.0f} minutes old: a build of that op was probably killed, and "
+                  "loading the op would wait on this lock forever; delete it if no build is running", flush=True)
+
+
 def join_process_group() -> None:
     """Join the launcher's process group, or, run as a plain script, make a group of one."""
     if "RANK" not in os.environ:  # one process without a launcher (benchmarks, notebooks)
@@ -69,6 +83,7 @@ def join_process_group() -> None:
     # Ops DeepSpeed still compiles (CPU Adam for offload) go into this environment, not the user-wide
     # ~/.cache, where two environments would rebuild them in turn.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    _warn_about_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
     if not dist.is_initialized():
         _skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend="nccl" if device_type() == "cuda" else "gloo")

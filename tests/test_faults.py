@@ -289,3 +289,18 @@ def test_a_corrupt_checkpoint_file_is_named(tiny_data, tmp_path, reference):
     proc = _train(tiny_data, out, ["--resume"], check=False)
     assert proc.returncode != 0
     assert f"checkpoint {states.parent} is corrupt: {states.name} (sha256 differs)" in proc.stderr
+
+
+def test_a_stale_extension_build_lock_is_named(tmp_path, capsys):
+    """A build killed half-way left its lock; every later load of that op waited on it forever."""
+    from pretrain.parallel import _warn_about_stale_build_locks
+
+    stale, busy = tmp_path / "py311_cpu" / "cpu_adam" / "lock", tmp_path / "py311_cpu" / "fused_adam" / "lock"
+    for lock in (stale, busy):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    _warn_about_stale_build_locks(tmp_path)
+    out = capsys.readouterr().out
+    assert f"warning: {stale} is 60 minutes old" in out and str(busy) not in out
