@@ -119,7 +119,7 @@ def tiny_run_mfu(args) -> dict:
     py = sys.executable
     with tempfile.TemporaryDirectory() as tmp:
         data = ROOT / "runs" / "tiny"
-        if not (data / "shards" / "manifest.json").exists():
+        if not (data / "shards" / "corpus.json").exists():
             data = Path(tmp)
             for cmd in (["tools/stdlib_corpus.py", "--output", f"{tmp}/corpus"],
                         ["tools/train_tokenizer.py", "--config", "pretrain/configs/tiny.yaml", "--input", f"{tmp}/corpus",

@@ -11,7 +11,6 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from data.loader import StreamPosition
 from data.tokenizer import ASSISTANT, BOS, END, EOS_ID, SYSTEM, USER
 
 
@@ -117,7 +116,7 @@ def read_chats(path: str) -> list[list[dict]]:
     return chats
 
 
-class ChatBatches(StreamPosition):
+class ChatBatches:
     """Endless micro batches (lists of examples) of one data-parallel rank.
 
     Epoch e: the examples are shuffled by random.Random(seed + e); rank r takes the r-th of dp_size
@@ -125,6 +124,8 @@ class ChatBatches(StreamPosition):
     sits out that epoch (different examples each epoch). The position (epoch, batch_in_epoch) is
     the same on every rank, so one rank's state_dict() resumes them all.
     """
+
+    skipped_samples = 0  # the examples are in memory and were checked when read
 
     def __init__(self, examples: list, *, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
                  source: str = "chats"):
@@ -154,3 +155,23 @@ class ChatBatches(StreamPosition):
     def _layout(self) -> dict:
         return {"micro_batch_size": self.micro_batch_size, "dp_size": self.dp_size, "seed": self.seed,
                 "num_examples": len(self.examples)}
+
+    def close(self) -> None:
+        """Nothing to stop: the examples are in memory."""
+
+    def state_dict(self) -> dict:
+        epoch, batch_in_epoch = divmod(self._position, self.batches_per_epoch)
+        return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, **self._layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in self._layout().items():
+            if state.get(name) != value:
+                raise ValueError(
+                    f"loader state has {name}={state.get(name)!r} but this loader has {value!r}: "
+                    "it would not continue the same stream"
+                )
+        for name, limit in (("epoch", None), ("batch_in_epoch", self.batches_per_epoch)):
+            value = state.get(name)
+            if not isinstance(value, int) or value < 0 or (limit is not None and value >= limit):
+                raise ValueError(f"loader state field {name} must be an int in 0..{limit or 'inf'}, got {value!r}")
+        self._position = state["epoch"] * self.batches_per_epoch + state["batch_in_epoch"]

@@ -19,10 +19,15 @@ def iter_documents(inputs: list[str | Path]) -> Iterator[tuple[str, str]]:
             raise FileNotFoundError(f"input {given} does not exist")
         default_source = given.stem if given.is_file() else given.name
         for path in input_files(given):
-            if path.suffix == ".jsonl":
-                yield from _jsonl_documents(path, default_source)
-            else:
-                yield _read_text(path), default_source
+            yield from file_documents(path, default_source)
+
+
+def file_documents(path: Path, default_source: str) -> Iterator[tuple[str, str]]:
+    """(text, source) of one input file, as iter_documents reads it."""
+    if path.suffix == ".jsonl":
+        yield from _jsonl_documents(path, default_source)
+    else:
+        yield _read_text(path), default_source
 
 
 def input_files(path: Path) -> list[Path]:

@@ -1,60 +1,52 @@
-"""Streaming micro batches of packed token sequences from a shard manifest, for data parallelism.
+"""Micro batches of packed token sequences from a weighted mixture of sources, for data parallelism.
 
-The stream is a pure function of (manifest, seed, micro_batch_size, dp_size, num_workers,
-shuffle_window):
+The global sample order is data/mixture.py's: position g -> (source, sample), a function of the
+seed, the weights, the sources' sizes and the shuffle window only. Optimizer step s trains on
+positions [s * B, (s + 1) * B) for the global batch B, cut into equal contiguous slices, one per
+data-parallel rank: rank r's micro batch a of step s holds positions
+s * B + r * B / D + a * b + [0, b) (micro batch b, D ranks). Hence:
 
-- Readers: each data-parallel rank has max(1, num_workers) readers (its DataLoader workers, or
-  the main process); reader g = dp_rank * workers + w of R = dp_size * workers in all.
-- Epoch e: shard order = np.random.default_rng([seed, e]).permutation(num_shards); reader g
-  reads shards order[g::R] in that order, in groups of shuffle_window shards. Group i's samples
-  (its shards' samples concatenated in that order) are permuted together by
-  np.random.default_rng([seed, e, g, i]), so that a micro batch mixes shards, and the reader
-  cuts its groups' samples, one group after the other, into micro batches.
-- Memory: a reader holds one group, up to shuffle_window shards; a larger window mixes better.
-- Every reader yields the same number of batches per epoch, batches_per_reader: what its
-  floor(num_shards / R) smallest shards can fill, a bound that holds for any shard order, so it
-  is known from the manifest counts alone and all ranks step together. The rest of an epoch's
-  samples are left out of that epoch (logged once), different ones each epoch.
-- A rank's stream takes its readers' batches in turn (reader w gives batches w, w + W, ...),
-  which is the order in which torch's DataLoader hands out its workers' batches.
+- every rank yields the same number of batches, forever: nothing depends on shard counts, and a
+  source whose epoch ends goes on into its next (reshuffled) epoch while the others continue;
+- no sample of an epoch is left out: consecutive steps read consecutive positions, across epochs;
+- the state is one number (global samples consumed, at a step boundary), so a run resumed on
+  another number of ranks, workers or micro batch size, with the same global batch, reads the
+  same global sequence;
+- a rank reads only its own samples: each is one positioned read into its shard (data/shards.py).
+  webdataset's reader streams whole shards, so with a rank-independent order each rank would read
+  every shard (D times the I/O) or the order would depend on the rank count.
 
-The position in this stream (epoch, batch_in_epoch) is the same on every rank, so one rank's
-state_dict() resumes them all.
+DataLoader workers split a rank's micro batches round-robin (worker w makes batches w, w + W, ...),
+the order in which torch hands them out, so the stream does not depend on the number of workers.
+
+A sample that cannot be read (a truncated or missing shard, a corrupt member, an id outside the
+vocabulary) raises ShardError naming the shard and member; with on_error="skip" its row is left
+out of the loss (labels IGNORE, input ids 0), counted in skipped_samples and logged, and training
+goes on with the batch shapes unchanged.
 """
 
 import logging
-import math
 import signal
+import weakref
+import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.shards import Manifest, read_manifest, read_shard
+from data.mixture import Interleave, SourceOrder, integer_weights
+from data.remote import RemoteError
+from data.shards import (
+    Location, SampleError, ShardError, ShardReader, SourceManifest, member_name, read_corpus, shard_name,
+)
+from data.tokenizer import IGNORE
 
 log = logging.getLogger(__name__)
-
-
-def shard_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(num_shards)
-
-
-def group_order(seed: int, epoch: int, reader: int, group: int, num_samples: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch, reader, group]).permutation(num_samples)
-
-
-def batches_per_reader(shard_samples: list[int], num_readers: int, micro_batch_size: int) -> int:
-    """Batches every reader can fill in every epoch, whatever shards the shuffle gives it: each
-    reader gets at least floor(shards / readers) shards, each no smaller than the smallest ones."""
-    fewest = len(shard_samples) // num_readers
-    return sum(sorted(shard_samples)[:fewest]) // micro_batch_size
-
-
-def _to_tensors(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    sequences = torch.from_numpy(rows.astype(np.int64))
-    return sequences[:, :-1].contiguous(), sequences[:, 1:].contiguous()
+OnError = Literal["raise", "skip"]
+# Micro batches a reader plans at once: the position arithmetic is vectorised over all of them.
+_PLAN_AHEAD = 64
 
 
 def _leave_signals_to_trainer(worker_id: int) -> None:
@@ -65,145 +57,159 @@ def _leave_signals_to_trainer(worker_id: int) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+def _as_is(batch):
+    return batch
+
+
+def _stop_workers(batches) -> None:
+    """End a DataLoader iterator's worker processes. They ignore stop signals
+    (_leave_signals_to_trainer), so the interpreter's exit, which terminates them with SIGTERM,
+    would wait for them forever; nor can the iterator's garbage collection be left to do it, which
+    an exception's traceback may put off until exit."""
+    workers = getattr(batches, "_workers", [])
+    if workers:
+        batches._shutdown_workers()  # the orderly way: an end-of-work message, then a join
+        for w in workers:
+            if w.is_alive():  # busy past the join's timeout: SIGTERM is ignored, so SIGKILL
+                w.kill()
+                w.join()
+
+
+class Plan:
+    """Where every global position's sample is: the mixture and each source's epoch order."""
+
+    def __init__(self, manifests: dict[str, SourceManifest], weights: dict[str, int], seed: int, window: int):
+        self.names = list(weights)
+        self.manifests = [manifests[n] for n in self.names]
+        self.interleave = Interleave(weights)
+        # A source's order is keyed by its name, not its place in the mixture: reweighting or adding
+        # sources leaves each source's own order as it was.
+        self.orders = [SourceOrder(zlib.crc32(n.encode()), m.num_samples, m.samples_per_shard, window, seed)
+                       for n, m in zip(self.names, self.manifests)]
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(source index, shard, member) of every position."""
+        source, cursor = self.interleave.locate(positions)
+        shard, member = np.empty_like(cursor), np.empty_like(cursor)
+        for j in np.unique(source):
+            at = source == j
+            _, shard[at], member[at] = self.orders[j].locate(cursor[at])
+        return source, shard, member
+
+
+def rank_positions(batch: int, *, global_batch: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> np.ndarray:
+    """The global positions of rank dp_rank's micro batch `batch` (counted from the run's start)."""
+    step, micro = divmod(batch, global_batch // (micro_batch_size * dp_size))
+    first = step * global_batch + dp_rank * (global_batch // dp_size) + micro * micro_batch_size
+    return first + np.arange(micro_batch_size)
+
+
 class _RankStream(IterableDataset):
-    """The batches of one data-parallel rank from absolute position `start` (batches since epoch
-    0 began); in a DataLoader worker, only the batches that worker hands out."""
+    """Micro batches `start`, `start` + 1, ... of one rank; in a DataLoader worker, only its share."""
 
-    def __init__(self, manifest: Manifest, *, vocab_size: int, seed: int, micro_batch_size: int, dp_rank: int,
-                 dp_size: int, workers: int, shuffle_window: int, per_reader: int, start: int):
-        self.manifest = manifest
-        self.vocab_size = vocab_size
-        self.seed = seed
-        self.micro_batch_size = micro_batch_size
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
-        self.workers = workers
-        self.shuffle_window = shuffle_window
-        self.per_reader = per_reader
-        self.start = start
+    def __init__(self, loader: "TokenBatches", start: int):
+        self.location, self.plan, self.start = loader.location, loader.plan, start
+        self.vocab_size, self.on_error = loader.vocab_size, loader.on_error
+        self.workers = max(1, loader.num_workers)
+        self.slicing = {"global_batch": loader.global_batch, "micro_batch_size": loader.micro_batch_size,
+                        "dp_rank": loader.dp_rank, "dp_size": loader.dp_size}
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self):
         info = get_worker_info()
-        # Worker w hands out rank batches start + w, start + w + W, ...: all from the same reader,
-        # since an epoch has a multiple of W batches.
         first = self.start + (info.id if info is not None else 0)
-        per_epoch = self.workers * self.per_reader
-        reader = self.dp_rank * self.workers + first % self.workers
-        epoch, in_epoch = divmod(first, per_epoch)
-        return self._reader_batches(reader, epoch, in_epoch // self.workers)
+        readers = [ShardReader(self.location, m) for m in self.plan.manifests]
+        bad_shards: dict[tuple[int, int], str] = {}
+        try:
+            batch = first
+            while True:
+                batches = [batch + k * self.workers for k in range(_PLAN_AHEAD)]
+                positions = np.stack([rank_positions(i, **self.slicing) for i in batches])
+                source, shard, member = (a.reshape(positions.shape) for a in self.plan.locate(positions.ravel()))
+                for row in range(len(batches)):
+                    yield self._batch(readers, bad_shards, source[row], shard[row], member[row])
+                batch += _PLAN_AHEAD * self.workers
+        finally:
+            for r in readers:
+                r.close()
 
-    def _reader_batches(self, reader: int, epoch: int, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        counts = [s.samples for s in self.manifest.shards]
-        size, window = self.micro_batch_size, self.shuffle_window
-        while True:
-            shards = shard_order(self.seed, epoch, len(counts))[reader :: self.dp_size * self.workers]
-            skip, wanted = batch * size, (self.per_reader - batch) * size
-            pending = np.empty((0, self.manifest.sequence_length), dtype=self.manifest.dtype)
-            for group in range(math.ceil(len(shards) / window)):
-                if wanted == 0:
-                    break
-                members = shards[group * window : (group + 1) * window]
-                samples = sum(counts[shard] for shard in members)
-                if skip >= samples:
-                    skip -= samples  # skipped whole, without opening its files
-                    continue
-                tokens = np.concatenate([read_shard(self.manifest, shard, self.vocab_size)[0] for shard in members])
-                order = group_order(self.seed, epoch, reader, group, samples)[skip : skip + wanted]
-                skip, wanted = 0, wanted - len(order)
-                pending = np.concatenate([pending, tokens[order]])
-                while len(pending) >= size:
-                    yield _to_tensors(pending[:size])
-                    pending = pending[size:]
-            epoch, batch = epoch + 1, 0
-
-
-class StreamPosition:
-    """The resumable position of an endless stream of micro batches, (epoch, batch_in_epoch), saved
-    with the layout the stream depends on: a state is refused by a stream of another layout."""
-
-    batches_per_epoch: int
-    _position: int
-
-    def _layout(self) -> dict:
-        raise NotImplementedError
-
-    def _restart(self) -> None:
-        """Called after the position moved: the next batch is read from there."""
-
-    def close(self) -> None:
-        """Stop any reader processes now. They ignore stop signals (_leave_signals_to_trainer), so
-        the interpreter's exit, which terminates them with a signal, must not be left to do it."""
-        self._restart()
-
-    def state_dict(self) -> dict:
-        epoch, batch_in_epoch = divmod(self._position, self.batches_per_epoch)
-        return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, **self._layout()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, value in self._layout().items():
-            if state.get(name) != value:
-                raise ValueError(
-                    f"loader state has {name}={state.get(name)!r} but this loader has {value!r}: "
-                    "it would not continue the same stream"
-                )
-        for name, limit in (("epoch", None), ("batch_in_epoch", self.batches_per_epoch)):
-            value = state.get(name)
-            if not isinstance(value, int) or value < 0 or (limit is not None and value >= limit):
-                raise ValueError(f"loader state field {name} must be an int in 0..{limit or 'inf'}, got {value!r}")
-        self._position = state["epoch"] * self.batches_per_epoch + state["batch_in_epoch"]
-        self._restart()
+    def _batch(self, readers, bad_shards, source, shard, member):
+        first = self.plan.manifests[0]
+        rows = np.zeros((len(source), first.sequence_length), dtype=first.dtype)
+        keep = np.ones(len(source), dtype=bool)
+        skipped = []
+        for i, (j, s, m) in enumerate(zip(source.tolist(), shard.tolist(), member.tolist())):
+            try:
+                if (j, s) in bad_shards:
+                    raise ShardError(bad_shards[(j, s)])
+                tokens = readers[j].read(s, m)
+                if tokens.max() >= self.vocab_size:
+                    manifest = self.plan.manifests[j]
+                    raise SampleError(
+                        f"shard {self.location.name(manifest.source, shard_name(s))} member "
+                        f"{member_name(s * manifest.samples_per_shard + m)} holds token id {tokens.max()}, outside "
+                        f"the model's vocabulary of {self.vocab_size} ids (the shards were built with a larger "
+                        "tokenizer, or are corrupt)")
+                rows[i] = tokens
+            except (ShardError, RemoteError, OSError) as e:
+                if self.on_error == "raise":
+                    raise
+                if not isinstance(e, SampleError):
+                    bad_shards[(j, s)] = str(e)  # the whole shard is unusable: do not try each sample
+                keep[i] = False
+                skipped.append(str(e))
+        return rows, keep, skipped
 
 
-class TokenBatches(StreamPosition):
-    """Endless (input_ids, labels) int64 micro batches, each [micro_batch_size, context_length],
-    of one data-parallel rank; see the module docstring for the order. Every id is checked to be
-    below vocab_size (the model's embedding rows) as its shard is read."""
+class TokenBatches:
+    """Endless (input_ids, labels) int64 micro batches, each [micro_batch_size, context_length], of
+    one data-parallel rank; see the module docstring for the order."""
 
-    def __init__(self, manifest_dir: str | Path, *, vocab_size: int, micro_batch_size: int, dp_rank: int,
-                 dp_size: int, seed: int, num_workers: int = 0, shuffle_window: int = 8):
+    def __init__(self, location: str | Path, *, weights: dict[str, float] | None, vocab_size: int,
+                 global_batch: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
+                 num_workers: int = 0, shuffle_window: int = 8, on_error: OnError = "raise",
+                 cache_dir: str | Path | None = None, retries: int = 5, backoff_s: float = 1.0):
         for name, value, low in (("vocab_size", vocab_size, 1), ("micro_batch_size", micro_batch_size, 1),
                                  ("dp_size", dp_size, 1), ("seed", seed, 0), ("num_workers", num_workers, 0),
-                                 ("shuffle_window", shuffle_window, 1)):
+                                 ("shuffle_window", shuffle_window, 1), ("global_batch", global_batch, 1)):
             if value < low:
                 raise ValueError(f"{name} must be at least {low}, got {value}")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is outside 0..{dp_size - 1} (dp_size {dp_size})")
-        self.manifest = read_manifest(manifest_dir)
-        self.vocab_size = vocab_size
-        self.micro_batch_size = micro_batch_size
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
-        self.seed = seed
-        self.num_workers = num_workers
-        self.shuffle_window = shuffle_window
-        workers = max(1, num_workers)
-        readers = dp_size * workers
-        counts = [s.samples for s in self.manifest.shards]
-        if len(counts) < readers:
-            raise ValueError(
-                f"{self.manifest.directory} has {len(counts)} shards, fewer than the {readers} readers "
-                f"(dp_size {dp_size} x {workers} per rank) that each need one: rebuild the shards with a "
-                "smaller --samples-per-shard or use fewer loader workers"
-            )
-        self._per_reader = batches_per_reader(counts, readers, micro_batch_size)
-        if self._per_reader == 0:
-            raise ValueError(
-                f"{self.manifest.directory}: micro_batch_size {micro_batch_size} is larger than the samples "
-                f"a reader is sure to get per epoch ({sum(sorted(counts)[: len(counts) // readers])})"
-            )
-        self.batches_per_epoch = workers * self._per_reader
-        self.tokens_per_batch = micro_batch_size * self.manifest.context_length
+        if global_batch % (micro_batch_size * dp_size):
+            raise ValueError(f"global batch {global_batch} is not a multiple of micro batch {micro_batch_size} x "
+                             f"data-parallel size {dp_size}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.location = Location(location, cache_dir, retries, backoff_s)
+        manifests = read_corpus(self.location)
+        weights = self._weights(manifests, weights)
+        self.plan = Plan(manifests, integer_weights(weights), seed, shuffle_window)
+        self.vocab_size, self.global_batch, self.micro_batch_size = vocab_size, global_batch, micro_batch_size
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
+        self.num_workers, self.shuffle_window, self.on_error = num_workers, shuffle_window, on_error
+        self.accumulation = global_batch // (micro_batch_size * dp_size)
+        self.manifest = self.plan.manifests[0]  # what every source shares: context length, vocabulary
+        self.tokens_per_batch = micro_batch_size * self.context_length
+        self.skipped_samples = 0  # this rank's, since this loader was made
         self._position = 0
-        self._batches = None
+        self._batches = self._stopper = None
         if dp_rank == 0:
-            used = readers * self._per_reader * micro_batch_size
-            total = sum(counts)
-            log.info(
-                "%s: %d batches of %d per rank per epoch; %d of %d samples (%.1f%%) left out of each "
-                "epoch so that all %d readers yield the same number of batches",
-                self.manifest.directory, self.batches_per_epoch, micro_batch_size, total - used, total,
-                100 * (total - used) / total, readers,
-            )
+            shares = self.plan.interleave.counts / self.plan.interleave.period
+            log.info("%s: mixture %s; no sample is left out of an epoch (a source's next epoch follows on)",
+                     self.location.base, ", ".join(f"{n} {s:.1%}" for n, s in zip(self.plan.names, shares)))
+
+    @staticmethod
+    def _weights(manifests: dict[str, SourceManifest], weights: dict[str, float] | None) -> dict[str, float]:
+        if not weights:
+            return {name: m.num_samples for name, m in manifests.items()}
+        unknown = sorted(set(weights) - set(manifests))
+        if unknown:
+            raise ShardError(f"mixture weights name sources {unknown} that the corpus does not have "
+                             f"(it has {sorted(manifests)})")
+        left_out = sorted(set(manifests) - set(weights))
+        if left_out:
+            log.info("sources %s have no mixture weight and are not read", left_out)
+        return {name: w for name, w in weights.items() if w > 0}
 
     @property
     def context_length(self) -> int:
@@ -214,29 +220,73 @@ class TokenBatches(StreamPosition):
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._batches is None:
-            self._batches = iter(self._stream())
-        batch = next(self._batches)
+            stream = _RankStream(self, self._position)
+            # Workers send the shards' own small ids, as numpy (pickled through a pipe): a tensor per
+            # batch would cost a shared-memory segment each, and int64 four times the bytes.
+            self._batches = iter(stream if self.num_workers == 0 else DataLoader(
+                stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=_leave_signals_to_trainer,
+                collate_fn=_as_is))
+            # Runs at close(), when this loader is collected, or at exit, whichever comes first:
+            # weakref's exit hook runs before multiprocessing's, which would wait on them forever.
+            self._stopper = weakref.finalize(self, _stop_workers, self._batches)
+        rows, keep, skipped = next(self._batches)
+        sequences = torch.from_numpy(rows.astype(np.int64))
+        inputs, labels = sequences[:, :-1].contiguous(), sequences[:, 1:].contiguous()
+        labels[torch.from_numpy(~keep)] = IGNORE
         self._position += 1
-        return batch
+        for why in skipped:
+            log.warning("skipped a sample (data.on_error=skip): %s", why)
+        self.skipped_samples += len(skipped)
+        return inputs, labels
 
-    def _stream(self):
-        stream = _RankStream(
-            self.manifest, vocab_size=self.vocab_size, seed=self.seed, micro_batch_size=self.micro_batch_size,
-            dp_rank=self.dp_rank, dp_size=self.dp_size, workers=max(1, self.num_workers),
-            shuffle_window=self.shuffle_window, per_reader=self._per_reader, start=self._position,
-        )
-        if self.num_workers == 0:
-            return stream
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=_leave_signals_to_trainer)
+    def close(self) -> None:
+        """Stop the reader processes now (see _stop_workers); also done at exit if never called."""
+        if self._stopper is not None:
+            self._stopper()
+        self._batches = self._stopper = None
 
-    def _layout(self) -> dict:
-        # What the stream depends on besides the position: resuming under other values would not
-        # continue the same stream.
+    def _consumed(self) -> int:
+        step, micro = divmod(self._position, self.accumulation)
+        if micro:
+            raise ValueError(f"the loader is {micro} micro batches into a step of {self.accumulation}: a state "
+                             "is taken at a step boundary")
+        return step * self.global_batch
+
+    def state_dict(self) -> dict:
+        consumed = self._consumed()
+        cursors = self.plan.interleave.cursors(consumed)
         return {
-            "micro_batch_size": self.micro_batch_size, "dp_size": self.dp_size, "num_workers": self.num_workers,
-            "seed": self.seed, "shuffle_window": self.shuffle_window, "num_samples": self.manifest.num_samples,
+            "format": 2, "samples": consumed, "global_batch": self.global_batch, "seed": self.seed,
+            "shuffle_window": self.shuffle_window,
+            "epoch": {n: int(c) // m.num_samples for n, m, c in zip(self.plan.names, self.plan.manifests, cursors)},
+            "sources": {n: {"weight": int(w), "num_samples": m.num_samples, "samples_per_shard": m.samples_per_shard,
+                            "cursor": int(c)}
+                        for n, w, m, c in zip(self.plan.names, self.plan.interleave.counts, self.plan.manifests,
+                                              cursors)},
         }
 
-    def _restart(self) -> None:
-        # Dropping the iterator also stops its DataLoader workers.
-        self._batches = None
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict(), possibly of another number of ranks, workers or micro batch
+        size: the global batch, seed, shuffle window, weights and sources must be the same."""
+        if not isinstance(state, dict) or state.get("format") != 2:
+            raise ValueError("loader state is not one of this loader's (written by an older version?): "
+                             "it cannot continue the same stream")
+        mine = self.state_dict()
+        for name in ("global_batch", "seed", "shuffle_window"):
+            if state.get(name) != mine[name]:
+                raise ValueError(f"loader state has {name}={state.get(name)!r} but this loader has {mine[name]!r}: "
+                                 "it would not continue the same global sample sequence")
+        layout = {n: {k: v for k, v in s.items() if k != "cursor"} for n, s in mine["sources"].items()}
+        saved = {n: {k: v for k, v in s.items() if k != "cursor"} for n, s in state.get("sources", {}).items()}
+        if saved != layout:
+            raise ValueError(f"loader state was saved for sources {saved}, this loader reads {layout}: "
+                             "it would not continue the same global sample sequence")
+        samples = state.get("samples")
+        if not isinstance(samples, int) or samples < 0 or samples % self.global_batch:
+            raise ValueError(f"loader state field samples must be a multiple of the global batch "
+                             f"{self.global_batch}, got {samples!r}")
+        cursors = self.plan.interleave.cursors(samples)
+        if [s["cursor"] for s in state["sources"].values()] != cursors.tolist():
+            raise ValueError(f"loader state's source cursors {state['sources']} do not match its position {samples}")
+        self._position = samples // self.global_batch * self.accumulation
+        self.close()

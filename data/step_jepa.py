@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from data.chats import Example
+from data.tokenizer import IGNORE
 
-IGNORE = -100  # PyTorch's default ignore_index: labels the LM loss skips
 
 
 @dataclass

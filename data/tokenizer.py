@@ -55,6 +55,7 @@ def special_id(token: str) -> int:
 PAD_ID = special_id(PAD)
 BOS_ID = special_id(BOS)
 EOS_ID = special_id(EOS)
+IGNORE = -100  # PyTorch's default ignore_index: labels the LM loss skips
 
 
 def predictor_token_id(i: int) -> int:

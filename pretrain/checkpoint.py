@@ -223,15 +223,16 @@ def verify_checksums(tag_dir: Path) -> None:
 def load(engine, tag_dir: Path) -> dict:
     """Restore checkpoint `tag_dir` into the engine and this rank's RNG; return the training state
     saved with it. The LR scheduler's state is restored too (its step count); the trainer re-derives
-    the learning rates from the current config."""
+    the learning rates from the current config. On another world size (more or fewer data-parallel
+    ranks) rank r takes the RNG state of saved rank r mod the saved world size."""
     verify_checksums(tag_dir)
-    rng_file = tag_dir / f"rng_state_rank{dist.get_rank():05d}.pt"
+    saved_world = read_marker(tag_dir)["layout"]["world_size"]
+    rng_file = tag_dir / f"rng_state_rank{dist.get_rank() % saved_world:05d}.pt"
     rng, error = None, None
     try:
         rng = safe_load(rng_file)
     except FileNotFoundError:
-        error = (f"checkpoint {tag_dir} has no {rng_file.name}: it was written by fewer ranks than the "
-                 f"{dist.get_world_size()} running now")
+        error = f"checkpoint {tag_dir} has no {rng_file.name}, though its {MARKER} lists {saved_world} ranks"
     except CheckpointError as e:
         error = str(e)
     errors = [None] * dist.get_world_size()
@@ -254,11 +255,14 @@ def load(engine, tag_dir: Path) -> dict:
 # precision, objective) would not match the saved tensors or would silently train another model.
 _MAY_CHANGE = ("training.optimizers.lr", "training.scheduler.", "training.train_tokens", "training.train_steps",
                "training.max_nonfinite_steps", "training.kernels", "parallel.activation_checkpointing", "logging.",
-               "checkpoint.", "validation.", "run.name", "run.output_dir", "data.valid_shards", "data.valid_chats")
+               "checkpoint.", "validation.", "run.name", "run.output_dir", "data.valid_shards", "data.valid_chats",
+               "data.num_workers", "data.on_error", "data.cache_dir", "data.remote_", "training.micro_batch_size",
+               "training.gradient_accumulation_steps", "data-parallel size")
 # These decide which sample comes next; the loader state can only continue the layout it was saved in.
-_DATA_LAYOUT = ("data.shards", "data.chats", "data.seed", "data.shuffle_window", "data.num_workers", "data.max_len",
-                "data.document_mask", "training.batch_size", "training.micro_batch_size",
-                "training.gradient_accumulation_steps", "run.seed", "data-parallel size")
+# (The token loader's order depends on the global batch, not on how it is split: ranks, micro
+# batches and workers may change. The chat loader's state names what it cannot follow itself.)
+_DATA_LAYOUT = ("data.shards", "data.mixture", "data.chats", "data.seed", "data.shuffle_window", "data.max_len",
+                "data.document_mask", "training.batch_size", "run.seed")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

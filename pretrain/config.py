@@ -194,14 +194,25 @@ class TrainingConfig(Section):
 
 class DataConfig(Section):
     tokenizer: str = "runs/tiny/tokenizer.json"
-    shards: str = "runs/tiny/shards"  # directory holding manifest.json
+    # A corpus of token shards (tools/build_shards.py): a directory holding corpus.json and one
+    # directory per source, or the same layout at an http(s):// URL.
+    shards: str = "runs/tiny/shards"
+    # Source name -> weight (any scale: 30/10/... or 0.3/0.1/...); sources left out are not read.
+    # None: every source of the corpus by its number of samples.
+    mixture: dict[str, NonNegativeFloat] | None = None
     valid_shards: str | None = None  # held-out shards for the validation loop
     chats: str | None = None  # jsonl of {"messages": [...]} records (chat objectives)
     valid_chats: str | None = None
     max_len: PositiveInt = 1024  # chat records are cut to this many tokens
     num_workers: NonNegativeInt = 1  # 0: read in the training process
     seed: Seed = 1234
-    shuffle_window: PositiveInt = 8  # shards whose samples each loader reader shuffles together
+    shuffle_window: PositiveInt = 8  # shards of a source whose samples are shuffled together
+    # A sample that cannot be read (corrupt member, truncated or missing shard): stop with an error
+    # naming it, or leave it out of the loss, count it (data_skipped_samples) and go on.
+    on_error: Literal["raise", "skip"] = "raise"
+    cache_dir: str | None = None  # local copies of remote (http) shards
+    remote_retries: NonNegativeInt = 5
+    remote_backoff_s: NonNegativeFloat = 1.0  # the first retry's wait; each next one waits twice as long
     # Packed sequences: positions restart after every eos and attention stays inside each document.
     document_mask: bool = False
 

@@ -65,11 +65,12 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
     dp_rank = parallel_state.get_data_parallel_rank()
     data = objective.batches("train", dp_rank, dp_size)
     cleanup.callback(data.close)
-    state = {"step": 0, "tokens_seen": 0, "nonfinite_steps": 0, "train_loss": float("nan"), "eval_metrics": {}}
+    state = {"step": 0, "tokens_seen": 0, "nonfinite_steps": 0, "train_loss": float("nan"), "eval_metrics": {},
+             "data_skipped_samples": 0}
     if tag_dir:
         saved = checkpoint.load(engine, tag_dir)
         data.load_state_dict(saved["data"])
-        state.update({k: saved[k] for k in state})
+        state.update({k: saved.get(k, state[k]) for k in state})
         _schedule_from_config(engine, cfg)
     total = cfg.train_steps()
     stop_at = min(total, stop_after or total)
@@ -82,16 +83,19 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
     if log:
         log.note(f"MFU against a peak of {peak / 1e12:.3g} TFLOP/s per device ({peak_source})")
     in_a_row = signum = 0
+    skipped_before = state["data_skipped_samples"]
     while state["step"] < stop_at and not signum:
         start = time.perf_counter()
         micro_batches = [next(data) for _ in range(accum)]
         result = train_step(engine, objective, micro_batches)
-        tokens, fingerprint = _consumed(objective, micro_batches)
+        tokens, fingerprint, skipped = _consumed(objective, micro_batches, data.skipped_samples)
         state["step"] += 1
         state["tokens_seen"] += tokens
         state["train_loss"] = result.losses["loss"]
+        state["data_skipped_samples"] = skipped_before + skipped
         record = {**result.losses, "lr": engine.get_lr()[0], "grad_norm": result.grad_norm,
                   "tokens_seen": state["tokens_seen"], "data_fingerprint": fingerprint,
+                  "data_skipped_samples": state["data_skipped_samples"],
                   **speed.update(tokens, time.perf_counter() - start)}
         in_a_row = in_a_row + 1 if result.skipped or not math.isfinite(result.losses["loss"]) else 0
         state["nonfinite_steps"] += in_a_row > 0
@@ -141,18 +145,20 @@ def validate(cfg: Config, engine, objective, dp_rank: int, dp_size: int) -> dict
     return metrics
 
 
-def _consumed(objective, micro_batches: list) -> tuple[int, int]:
-    """(tokens, fingerprint) of the step over all data-parallel ranks. The fingerprint is a
-    position-weighted checksum of the input ids: equal fingerprints mean the same samples were read."""
+def _consumed(objective, micro_batches: list, skipped: int) -> tuple[int, int, int]:
+    """(tokens, fingerprint, skipped samples) of the step over all data-parallel ranks. The
+    fingerprint is a checksum of the step's samples, position-weighted within each sample and summed
+    over samples: equal fingerprints mean the same samples were read, however they were split over
+    ranks and micro batches. `skipped`: this rank's loader's count of unreadable samples."""
     tokens, fingerprint = 0, 0
     for batch in micro_batches:
         ids = objective.input_ids(batch).long()
-        weights = torch.arange(1, ids.numel() + 1, dtype=torch.int64).view_as(ids)
+        rows = (ids * torch.arange(1, ids.shape[-1] + 1, dtype=torch.int64)).sum(-1) % (1 << 28)
         tokens += ids.numel()
-        fingerprint = (fingerprint + int((ids * weights).sum())) % (1 << 56)
-    both = torch.tensor([tokens, fingerprint], dtype=torch.int64)
+        fingerprint = (fingerprint + int((rows * rows).sum())) % (1 << 56)
+    both = torch.tensor([tokens, fingerprint, skipped], dtype=torch.int64)
     dist.all_reduce(both, group=parallel_state.get_data_parallel_group())
-    return int(both[0]), int(both[1]) % (1 << 56)
+    return int(both[0]), int(both[1]) % (1 << 56), int(both[2])
 
 
 def _flops_per_token(cfg: Config, engine, tokenizer) -> float:
@@ -201,6 +207,14 @@ def _resume_point(cfg: Config, dp_size: int) -> tuple[Path, list[str]]:
     marker = checkpoint.read_marker(tag_dir)
     changes = checkpoint.config_changes(marker["config"], json.loads(json.dumps(cfg.model_dump())),
                                         marker["layout"]["dp"], dp_size)
+    if marker["layout"]["dp"] != dp_size and cfg.parallel.zero_stage > 0:
+        # DeepSpeed refuses it too (ZeRORuntimeException), after building the engine; this says why first.
+        raise CheckpointError(
+            f"--resume: {tag_dir} was written by {marker['layout']['dp']} data-parallel ranks, this run has {dp_size}; "
+            f"ZeRO stage {cfg.parallel.zero_stage} partitions the optimizer state over the data-parallel ranks and "
+            "DeepSpeed cannot re-partition it. Resume on the same number of data-parallel ranks (the data loader "
+            "could continue on any: its order depends only on training.batch_size), or train with "
+            "parallel.zero_stage 0, whose checkpoints resume on any number")
     if cfg.model.type == "gpt" and (tag_dir / "tokenizer.json").read_bytes() != Path(cfg.data.tokenizer).read_bytes():
         raise CheckpointError(f"--resume: {cfg.data.tokenizer} is not the tokenizer the checkpoint was trained with "
                               f"({tag_dir / 'tokenizer.json'})")

@@ -207,13 +207,17 @@ def test_resume_refuses_a_changed_model_or_data_layout_listing_the_differences(t
     from pretrain.checkpoint import CheckpointError
     from pretrain.trainer import _resume_point
 
-    cfg = _config(tiny_data, reference[0], ["model.hidden_size=32", "training.micro_batch_size=4",
-                                             "training.gradient_accumulation_steps=2"])
+    cfg = _config(tiny_data, reference[0], ["model.hidden_size=32", "training.batch_size=16"])
     with pytest.raises(CheckpointError) as e:
-        _resume_point(cfg, dp_size=1)
+        _resume_point(cfg, dp_size=2)
     assert "these cannot change on resume:\n  model.hidden_size: 64 -> 32" in str(e.value)
-    assert "change the data layout" in str(e.value) and "training.micro_batch_size: 2 -> 4" in str(e.value)
-    assert "data-parallel size: 2 -> 1" in str(e.value)
+    assert "change the data layout" in str(e.value) and "training.batch_size: 8 -> 16" in str(e.value)
+    # Another split of the same global batch is fine for the data; ZeRO's partitioned state is not.
+    cfg = _config(tiny_data, reference[0], ["training.micro_batch_size=4"])
+    assert "training.micro_batch_size: 2 -> 4" in _resume_point(cfg, dp_size=2)[1]
+    with pytest.raises(CheckpointError, match="was written by 2 data-parallel ranks, this run has 1; ZeRO stage 1 "
+                                              "partitions the optimizer state"):
+        _resume_point(cfg, dp_size=1)
     with pytest.raises(CheckpointError, match=f"no complete checkpoint in {reference[0].parent / 'none'}"):
         _resume_point(_config(tiny_data, reference[0].parent / "none"), dp_size=2)
 

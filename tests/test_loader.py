@@ -1,218 +1,327 @@
-"""The streaming loader: order, rank and worker splits, resuming, and clear errors."""
+"""The mixture loader: the documented global order, weights, rank/worker/micro-batch independence,
+exact and elastic resumption, nothing left out, and bad samples raised or skipped."""
 
 import json
 import logging
-import random
+import shutil
 from itertools import islice
 
 import numpy as np
 import pytest
 import torch
 
-import data.loader
-from data.loader import TokenBatches
-from data.shards import ShardError, read_manifest, read_shard
-from tools import build_shards, train_tokenizer
+from data.loader import Plan, TokenBatches, rank_positions
+from data.mixture import Interleave, SourceOrder, integer_weights, key_of, permute
+from data.shards import Location, ShardError, read_corpus, shard_name
+from data.tokenizer import IGNORE
+from tools.build_shards import write_source
 
 CONTEXT = 8
-BATCH = 3
+SPS = 11  # samples per shard
 SEED = 7
-VOCAB = 300
+VOCAB = 3000
+# Sources of different sizes, each with a short last shard: a 30 shards, b 7, c 3.
+SIZES = {"a": 30 * SPS - 4, "b": 7 * SPS - 10, "c": 2 * SPS + 1}
+
+
+def rows_of(source_id: int, n: int) -> np.ndarray:
+    """Samples that say who they are: [source id, sample number, ...]."""
+    rows = np.zeros((n, CONTEXT + 1), dtype=np.int64)
+    rows[:, 0] = source_id
+    rows[:, 1] = np.arange(n)
+    rows[:, 2:] = (np.arange(n)[:, None] * 7 + np.arange(CONTEXT - 1)) % VOCAB
+    return rows
 
 
 @pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loader")
-    rng = random.Random(3)
-    texts = [" ".join(f"w{rng.randrange(10**6)}" for _ in range(rng.randint(5, 25))) for _ in range(30)]
-    with open(root / "corpus.jsonl", "w") as f:
-        for i, text in enumerate(texts):
-            f.write(json.dumps({"text": text, "source": "a" if i % 4 else "b"}) + "\n")
-    train_tokenizer.train_tokenizer(texts, VOCAB, show_progress=False).save(str(root / "tokenizer.json"))
-    build_shards.build_shards(
-        [root / "corpus.jsonl"], root / "tokenizer.json", root / "shards", CONTEXT, workers=1,
-        samples_per_shard=11, show_progress=False,
-    )
-    manifest = read_manifest(root / "shards")
-    # The fixture must exercise uneven shards and samples that identify themselves.
-    assert len(manifest.shards) >= 8 and manifest.shards[-1].samples < 11
-    rows = np.concatenate([read_shard(manifest, i)[0] for i in range(len(manifest.shards))])
-    assert len({r.tobytes() for r in rows}) == len(rows)
-    return root / "shards"
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    for i, (name, n) in enumerate(SIZES.items()):
+        write_source(root, name, rows_of(i, n), SPS, VOCAB)
+    return root
 
 
-def expected_epoch(shard_dir, epoch, dp_rank, dp_size, workers, window) -> list[np.ndarray]:
-    """One rank's batches of one epoch, computed from the order the loader documents."""
-    manifest = read_manifest(shard_dir)
-    counts = [s.samples for s in manifest.shards]
-    readers = dp_size * workers
-    per_reader = sum(sorted(counts)[: len(counts) // readers]) // BATCH
-    order = np.random.default_rng([SEED, epoch]).permutation(len(counts))
-    reader_batches = []
-    for w in range(workers):
-        reader = dp_rank * workers + w
-        shards = order[reader::readers]
-        rows = []
-        for start in range(0, len(shards), window):
-            tokens = np.concatenate([read_shard(manifest, shard)[0] for shard in shards[start : start + window]])
-            group_rng = np.random.default_rng([SEED, epoch, reader, start // window])
-            rows.extend(tokens[group_rng.permutation(len(tokens))])
-        rows = np.array(rows[: per_reader * BATCH], dtype=np.int64)
-        reader_batches.append(rows.reshape(per_reader, BATCH, CONTEXT + 1))
-    return [reader_batches[w][b] for b in range(per_reader) for w in range(workers)]
+NAMES = list(SIZES)
 
 
-def loader(shard_dir, dp_rank=0, dp_size=1, workers=0, window=8):
-    return TokenBatches(shard_dir, vocab_size=VOCAB, micro_batch_size=BATCH, dp_rank=dp_rank, dp_size=dp_size,
-                        seed=SEED, num_workers=workers, shuffle_window=window)
+def loader(corpus, *, weights=None, global_batch=12, micro=3, dp_rank=0, dp_size=1, workers=0, window=4, **kw):
+    return TokenBatches(corpus, weights=weights, vocab_size=VOCAB, global_batch=global_batch, micro_batch_size=micro,
+                        dp_rank=dp_rank, dp_size=dp_size, seed=SEED, num_workers=workers, shuffle_window=window, **kw)
 
 
-def shard_of_row(shard_dir) -> dict[bytes, int]:
-    """The shard of every sample, by content (the fixture's samples are all distinct)."""
-    manifest = read_manifest(shard_dir)
-    return {r.tobytes(): i for i in range(len(manifest.shards)) for r in read_shard(manifest, i)[0].astype(np.int64)}
-
-
-def sequences(batches) -> list[np.ndarray]:
-    """Rebuild [batch, context + 1] sequences from (input_ids, labels) and check their shapes."""
+def samples(batches) -> list[tuple[str, int]]:
+    """(source, sample number) of every row of (input_ids, labels) batches, checking the shift."""
     out = []
-    for input_ids, labels in batches:
-        assert input_ids.shape == labels.shape == (BATCH, CONTEXT)
-        assert input_ids.dtype == labels.dtype == torch.int64
-        assert torch.equal(input_ids[:, 1:], labels[:, :-1])
-        out.append(torch.cat([input_ids, labels[:, -1:]], dim=1).numpy())
+    for inputs, labels in batches:
+        assert inputs.shape == labels.shape == (inputs.shape[0], CONTEXT) and inputs.dtype == torch.int64
+        assert (inputs[:, 1:] == labels[:, :-1]).all()
+        out += [(NAMES[int(r[0])], int(r[1])) for r in inputs]
     return out
 
 
-def assert_same(actual, expected):
-    assert len(actual) == len(expected)
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        assert np.array_equal(a, e), f"batch {i} differs"
+def global_sequence(corpus, steps, *, dp_size=1, micro=3, global_batch=12, workers=0, **kw) -> list:
+    """The samples of `steps` optimizer steps, rank by rank within each step: the global order."""
+    accum = global_batch // (micro * dp_size)
+    ranks = [loader(corpus, dp_rank=r, dp_size=dp_size, micro=micro, global_batch=global_batch, workers=workers, **kw)
+             for r in range(dp_size)]
+    per_rank = [samples(islice(r, steps * accum)) for r in ranks]
+    for r in ranks:
+        r.close()
+    per_step = global_batch // dp_size
+    return [s for step in range(steps) for rank in per_rank for s in rank[step * per_step:(step + 1) * per_step]]
 
 
-@pytest.mark.parametrize("window", [1, 3, 8])
-@pytest.mark.parametrize("dp_rank,dp_size,workers", [(0, 1, 0), (1, 2, 0), (0, 1, 2), (1, 2, 2)])
-def test_stream_follows_the_documented_order_for_two_epochs(shard_dir, dp_rank, dp_size, workers, window):
-    batches = loader(shard_dir, dp_rank, dp_size, workers, window)
-    expected = [expected_epoch(shard_dir, e, dp_rank, dp_size, max(1, workers), window) for e in (0, 1)]
-    assert batches.batches_per_epoch == len(expected[0])
-    assert batches.tokens_per_batch == BATCH * CONTEXT
-    assert_same(sequences(islice(batches, 2 * batches.batches_per_epoch)), expected[0] + expected[1])
+def test_permute_is_a_bijection_for_any_size_and_differs_by_key():
+    for n in (1, 2, 3, 7, 64, 65, 1000, 4099):
+        assert sorted(permute(np.arange(n), n, key_of(1, n)).tolist()) == list(range(n))
+    a, b = permute(np.arange(100), 100, key_of(1)), permute(np.arange(100), 100, key_of(2))
+    assert (a != b).mean() > 0.9 and (a != np.arange(100)).mean() > 0.9
 
 
-def test_same_seed_same_batches_other_epoch_other_order(shard_dir):
-    first = sequences(islice(loader(shard_dir), 40))
-    assert_same(sequences(islice(loader(shard_dir), 40)), first)
-    batches = loader(shard_dir)
-    epochs = sequences(islice(batches, 2 * batches.batches_per_epoch))
-    epoch0, epoch1 = epochs[: batches.batches_per_epoch], epochs[batches.batches_per_epoch :]
-    assert not np.array_equal(np.stack(epoch0), np.stack(epoch1))
-    other_seed = TokenBatches(shard_dir, vocab_size=VOCAB, micro_batch_size=BATCH, dp_rank=0, dp_size=1, seed=SEED + 1)
-    assert not np.array_equal(np.stack(sequences(islice(other_seed, 5))), np.stack(first[:5]))
+def test_a_source_epoch_visits_every_sample_once_in_windows_of_shards():
+    order = SourceOrder(index=5, num_samples=30 * SPS - 4, samples_per_shard=SPS, window=4, seed=SEED)
+    n = order.num_samples
+    epoch, shard, member = order.locate(np.arange(3 * n))
+    assert (epoch == np.repeat([0, 1, 2], n)).all()
+    first, second = [set(zip(shard[e * n:(e + 1) * n].tolist(), member[e * n:(e + 1) * n].tolist())) for e in (0, 1)]
+    everything = {(s, m) for s in range(30) for m in range(SPS if s < 29 else SPS - 4)}
+    assert first == second == everything
+    assert (shard[:n] != shard[n:2 * n]).any()  # each epoch is shuffled anew
+    # The first 4 shards' worth of samples come from 4 shards, mixed: not one shard after another.
+    window = shard[:4 * SPS]
+    assert len(set(window.tolist())) == 4 and (np.diff(window) != 0).sum() > 2 * SPS
+    # The short last shard is read in the epoch's last window (slots 28 and 29).
+    assert np.flatnonzero(shard[:n] == 29).min() >= 28 * SPS
 
 
-def test_a_micro_batch_mixes_shards_of_the_window(shard_dir):
-    shard_of = shard_of_row(shard_dir)
-
-    def shards_per_batch(batches):
-        return [len({shard_of[r.tobytes()] for r in b}) for b in sequences(islice(batches, batches.batches_per_epoch))]
-
-    one_shard_at_a_time = shards_per_batch(loader(shard_dir, window=1))
-    # Only the batches that straddle two consecutive shards mix them.
-    assert sum(n > 1 for n in one_shard_at_a_time) < len(read_manifest(shard_dir).shards)
-    # Without shuffle_window, to check that the default mixes.
-    mixed = shards_per_batch(TokenBatches(shard_dir, vocab_size=VOCAB, micro_batch_size=BATCH, dp_rank=0, dp_size=1,
-                                          seed=SEED))
-    assert mixed[0] > 1
-    assert sum(n > 1 for n in mixed) > 0.9 * len(mixed)
+def test_integer_weights_keep_the_proportions():
+    assert integer_weights({"a": 30, "b": 10, "c": 10, "d": 10, "e": 5, "f": 5, "g": 25, "h": 5}) == dict(
+        a=6, b=2, c=2, d=2, e=1, f=1, g=5, h=1)
+    assert integer_weights({"code": 0.8, "text": 0.2}) == {"code": 4, "text": 1}
+    assert integer_weights({"a": 1, "b": 0}) == {"a": 1}
+    with pytest.raises(ValueError, match=r"weight of source 'b' \(1e-06\) is below 1/10000 of the total"):
+        integer_weights({"a": 1, "b": 1e-6})
+    with pytest.raises(ValueError, match=r"weight of source 'a' must be a finite number >= 0, got -1"):
+        integer_weights({"a": -1})
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_ranks_see_disjoint_samples_covering_the_kept_ones(shard_dir, workers):
-    manifest = read_manifest(shard_dir)
-    all_rows = {r.tobytes() for i in range(len(manifest.shards)) for r in read_shard(manifest, i)[0].astype(np.int64)}
-    seen = []
-    for rank in range(2):
-        batches = loader(shard_dir, rank, 2, workers)
-        assert batches.batches_per_epoch == loader(shard_dir, 1 - rank, 2, workers).batches_per_epoch
-        seen.append({r.tobytes() for b in sequences(islice(batches, batches.batches_per_epoch)) for r in b})
-    readers = 2 * max(1, workers)
-    counts = [s.samples for s in manifest.shards]
-    kept = readers * (sum(sorted(counts)[: len(counts) // readers]) // BATCH) * BATCH
-    assert not seen[0] & seen[1]
-    assert len(seen[0]) == len(seen[1]) == kept // 2
-    assert seen[0] | seen[1] <= all_rows
+def test_the_interleave_gives_every_run_of_positions_its_share():
+    """Tolerance: in any run of positions a source's count is within 2 of share x length (each source's
+    positions are evenly spaced; a run's ends cut at most one spacing off each side). A random draw
+    would be off by about sqrt(length), 8 samples in a run of 1,000."""
+    weights = integer_weights({"a": 30, "b": 10, "c": 10, "d": 10, "e": 5, "f": 5, "g": 25, "h": 5})
+    mix = Interleave(weights)
+    source, cursor = mix.locate(np.arange(20_000))
+    shares = np.array(list(weights.values())) / sum(weights.values())
+    for start, length in ((0, 20_000), (137, 1000), (5, 17), (999, 64)):
+        counts = np.bincount(source[start:start + length], minlength=8)
+        assert np.abs(counts - shares * length).max() < 2
+    for j in range(8):  # each source's cursor counts its own earlier positions
+        assert (cursor[source == j] == np.arange((source == j).sum())).all()
+    assert (mix.cursors(20_000) == np.bincount(source, minlength=8)).all()
 
 
-@pytest.mark.parametrize("window", [2, 3])
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_continues_exactly(shard_dir, workers, window):
-    reference = loader(shard_dir, 1, 2, workers, window)
-    per_epoch = reference.batches_per_epoch
-    stream = sequences(islice(reference, 2 * per_epoch + 3))
-    manifest, per_rank = read_manifest(shard_dir), max(1, workers)
-    # The batch of worker 0 (reader per_rank) that holds the first sample of its second group: it
-    # spans two groups under window 2 and starts the second one under window 3.
-    shards = np.random.default_rng([SEED, 0]).permutation(len(manifest.shards))[per_rank :: 2 * per_rank]
-    second_group = sum(manifest.shards[s].samples for s in shards[:window]) // BATCH * per_rank
-    assert 0 < second_group < per_epoch - 1
-    for position in (0, 1, 5, second_group, second_group + 1, per_epoch - 1, per_epoch, per_epoch + 3, 2 * per_epoch):
-        interrupted = loader(shard_dir, 1, 2, workers, window)
-        assert_same(sequences(islice(interrupted, position)), stream[:position])
-        state = interrupted.state_dict()
-        assert (state["epoch"], state["batch_in_epoch"]) == divmod(position, per_epoch)
-        resumed = loader(shard_dir, 1, 2, workers, window)
-        resumed.load_state_dict(json.loads(json.dumps(state)))
-        assert_same(sequences(islice(resumed, 3)), stream[position : position + 3])
+def test_batches_hold_the_samples_the_plan_names(corpus):
+    got = global_sequence(corpus, 10, weights={"a": 3, "b": 2, "c": 1})
+    plan = Plan(read_corpus(Location(corpus)), integer_weights({"a": 3, "b": 2, "c": 1}), SEED, 4)
+    source, shard, member = plan.locate(np.arange(120))
+    assert got == [(plan.names[j], s * SPS + m) for j, s, m in zip(source, shard, member)]
 
 
-def test_resume_does_not_read_skipped_groups(shard_dir, monkeypatch):
-    manifest = read_manifest(shard_dir)
-    order = np.random.default_rng([SEED, 0]).permutation(len(manifest.shards))
-    counts = [manifest.shards[s].samples for s in order]
-    # Resume at the start of the third group of two shards of epoch 0 (one reader reads all shards).
-    position = (sum(counts[:4]) + BATCH - 1) // BATCH
-    read = []
-    monkeypatch.setattr(data.loader, "read_shard", lambda m, i, vocab: read.append(i) or read_shard(m, i, vocab))
-    batches = loader(shard_dir, window=2)
-    batches.load_state_dict({**batches.state_dict(), "batch_in_epoch": position})
-    next(batches)
-    assert sorted(read) == sorted(order[4:6])
+def test_realised_proportions_match_the_weights(corpus):
+    got = global_sequence(corpus, 50, weights={"a": 3, "b": 2, "c": 1})
+    counts = {n: sum(s == n for s, _ in got) for n in NAMES}
+    assert counts == {"a": 300, "b": 200, "c": 100}  # 600 samples: exact, by the interleave's period of 6
+    assert {s for s, _ in global_sequence(corpus, 5, weights={"a": 1, "b": 1})} == {"a", "b"}  # c left out
 
 
-def test_balancing_loss_is_logged_once(shard_dir, caplog):
-    with caplog.at_level(logging.INFO, logger="data.loader"):
-        batches = loader(shard_dir, 0, 2, 0)
-        loader(shard_dir, 1, 2, 0)
-    manifest = read_manifest(shard_dir)
-    left_out = manifest.num_samples - 2 * batches.batches_per_epoch * BATCH
-    messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 1
-    assert f"{left_out} of {manifest.num_samples} samples" in messages[0]
+def test_by_default_sources_are_weighted_by_their_size(corpus):
+    got = global_sequence(corpus, 40)
+    total = sum(SIZES.values())
+    for name, n in SIZES.items():
+        assert abs(sum(s == name for s, _ in got) - 480 * n / total) <= 1.5
 
 
-def test_fewer_shards_than_readers_names_both_numbers(shard_dir):
-    shards = len(read_manifest(shard_dir).shards)
-    with pytest.raises(ValueError, match=f"has {shards} shards, fewer than the {shards + 1} readers"):
-        TokenBatches(shard_dir, vocab_size=VOCAB, micro_batch_size=1, dp_rank=0, dp_size=shards + 1, seed=0)
-    with pytest.raises(ValueError, match=rf"\(dp_size 2 x {shards} per rank\)"):
-        TokenBatches(shard_dir, vocab_size=VOCAB, micro_batch_size=1, dp_rank=0, dp_size=2, seed=0, num_workers=shards)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_stream_does_not_depend_on_the_number_of_workers(corpus, workers):
+    for rank in (0, 1):
+        expected = samples(islice(loader(corpus, dp_rank=rank, dp_size=2), 9))
+        other = loader(corpus, dp_rank=rank, dp_size=2, workers=workers)
+        assert samples(islice(other, 9)) == expected
+        other.close()
 
 
-def test_bad_arguments_and_state_are_named(shard_dir, tmp_path):
-    with pytest.raises(ShardError, match=f"shard manifest {tmp_path / 'manifest.json'} does not exist"):
-        TokenBatches(tmp_path, vocab_size=VOCAB, micro_batch_size=1, dp_rank=0, dp_size=1, seed=0)
+@pytest.mark.parametrize("dp_size,micro", [(2, 3), (2, 6), (3, 2), (4, 1), (1, 12)])
+def test_the_global_sequence_does_not_depend_on_ranks_or_micro_batches(corpus, dp_size, micro):
+    assert global_sequence(corpus, 8, dp_size=dp_size, micro=micro) == global_sequence(corpus, 8)
+
+
+def test_every_sample_is_read_once_per_source_epoch_and_ranks_never_run_dry(corpus):
+    """The old loader dropped up to 97% of an epoch to balance shards over readers; this one leaves
+    nothing out. 40 steps of 12 cross several epochs of c and b; every rank yields every batch."""
+    got = global_sequence(corpus, 40, dp_size=4, micro=1, weights={"a": 1, "b": 1, "c": 1})
+    per_source = {n: [i for s, i in got if s == n] for n in NAMES}
+    for name in ("b", "c"):
+        seq, n = per_source[name], SIZES[name]
+        for e in range(len(seq) // n):
+            assert sorted(seq[e * n:(e + 1) * n]) == list(range(n)), (name, e)
+    assert len(set(per_source["a"])) == len(per_source["a"])  # a is still in its first epoch
+
+
+def test_rank_positions_cut_each_step_into_contiguous_slices():
+    assert rank_positions(0, global_batch=12, micro_batch_size=3, dp_rank=1, dp_size=2).tolist() == [6, 7, 8]
+    assert rank_positions(3, global_batch=12, micro_batch_size=3, dp_rank=1, dp_size=2).tolist() == [21, 22, 23]
+
+
+@pytest.mark.parametrize("stop", [1, 7, 23])  # mid-shard; c's first epoch ends within step 7 and again by 23
+def test_resume_continues_exactly(corpus, stop):
+    whole = global_sequence(corpus, stop + 6, dp_size=2)
+    ranks = [loader(corpus, dp_rank=r, dp_size=2) for r in range(2)]
+    for r in ranks:
+        list(islice(r, stop * 2))
+    state = ranks[0].state_dict()
+    assert state == ranks[1].state_dict() and state["samples"] == stop * 12
+    assert state["sources"]["c"]["cursor"] == sum(s == "c" for s, _ in whole[:stop * 12])
+    resumed = [loader(corpus, dp_rank=r, dp_size=2, workers=1) for r in range(2)]
+    for r in resumed:
+        r.load_state_dict(state)
+    tail = [samples(islice(r, 12)) for r in resumed]
+    assert [s for step in range(6) for rank in tail for s in rank[step * 6:(step + 1) * 6]] == whole[stop * 12:]
+    for r in resumed:
+        r.close()
+
+
+@pytest.mark.parametrize("before,after", [((2, 3), (1, 6)), ((1, 6), (2, 3)), ((2, 6), (4, 1))])
+def test_resume_on_another_number_of_ranks_keeps_the_global_sequence(corpus, before, after):
+    (dp0, micro0), (dp1, micro1) = before, after
+    whole = global_sequence(corpus, 9)
+    ranks = [loader(corpus, dp_rank=r, dp_size=dp0, micro=micro0) for r in range(dp0)]
+    for r in ranks:
+        list(islice(r, 4 * 12 // (micro0 * dp0)))
+    state = ranks[0].state_dict()
+    resumed = [loader(corpus, dp_rank=r, dp_size=dp1, micro=micro1) for r in range(dp1)]
+    for r in resumed:
+        r.load_state_dict(state)
+    per_rank = [samples(islice(r, 5 * 12 // (micro1 * dp1))) for r in resumed]
+    per_step = 12 // dp1
+    assert [s for step in range(5) for rank in per_rank for s in rank[step * per_step:(step + 1) * per_step]] \
+        == whole[4 * 12:]
+
+
+def test_a_state_is_taken_at_a_step_boundary_and_refused_by_another_stream(corpus):
+    source = loader(corpus, dp_size=1, micro=3)
+    next(source)
+    with pytest.raises(ValueError, match="1 micro batches into a step of 4"):
+        source.state_dict()
+    list(islice(source, 3))
+    state = source.state_dict()
+    for kw, field in (({"global_batch": 24}, "global_batch"), ({"window": 2}, "shuffle_window")):
+        with pytest.raises(ValueError, match=f"loader state has {field}="):
+            loader(corpus, **kw).load_state_dict(state)
+    with pytest.raises(ValueError, match="loader state was saved for sources"):
+        loader(corpus, weights={"a": 1, "b": 1}).load_state_dict(state)
+    with pytest.raises(ValueError, match="written by an older version"):
+        loader(corpus).load_state_dict({"epoch": 0, "batch_in_epoch": 3})
+
+
+def test_bad_arguments_are_named(corpus):
+    with pytest.raises(ValueError, match="global batch 10 is not a multiple of micro batch 3 x data-parallel size 1"):
+        loader(corpus, global_batch=10)
+    with pytest.raises(ShardError, match=r"mixture weights name sources \['z'\] that the corpus does not have"):
+        loader(corpus, weights={"a": 1, "z": 1})
     with pytest.raises(ValueError, match="dp_rank 2 is outside 0..1"):
-        loader(shard_dir, 2, 2)
-    with pytest.raises(ValueError, match="micro_batch_size 1000 is larger than the samples"):
-        TokenBatches(shard_dir, vocab_size=VOCAB, micro_batch_size=1000, dp_rank=0, dp_size=1, seed=0)
-    with pytest.raises(ValueError, match="shuffle_window must be at least 1, got 0"):
-        loader(shard_dir, window=0)
-    with pytest.raises(ValueError, match="loader state has shuffle_window=8 but this loader has 2"):
-        loader(shard_dir, window=2).load_state_dict(loader(shard_dir).state_dict())
-    batches = loader(shard_dir)
-    state = batches.state_dict()
-    with pytest.raises(ValueError, match="loader state has seed=8 but this loader has 7"):
-        batches.load_state_dict({**state, "seed": 8})
-    with pytest.raises(ValueError, match=f"batch_in_epoch must be an int in 0..{batches.batches_per_epoch}, got"):
-        batches.load_state_dict({**state, "batch_in_epoch": batches.batches_per_epoch})
+        loader(corpus, dp_rank=2, dp_size=2, global_batch=6)
+
+
+@pytest.fixture
+def damaged(tmp_path, corpus):
+    shutil.copytree(corpus, tmp_path / "c")
+    return tmp_path / "c"
+
+
+def plan_names(corpus, positions) -> list[tuple[str, int]]:
+    """(source, shard) the default mixture reads at each position."""
+    plan = Plan(read_corpus(Location(corpus)), integer_weights({n: SIZES[n] for n in NAMES}), SEED, 4)
+    source, shard, _ = plan.locate(np.asarray(positions))
+    return [(NAMES[j], s) for j, s in zip(source.tolist(), shard.tolist())]
+
+
+def test_a_truncated_shard_stops_the_run_naming_it(damaged):
+    path = damaged / "b" / shard_name(3)
+    path.write_bytes(path.read_bytes()[:-700])
+    step = plan_names(damaged, range(40 * 12)).index(("b", 3)) // 12
+    source = loader(damaged)
+    list(islice(source, step * 4))  # the steps before it read fine
+    with pytest.raises(ShardError, match=f"shard {path} is truncated"):
+        list(islice(source, 4))
+
+
+def test_with_skip_unreadable_samples_leave_the_loss_and_are_counted(damaged, caplog):
+    path = damaged / "b" / shard_name(3)
+    path.unlink()
+    steps = 40
+    source = loader(damaged, on_error="skip")
+    with caplog.at_level(logging.WARNING):
+        batches = list(islice(source, steps * 4))
+    ignored = sum(int((labels == IGNORE).all(dim=1).sum()) for _, labels in batches)
+    in_missing_shard = plan_names(damaged, range(steps * 12)).count(("b", 3))
+    assert source.skipped_samples == ignored == in_missing_shard > 0
+    assert f"shard {path} does not exist" in caplog.text
+    assert all(inputs.shape == (3, CONTEXT) for inputs, _ in batches)
+
+
+def test_close_after_a_reader_error_leaves_no_worker_behind(damaged):
+    """A worker's error reaches the rank with a traceback that keeps the DataLoader alive; workers
+    ignore SIGTERM (a Slurm signal must not kill them), so nothing but close() would ever end them
+    and the interpreter's exit would wait for them forever."""
+    import psutil
+
+    (damaged / "b" / shard_name(0)).unlink()
+    before = set(psutil.Process().children())
+    source = loader(damaged, workers=2)
+    with pytest.raises(ShardError, match="does not exist"):
+        list(islice(source, 400))
+    workers = list(set(psutil.Process().children()) - before)
+    assert len(workers) == 2
+    source.close()
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive
+
+
+def test_a_script_that_never_closes_its_loader_still_exits(corpus):
+    import subprocess
+    import sys
+
+    script = (f"from data.loader import TokenBatches\n"
+              f"b = TokenBatches({str(corpus)!r}, weights=None, vocab_size={VOCAB}, global_batch=6, "
+              f"micro_batch_size=3, dp_rank=0, dp_size=1, seed=1, num_workers=2)\n"
+              f"next(b)\nraise SystemExit(3)\n")
+    assert subprocess.run([sys.executable, "-c", script], timeout=120).returncode == 3
+
+
+def test_an_id_past_the_vocabulary_names_shard_and_member(corpus):
+    with pytest.raises(ShardError, match=r"shard .*/shard-\d{6}.tar member \d{10}.tokens.npy holds token id \d+, "
+                                         r"outside the model's vocabulary of 5 ids"):
+        next(TokenBatches(corpus, weights=None, vocab_size=5, global_batch=3, micro_batch_size=3, dp_rank=0,
+                          dp_size=1, seed=SEED))
+
+
+def test_start_up_reads_no_shard_and_state_does_not_grow_with_shards(tmp_path):
+    """A manifest of the seed's scale (120,000 shards) and one of 100: the loader is built from the
+    manifests alone (no shard file exists here), and the state is the same size."""
+    states = []
+    for shards in (100, 120_000):
+        root = tmp_path / str(shards)
+        (root / "big").mkdir(parents=True)
+        manifest = {"format_version": 2, "source": "big", "context_length": CONTEXT, "dtype": "uint16",
+                    "vocab_size": VOCAB, "tokenizer_sha256": "0" * 64, "samples_per_shard": 300,
+                    "num_samples": shards * 300 - 17, "documents": 1, "input_tokens": 1, "leftover_tokens": 0,
+                    "build": {}}
+        (root / "big" / "manifest.json").write_text(json.dumps(manifest))
+        (root / "corpus.json").write_text(json.dumps({"format_version": 2, "sources": ["big"]}))
+        source = TokenBatches(root, weights=None, vocab_size=VOCAB, global_batch=12, micro_batch_size=3, dp_rank=0,
+                              dp_size=1, seed=SEED)
+        states.append(json.dumps(source.state_dict()).replace(str(shards * 300 - 17), "N"))
+        with pytest.raises(ShardError, match=r"/big/crc32 does not exist"):  # the first read, not before
+            next(source)
+    assert states[0] == states[1]

@@ -1,94 +1,114 @@
-"""Shard building (packing, counts, manifest) and reading (validation, clear errors)."""
+"""Shard building (per-source packing, counts, manifests, restartable builds, adapters) and the
+shard format's reader (positioned reads, and a clear error for each kind of damage)."""
 
+import io
 import json
 import random
+import shutil
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from data.shards import ShardError, read_manifest, read_shard, sha256_file, token_dtype
+from data.shards import (
+    Location, SampleError, ShardError, ShardReader, npy_header, read_corpus, shard_bytes, shard_name, shard_problem,
+    sha256_file, token_dtype,
+)
 from data.tokenizer import EOS, EOS_ID, load_tokenizer
-from tools import build_shards, train_tokenizer
+from tools import build_shards, inspect_shards, train_tokenizer
 
 CONTEXT = 16
+SPS = 7  # samples per shard
 TINY_CONFIG = Path(__file__).parents[1] / "pretrain" / "configs" / "tiny.yaml"
 
 
 def write_corpus(directory: Path) -> list[tuple[str, str]]:
-    """Two sources of documents with distinct random words; returns (text, source) in file order."""
+    """Two sources of documents with distinct random words over two files; (text, source) in input order."""
     rng = random.Random(1)
     letters = "abcdefghijklmnopqrstuvwxyzäöü日本🙂"
     docs = []
-    for i in range(120):
+    for i in range(160):
         words = ["".join(rng.choice(letters) for _ in range(rng.randint(1, 7))) for _ in range(rng.randint(0, 40))]
         docs.append((" ".join(words), "code" if i % 3 else "docs"))
     directory.mkdir(parents=True)
-    with open(directory / "corpus.jsonl", "w") as f:
-        for text, source in docs:
-            f.write(json.dumps({"text": text, "source": source}) + "\n")
+    for part, chunk in (("a", docs[:90]), ("b", docs[90:])):
+        with open(directory / f"{part}.jsonl", "w") as f:
+            for text, source in chunk:
+                f.write(json.dumps({"text": text, "source": source}) + "\n")
     return docs
+
+
+def build(root, out, workers=2, **kw):
+    return build_shards.build_shards([root / "corpus"], root / "tokenizer.json", out, CONTEXT, workers=workers,
+                                     samples_per_shard=kw.pop("samples_per_shard", SPS), show_progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     docs = write_corpus(root / "corpus")
-    tokenizer_path = root / "tokenizer.json"
-    tokenizer = train_tokenizer.train_tokenizer([t for t, _ in docs], 320, show_progress=False)
-    tokenizer.save(str(tokenizer_path))
-    manifest = build_shards.build_shards(
-        [root / "corpus"], tokenizer_path, root / "out", CONTEXT, workers=2, samples_per_shard=7,
-        show_progress=False,
-    )
-    return root, docs, tokenizer_path, manifest
+    train_tokenizer.train_tokenizer([t for t, _ in docs], 320, show_progress=False).save(str(root / "tokenizer.json"))
+    manifests = build(root, root / "out")
+    return root, docs, manifests
 
 
-def expected_streams(docs, tokenizer_path) -> dict[str, list[int]]:
-    tokenizer = load_tokenizer(tokenizer_path)
-    streams = {}
-    for text, source in docs:
-        streams.setdefault(source, []).extend(tokenizer.encode(text).ids + [EOS_ID])
-    return streams
+def tar_rows(path: Path) -> list[np.ndarray]:
+    """A shard's samples as any tar reader sees them (the reference for the positioned reader)."""
+    with tarfile.open(path) as tar:
+        return [np.load(io.BytesIO(tar.extractfile(m).read()), allow_pickle=False) for m in tar]
 
 
 def test_packing_keeps_every_token_in_order_per_source(built):
-    root, docs, tokenizer_path, manifest = built
-    streams = expected_streams(docs, tokenizer_path)
-    packed = {source: [] for source in streams}
-    for i in range(len(manifest.shards)):
-        tokens, sources = read_shard(manifest, i)
-        assert tokens.shape == (manifest.shards[i].samples, CONTEXT + 1)
-        for row, source in zip(tokens, sources):
-            packed[source].extend(row.tolist())
+    root, docs, manifests = built
+    tokenizer = load_tokenizer(root / "tokenizer.json")
+    streams = {}
+    for text, source in docs:
+        streams.setdefault(source, []).extend(tokenizer.encode(text).ids + [EOS_ID])
+    location = Location(root / "out")
+    assert sorted(read_corpus(location)) == sorted(streams) == sorted(manifests)
     for source, stream in streams.items():
-        leftover = manifest.leftover_tokens[source]
-        assert leftover == len(stream) % (CONTEXT + 1)
-        assert packed[source] == stream[: len(stream) - leftover]
-        assert stream[len(stream) - leftover:][-1:] in ([], [EOS_ID])
-        # One eos per document: packed + leftover hold each document's separator.
-        assert stream.count(EOS_ID) == sum(1 for _, s in docs if s == source)
+        m = manifests[source]
+        rows = [r for i in range(m.num_shards) for r in tar_rows(root / "out" / source / shard_name(i))]
+        packed = np.concatenate(rows).tolist()
+        assert packed == stream[: len(packed)] and len(stream) - len(packed) == m.leftover_tokens < CONTEXT + 1
+        assert m.num_samples == len(rows) and m.documents == sum(s == source for _, s in docs)
+        assert m.input_tokens == len(stream) and m.dtype == token_dtype(320)
+        # Every shard full but the last; sha256sums lists each shard's digest on its fixed-width line.
+        assert [m.shard_samples(i) for i in range(m.num_shards - 1)] == [SPS] * (m.num_shards - 1)
+        assert 0 < m.shard_samples(m.num_shards - 1) <= SPS
+        for i in range(m.num_shards):
+            assert location.shard_sha256(m, i) == sha256_file(root / "out" / source / shard_name(i))
 
 
-def test_manifest_counts_match_the_input(built):
-    root, docs, tokenizer_path, manifest = built
-    streams = expected_streams(docs, tokenizer_path)
-    totals = manifest.totals
-    assert totals["documents"] == len(docs)
-    assert totals["input_tokens"] == sum(len(s) for s in streams.values())
-    assert totals["sample_tokens"] + totals["leftover_tokens"] == totals["input_tokens"]
-    assert totals["samples"] == manifest.num_samples == sum(s.samples for s in manifest.shards)
-    assert [s.samples for s in manifest.shards[:-1]] == [7] * (len(manifest.shards) - 1)
-    for source, stream in streams.items():
-        assert totals["sources"][source]["samples"] == len(stream) // (CONTEXT + 1)
-        assert sum(s.sources.get(source, 0) for s in manifest.shards) == len(stream) // (CONTEXT + 1)
-    assert manifest.vocab_size == 320 and manifest.dtype == "uint16"
-    assert manifest.tokenizer_sha256 == sha256_file(tokenizer_path)
-    for i, shard in enumerate(manifest.shards):
-        assert shard.sha256 == sha256_file(manifest.shard_path(i))
-        assert shard.tokens == shard.samples * (CONTEXT + 1)
-    assert read_manifest(manifest.directory, verify_checksums=True) == manifest
+def test_positioned_reads_equal_what_tarfile_and_webdataset_read(built):
+    import webdataset
+
+    root, _, manifests = built
+    m = manifests["code"]
+    reader = ShardReader(Location(root / "out"), m, max_open=2)
+    for shard in (0, 3, m.num_shards - 1):
+        path = root / "out" / "code" / shard_name(shard)
+        expected = tar_rows(path)
+        assert len(expected) == m.shard_samples(shard)
+        assert all((reader.read(shard, i) == row).all() for i, row in enumerate(expected))
+        samples = list(webdataset.WebDataset(str(path), shardshuffle=False).decode())
+        assert [s["__key__"] for s in samples] == [f"{shard * SPS + i:010d}" for i in range(len(expected))]
+        assert all((s["tokens.npy"] == row).all() for s, row in zip(samples, expected))
+    reader.close()
+
+
+@pytest.mark.parametrize("dtype,first,n", [("uint16", 0, 7), ("uint32", 123_456_789, 3)])
+def test_shard_bytes_are_what_tarfile_writes(dtype, first, n):
+    rows = np.random.default_rng(0).integers(0, 60_000, (n, CONTEXT + 1)).astype(dtype)
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, row in enumerate(rows):
+            data = npy_header(dtype, CONTEXT + 1) + row.tobytes()
+            info = tarfile.TarInfo(f"{first + i:010d}.tokens.npy")
+            info.size, info.mode, info.mtime, info.uname, info.gname = len(data), 0o444, 0, "bigdata", "bigdata"
+            tar.addfile(info, io.BytesIO(data))
+    assert shard_bytes(first, rows) == expected.getvalue()
 
 
 def test_dtype_fits_the_vocabulary():
@@ -96,112 +116,210 @@ def test_dtype_fits_the_vocabulary():
 
 
 def test_literal_special_token_text_is_not_the_special_id(tmp_path, built):
-    root, _, tokenizer_path, _ = built
-    (tmp_path / "doc.txt").write_text(f"abc {EOS} def " * 10)
-    manifest = build_shards.build_shards(
-        [tmp_path / "doc.txt"], tokenizer_path, tmp_path / "out", 8, workers=1, samples_per_shard=4,
-        show_progress=False,
-    )
-    tokens = np.concatenate([read_shard(manifest, i)[0].ravel() for i in range(len(manifest.shards))])
-    eos_positions = np.flatnonzero(tokens == EOS_ID).tolist()
-    assert eos_positions in ([], [len(tokens) - 1])  # only the document's own separator
+    root = built[0]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "doc.txt").write_text(f"abc {EOS} def " * 10)
+    m = build_shards.build_shards([tmp_path / "in"], root / "tokenizer.json", tmp_path / "out", 8, workers=1,
+                                  samples_per_shard=4, show_progress=False)["in"]
+    tokens = np.concatenate([r for i in range(m.num_shards) for r in tar_rows(tmp_path / "out" / "in" / shard_name(i))])
+    assert np.flatnonzero(tokens == EOS_ID).tolist() in ([], [len(tokens) - 1])  # only the document's own end
+
+
+def digests(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.glob("*/*")) if p.is_file()}
 
 
 def test_builds_are_deterministic_and_reruns_are_skipped(tmp_path, built, capsys):
-    root, _, tokenizer_path, manifest = built
-    again = build_shards.build_shards(
-        [root / "corpus"], tokenizer_path, tmp_path / "one_worker", CONTEXT, workers=1, samples_per_shard=7,
-        show_progress=False,
-    )
-    assert [s.sha256 for s in again.shards] == [s.sha256 for s in manifest.shards]
-    first_mtime = (tmp_path / "one_worker" / "manifest.json").stat().st_mtime_ns
-    build_shards.build_shards(
-        [root / "corpus"], tokenizer_path, tmp_path / "one_worker", CONTEXT, workers=1, samples_per_shard=7,
-        show_progress=False,
-    )
+    root, _, _ = built
+    build(root, tmp_path / "one", workers=1)
+    assert digests(tmp_path / "one") == digests(root / "out")
+    stamp = (tmp_path / "one" / "code" / "manifest.json").stat().st_mtime_ns
+    build(root, tmp_path / "one", workers=1)
     assert "nothing to do" in capsys.readouterr().out
-    assert (tmp_path / "one_worker" / "manifest.json").stat().st_mtime_ns == first_mtime
+    assert (tmp_path / "one" / "code" / "manifest.json").stat().st_mtime_ns == stamp
     # Other sizes rebuild, and leave no shard of the earlier build behind.
-    rebuilt = build_shards.build_shards(
-        [root / "corpus"], tokenizer_path, tmp_path / "one_worker", CONTEXT, workers=1, samples_per_shard=50,
-        show_progress=False,
-    )
-    assert sorted(p.name for p in (tmp_path / "one_worker").glob("*.tar")) == [s.path for s in rebuilt.shards]
+    rebuilt = build(root, tmp_path / "one", workers=1, samples_per_shard=50)
+    assert sorted(p.name for p in (tmp_path / "one" / "code").glob("*.tar")) == [
+        shard_name(i) for i in range(rebuilt["code"].num_shards)]
 
 
-def test_cli_prints_leftover_and_takes_context_from_config(tmp_path, built, capsys):
-    root, _, tokenizer_path, _ = built
-    args = ["--input", str(root / "corpus"), "--tokenizer", str(tokenizer_path), "--workers", "1"]
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_after", [1, 30, 80])
+def test_an_interrupted_build_continues_to_the_same_shards(tmp_path, built, stop_after, capsys, monkeypatch):
+    root, _, manifests = built
+    monkeypatch.setattr(build_shards, "TASK_CHARS", 300)  # progress is saved per task: many of them
+
+    def interrupt(n):
+        if n >= stop_after:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        build(root, tmp_path / "out", after_shard=interrupt)
+    written = sorted((tmp_path / "out").glob("*/shard-*.tar"))
+    assert 0 < len(written) < sum(m.num_shards for m in manifests.values())
+    # Shards written after the last saved progress (whole, or cut short) are redone, not kept.
+    saved = json.loads((tmp_path / "out" / build_shards.STATE_DIR / "progress.json").read_text())
+    done = saved["sources"]["code"]["shards"]
+    (tmp_path / "out" / "code" / shard_name(done)).write_bytes(b"garbage")
+    (tmp_path / "out" / "code" / (shard_name(done + 1) + ".tmp")).write_bytes(b"half")
+    build(root, tmp_path / "out")
+    assert "continuing an interrupted build" in capsys.readouterr().out
+    assert digests(tmp_path / "out") == digests(root / "out")
+    assert not (tmp_path / "out" / build_shards.STATE_DIR / "progress.json").exists()
+
+
+def test_cli_takes_context_from_config_and_reports_leftovers(tmp_path, built, capsys):
+    root, _, _ = built
+    args = ["--input", str(root / "corpus"), "--tokenizer", str(root / "tokenizer.json"), "--workers", "1"]
     build_shards.main(args + ["--output", str(tmp_path / "a"), "--config", str(TINY_CONFIG), "--samples-per-shard", "2"])
     out = capsys.readouterr().out
-    manifest = read_manifest(tmp_path / "a")
-    assert manifest.context_length == 256
-    for source, n in manifest.leftover_tokens.items():
-        assert f"{source}: {n} leftover tokens" in out
+    manifests = read_corpus(Location(tmp_path / "a"))
+    assert {m.context_length for m in manifests.values()} == {256}
+    for m in manifests.values():
+        assert f"{m.leftover_tokens} leftover tokens" in out
     build_shards.main(args + ["--output", str(tmp_path / "b"), "--config", str(TINY_CONFIG), "--context-length", "8"])
-    assert read_manifest(tmp_path / "b").context_length == 8
+    assert {m.context_length for m in read_corpus(Location(tmp_path / "b")).values()} == {8}
 
 
-def copy_shards(manifest, directory: Path) -> Path:
-    directory.mkdir()
-    for path in manifest.directory.iterdir():
-        (directory / path.name).write_bytes(path.read_bytes())
+def test_adapter_sources_are_built_and_bad_records_skipped_and_counted(tmp_path, built, capsys):
+    root = built[0]
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    good = [{"content": f"def f{i}():\n    return {i}\n", "blob_id": f"b{i}", "repo_name": "r/r", "path": f"f{i}.py",
+             "language": "Python"} for i in range(40)]
+    lines = [json.dumps(r) for r in good]
+    lines.insert(5, "{not json")
+    (stack / "part-0.jsonl").write_text("\n".join(lines) + "\n")
+    args = dict(sources=[("stack_v2", stack)])
+    with pytest.raises(ValueError, match=rf"{stack / 'part-0.jsonl'} line 6"):
+        build_shards.build_shards([], root / "tokenizer.json", tmp_path / "out", 8, workers=1, samples_per_shard=4,
+                                  show_progress=False, **args)
+    m = build_shards.build_shards([], root / "tokenizer.json", tmp_path / "out", 8, workers=1, samples_per_shard=4,
+                                  show_progress=False, on_error="skip", **args)["stack_v2"]
+    assert m.documents == 40
+    assert "skipped 1 bad input records" in capsys.readouterr().out
+
+
+def test_an_unknown_adapter_is_named(tmp_path, built):
+    with pytest.raises(ValueError, match=r"no adapter named 'stack_v3' \(there are \["):
+        build_shards.build_shards([], built[0] / "tokenizer.json", tmp_path / "o", 8, workers=1, samples_per_shard=4,
+                                  show_progress=False, sources=[("stack_v3", tmp_path)])
+
+
+def copy_corpus(built, directory: Path) -> Path:
+    shutil.copytree(built[0] / "out", directory)
     return directory
 
 
-def test_missing_manifest_is_named(tmp_path):
-    with pytest.raises(ShardError, match=f"shard manifest {tmp_path / 'manifest.json'} does not exist"):
-        read_manifest(tmp_path)
+def test_missing_corpus_and_malformed_manifest_are_named(tmp_path, built):
+    with pytest.raises(ShardError, match=f"shard corpus {tmp_path / 'corpus.json'} does not exist"):
+        read_corpus(Location(tmp_path))
+    directory = copy_corpus(built, tmp_path / "c")
+    path = directory / "code" / "manifest.json"
+    raw = json.loads(path.read_text())
+    del raw["num_samples"]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ShardError, match=f"shard manifest {path}: missing field num_samples"):
+        read_corpus(Location(directory))
+    raw["num_samples"] = "7"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ShardError, match=f"shard manifest {path}: field num_samples should be int, got '7'"):
+        read_corpus(Location(directory))
 
 
-def test_missing_shard_file_is_named(tmp_path, built):
-    directory = copy_shards(built[3], tmp_path / "s")
-    (directory / "shard-000003.tar").unlink()
-    with pytest.raises(ShardError, match=f"shard file {directory / 'shard-000003.tar'} listed in .* does not exist"):
-        read_manifest(directory)
+def test_a_format_1_manifest_asks_for_a_rebuild(tmp_path, built):
+    directory = copy_corpus(built, tmp_path / "c")
+    (directory / "code" / "manifest.json").write_text(json.dumps({"format_version": 1, "shards": []}))
+    with pytest.raises(ShardError, match="a format 1 manifest: rebuild with tools/build_shards.py"):
+        read_corpus(Location(directory))
 
 
-def test_malformed_manifest_names_the_field(tmp_path, built):
-    directory = copy_shards(built[3], tmp_path / "s")
-    raw = json.loads((directory / "manifest.json").read_text())
-    del raw["shards"][2]["samples"]
-    (directory / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(ShardError, match=r"missing field shards\[2\]\.samples"):
-        read_manifest(directory)
-    raw["shards"][2]["samples"] = "7"
-    (directory / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(ShardError, match=r"field shards\[2\]\.samples should be int, got '7'"):
-        read_manifest(directory)
+@pytest.fixture
+def damaged(tmp_path, built):
+    directory = copy_corpus(built, tmp_path / "c")
+    m = read_corpus(Location(directory))["code"]
+    return directory, m, ShardReader(Location(directory), m)
 
 
-def test_checksum_mismatch_is_named(tmp_path, built):
-    directory = copy_shards(built[3], tmp_path / "s")
-    shard = directory / "shard-000001.tar"
-    data = bytearray(shard.read_bytes())
-    data[700] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    read_manifest(directory)
-    with pytest.raises(ShardError, match=f"shard file {shard} does not match the sha256"):
-        read_manifest(directory, verify_checksums=True)
+@pytest.mark.parametrize("cut", [100, 2 * 512 * 3 + 20, -1])
+def test_a_truncated_shard_is_named_with_its_sizes(damaged, cut):
+    directory, m, reader = damaged
+    path = directory / "code" / shard_name(2)
+    path.write_bytes(path.read_bytes()[:cut])
+    with pytest.raises(ShardError, match=rf"shard {path} is truncated: \d+ bytes, {SPS} samples make {m.shard_size(2)}"):
+        reader.read(2, 0)
+    assert reader.read(1, 0) is not None  # the other shards are still read
 
 
-def member_offsets(path: Path) -> list[tuple[int, int]]:
-    with tarfile.open(path) as tar:
-        return [(m.offset, m.offset_data) for m in tar.getmembers()]
+def patch(path: Path, offset: int, data: bytes) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + len(data)] = data
+    path.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("cut", ["inside_data", "at_member_boundary", "inside_header"])
-def test_truncated_shard_is_named(tmp_path, built, cut):
-    directory = copy_shards(built[3], tmp_path / "s")
-    shard = directory / "shard-000002.tar"
-    offsets = member_offsets(shard)
-    # Members alternate source.txt, tokens.npy; cut somewhere in the 4th sample.
-    size = {
-        "inside_data": offsets[7][1] + 20,
-        "at_member_boundary": offsets[6][0],
-        "inside_header": offsets[6][0] + 100,
-    }[cut]
-    shard.write_bytes(shard.read_bytes()[:size])
-    manifest = read_manifest(directory)
-    with pytest.raises(ShardError, match=rf"{shard} is truncated or corrupt \(expected 7 samples, read 3\)"):
-        read_shard(manifest, 2)
+def test_a_corrupt_member_header_names_shard_and_member(damaged):
+    directory, m, reader = damaged
+    path = directory / "code" / shard_name(1)
+    patch(path, 3 * m.member_stride + 124, b"99999999999")  # the size field of member 3's header
+    with pytest.raises(SampleError, match=rf"shard {path} member {3 + SPS:010d}.tokens.npy: bad tar header"):
+        reader.read(1, 3)
+    assert reader.read(1, 4).shape == (CONTEXT + 1,)  # the shard's other members are still read
+
+
+def test_a_corrupt_array_header_is_named(damaged):
+    directory, m, reader = damaged
+    path = directory / "code" / shard_name(0)
+    patch(path, 2 * m.member_stride + 512 + 20, b"<f8")
+    with pytest.raises(SampleError, match=rf"member {2:010d}.tokens.npy: not a uint16 array of {CONTEXT + 1} ids"):
+        reader.read(0, 2)
+
+
+def test_flipped_bits_in_the_ids_fail_their_checksum(damaged):
+    directory, m, reader = damaged
+    path = directory / "code" / shard_name(2)
+    ids_start = 5 * m.member_stride + 512 + len(m.npy_header)
+    patch(path, ids_start + 3, bytes([path.read_bytes()[ids_start + 3] ^ 0x10]))
+    with pytest.raises(SampleError, match=rf"shard {path} member {2 * SPS + 5:010d}.tokens.npy: its ids do not match "
+                                          rf"their checksum in {directory / 'code' / 'crc32'}"):
+        reader.read(2, 5)
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/abs/0000000001.tokens.npy"])
+def test_a_member_name_escaping_the_archive_is_rejected(damaged, name):
+    directory, m, reader = damaged
+    path = directory / "code" / shard_name(0)
+    header = tarfile.TarInfo(name)
+    header.size = len(m.npy_header) + (CONTEXT + 1) * 2
+    header.mode = 0o444
+    patch(path, m.member_stride, header.tobuf(tarfile.USTAR_FORMAT))
+    with pytest.raises(SampleError, match=rf"member {1:010d}.tokens.npy: a name that escapes the archive"):
+        reader.read(0, 1)
+
+
+def test_a_missing_shard_is_named(damaged):
+    directory, m, reader = damaged
+    (directory / "code" / shard_name(4)).unlink()
+    with pytest.raises(ShardError, match=f"shard {directory / 'code' / shard_name(4)} does not exist"):
+        reader.read(4, 0)
+
+
+def test_inspect_summarises_decodes_and_verifies(tmp_path, built, capsys):
+    directory = copy_corpus(built, tmp_path / "c")
+    m = read_corpus(Location(directory))["code"]
+    inspect_shards.main([str(directory), "--decode", "1", "--tokenizer", str(built[0] / "tokenizer.json"), "--verify"])
+    captured = capsys.readouterr()
+    assert f"{m.num_shards:>8,} {m.documents:>10,} {m.num_samples:>12,}" in captured.out
+    assert "--- code sample 0 (shard 0, member 0) ---" in captured.out
+    assert f"all {sum(x.num_shards for x in read_corpus(Location(directory)).values())} shards match" in captured.out
+    assert "MB/s" in captured.err and "ETA" in captured.err
+    corrupt = directory / "code" / shard_name(1)
+    patch(corrupt, 700, bytes([corrupt.read_bytes()[700] ^ 1]))
+    (directory / "code" / shard_name(3)).unlink()
+    with pytest.raises(SystemExit) as e:
+        inspect_shards.main([str(directory), "--verify"])
+    assert e.value.code == (f"error: shard {corrupt} does not match its sha256 in {directory / 'code' / 'sha256sums'}\n"
+                            f"error: shard {directory / 'code' / shard_name(3)} does not exist")
+    assert shard_problem(Location(directory), m, 0) is None

@@ -1,43 +1,57 @@
-"""Tokenize documents and pack them into webdataset token shards with a manifest.
+"""Tokenize documents and pack them into per-source webdataset token shards (format: data/shards.py).
 
-    python tools/build_shards.py --input runs/tiny/corpus --tokenizer runs/tiny/tokenizer.json \
-        --output runs/tiny/shards [--context-length L | --config CFG.yaml] [--workers N] [--samples-per-shard K]
+    python tools/build_shards.py --tokenizer runs/tiny/tokenizer.json --output runs/tiny/shards \
+        [--input FILE_OR_DIR ...] [--source stack_v2=DIR ...] [--context-length L | --config CFG.yaml] \
+        [--workers N] [--samples-per-shard K] [--on-error raise|skip]
 
-Each document is tokenized (several processes, results taken in input order so the shards are
-the same on every run), followed by <|eos|>, and appended to its source's token stream; each
-stream is cut into sequences of context_length + 1 tokens, so a sample never mixes sources.
-Tokens at the end of a stream that do not fill a sequence are counted in the manifest's
-leftover_tokens and printed. Explicit flags win over the config (training.lm.context_length).
-A rerun with the same inputs, tokenizer and sizes keeps the existing shards.
+--input reads plain files (one document each, source: the input's name) and jsonl ({"text",
+"source"?} per line); --source NAME=PATH reads PATH's files with the adapter of seed source NAME
+(data/sources/). Documents are tokenized by --workers processes, results taken in input order, so
+a build gives the same bytes every time. Each document, followed by <|eos|>, is appended to its
+source's token stream, cut into sequences of context_length + 1 tokens: a sample never mixes
+sources. Tokens at the end of a source that fill no sequence are counted as leftover_tokens.
+
+A build can be interrupted at any point and run again with the same arguments: it continues after
+the last shard it finished (the progress is saved in OUTPUT/.build/ after every shard, with the
+partly filled shards' tokens and the place in the input), so no document is lost or repeated and
+the shards are the same as an uninterrupted build's. A finished build with the same inputs,
+tokenizer and sizes is not redone. Explicit flags win over the config (training.lm.context_length).
 """
 
 import argparse
+import hashlib
+import json
 import os
+import shutil
+import sys
+import time
 from collections import Counter
+from dataclasses import dataclass
 from itertools import islice
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
-import webdataset
 from tqdm import tqdm
 
+from data.documents import file_documents, input_files
 from data.shards import (
-    MANIFEST_NAME, SOURCE_FIELD, TOKENS_FIELD, Manifest, ShardError, ShardInfo, read_manifest, sha256_file,
-    token_dtype, write_manifest,
+    CORPUS_NAME, CRC_NAME, FORMAT_VERSION, MANIFEST_NAME, SUMS_NAME, SourceManifest, parse_manifest, sample_crcs,
+    shard_bytes, sha256_file, shard_name, sums_line, token_dtype, write_json_atomically,
 )
-from data.documents import input_files, iter_documents
+from data.sources import ADAPTERS, Skipped
 from data.tokenizer import EOS_ID, load_tokenizer
 
-# 256 samples per shard gives the tiny run (about 2.5M tokens, 257-token samples) some 38 shards:
-# enough for 2 ranks x several loader workers, each of which needs shards of its own.
+# 256 samples per shard gives the tiny run (about 2.5M tokens, 257-token samples) some 38 shards.
 DEFAULT_SAMPLES_PER_SHARD = 256
-DOCUMENTS_PER_TASK = 64
-SHARD_PATTERN = "shard-{:06d}.tar"
-
-_EMPTY = np.empty(0, np.uint32)
+# A task for a tokenizing process: documents up to this many characters (at least one document).
+# Small enough that the processes finish together (a large last task leaves the others idle),
+# large enough that sending it costs little next to tokenizing it.
+TASK_CHARS = 1 << 18
+STATE_DIR = ".build"
 _EOS = np.array([EOS_ID], np.uint32)
+
 _worker_tokenizer = None
 
 
@@ -53,152 +67,371 @@ def _encode(documents: list[tuple[str, str]]) -> list[tuple[np.ndarray, str]]:
     return [(np.asarray(e.ids, dtype=np.uint32), source) for e, (_, source) in zip(encodings, documents)]
 
 
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    it = iter(items)
-    while chunk := list(islice(it, size)):
-        yield chunk
+@dataclass(frozen=True)
+class Input:
+    """One input file and how to read it: (text, source) per document."""
+    path: Path
+    adapter: str | None  # a data.sources adapter, or None for --input files
 
 
-class ShardWriter:
-    """Writes samples into numbered .tar shards of samples_per_shard samples each."""
-
-    def __init__(self, directory: Path, samples_per_shard: int, sequence_length: int):
-        self.directory = directory
-        self.samples_per_shard = samples_per_shard
-        self.sequence_length = sequence_length
-        self.shards: list[ShardInfo] = []
-        self.num_samples = 0
-        self._tar = None
-        self._sources = Counter()
-
-    def write(self, tokens: np.ndarray, source: str) -> None:
-        if self._tar is None:
-            self._path = SHARD_PATTERN.format(len(self.shards))
-            # mtime fixed so that the same input gives byte-identical shards.
-            self._tar = webdataset.TarWriter(str(self.directory / self._path), mtime=0)
-        self._tar.write({"__key__": f"{self.num_samples:09d}", TOKENS_FIELD: tokens, SOURCE_FIELD: source})
-        self.num_samples += 1
-        self._sources[source] += 1
-        if sum(self._sources.values()) == self.samples_per_shard:
-            self.close()
-
-    def close(self) -> None:
-        if self._tar is None:
-            return
-        self._tar.close()
-        samples = sum(self._sources.values())
-        self.shards.append(ShardInfo(
-            path=self._path,
-            samples=samples,
-            tokens=samples * self.sequence_length,
-            sha256=sha256_file(self.directory / self._path),
-            sources=dict(sorted(self._sources.items())),
-        ))
-        self._tar, self._sources = None, Counter()
+def _inputs(paths: list[Path], sources: list[tuple[str, Path]]) -> list[Input]:
+    found = []
+    for given in paths:
+        if not given.exists():
+            raise FileNotFoundError(f"input {given} does not exist")
+        found += [Input(f, None) for f in input_files(given)]
+    for name, given in sources:
+        if name not in ADAPTERS:
+            raise ValueError(f"--source {name}={given}: no adapter named {name!r} (there are {sorted(ADAPTERS)})")
+        if not given.exists():
+            raise FileNotFoundError(f"--source {name}={given}: {given} does not exist")
+        found += [Input(f, name) for f in input_files(given)]
+    return found
 
 
-def _input_fingerprint(inputs: list[Path]) -> list[list]:
+def _documents(item: Input, on_error: str, skipped: Skipped, default_source: str) -> Iterator[tuple[str, str]]:
+    if item.adapter is None:
+        yield from file_documents(item.path, default_source)
+        return
+    # Token shards carry text; a vision_text pair's image goes to the multimodal shards.
+    for doc in ADAPTERS[item.adapter](item.path, on_error=on_error, skipped=skipped):
+        yield doc.text, doc.source
+
+
+def _positioned(inputs: list[Input], start: tuple[int, int], on_error: str, skipped: Skipped,
+                default_sources: list[str]) -> Iterator[tuple[tuple[int, int], str, str]]:
+    """((file index, document index in it), text, source) from `start` on; earlier files are not opened."""
+    for f in range(start[0], len(inputs)):
+        docs = _documents(inputs[f], on_error, skipped, default_sources[f])
+        for d, (text, source) in enumerate(islice(docs, start[1] if f == start[0] else 0, None),
+                                           start=start[1] if f == start[0] else 0):
+            yield (f, d), text, source
+
+
+def write_shard(directory: Path, index: int, first_sample: int, rows: np.ndarray) -> str:
+    """Shard `index` of a source holding `rows` (its samples first_sample, first_sample + 1, ...),
+    written whole under a temporary name and renamed; returns its sha256."""
+    path = directory / shard_name(index)
+    tmp = path.with_name(path.name + ".tmp")
+    data = shard_bytes(first_sample, rows)
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return hashlib.sha256(data).hexdigest()
+
+
+class SourceShards:
+    """One source's token stream cut into samples and written as whole shards. Samples wait in
+    memory until a shard is full, so that the saved progress is closed shards plus these tokens.
+    Each shard's sha256sums line and its samples' crc32s are appended to `.part` files as it is
+    written (constant work per shard, however many came before), renamed when the source is done."""
+
+    def __init__(self, directory: Path, source: str, samples_per_shard: int, sequence_length: int, dtype: str):
+        self.directory, self.source = directory, source
+        self.samples_per_shard, self.sequence_length, self.dtype = samples_per_shard, sequence_length, dtype
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.shards = 0
+        self.counts = Counter()
+
+    @property
+    def shard_tokens(self) -> int:
+        return self.samples_per_shard * self.sequence_length
+
+    def _part(self, name: str) -> Path:
+        return self.directory / f"{name}.part"
+
+    def add(self, ids: np.ndarray) -> int:
+        """Append one document's ids (and eos); returns the number of shards written."""
+        self.counts["documents"] += 1
+        self.counts["input_tokens"] += len(ids) + 1
+        return self.extend(ids, _EOS)
+
+    def extend(self, *tokens: np.ndarray) -> int:
+        """Append tokens to the stream; returns the number of shards written."""
+        self.pending += tokens
+        self.pending_tokens += sum(len(t) for t in tokens)
+        written = 0
+        if self.pending_tokens >= self.shard_tokens:
+            stream = np.concatenate(self.pending)
+            while len(stream) >= self.shard_tokens:
+                self._write(stream[: self.shard_tokens], self.samples_per_shard)
+                stream = stream[self.shard_tokens:]
+                written += 1
+            self.pending, self.pending_tokens = [stream], len(stream)
+        return written
+
+    def finish(self) -> None:
+        """Write the last, short shard from the pending whole samples (the rest is leftover), and
+        give the checksum files their final names."""
+        stream = np.concatenate(self.pending) if self.pending else np.empty(0, np.uint32)
+        samples = len(stream) // self.sequence_length
+        if samples:
+            self._write(stream[: samples * self.sequence_length], samples)
+        self.pending, self.pending_tokens = [], 0
+        self.counts["leftover_tokens"] = len(stream) - samples * self.sequence_length
+        if self.shards:
+            self._part(SUMS_NAME).replace(self.directory / SUMS_NAME)
+            self._part(CRC_NAME).replace(self.directory / CRC_NAME)
+
+    def _write(self, tokens: np.ndarray, samples: int) -> None:
+        rows = tokens.astype(self.dtype).reshape(samples, self.sequence_length)
+        digest = write_shard(self.directory, self.shards, self.shards * self.samples_per_shard, rows)
+        for name, data in ((SUMS_NAME, sums_line(digest, self.shards).encode()), (CRC_NAME, sample_crcs(rows))):
+            with open(self._part(name), "ab") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # before the progress that counts this shard
+        self.shards += 1
+        self.counts["samples"] += samples
+
+    def state(self) -> dict:
+        return {"shards": self.shards, "counts": dict(self.counts)}
+
+    def restore(self, state: dict, pending: np.ndarray) -> None:
+        """Back to a saved state: checksum lines of shards written after it are cut off."""
+        self.shards, self.counts = state["shards"], Counter(state["counts"])
+        self.pending, self.pending_tokens = [pending], len(pending)
+        for name, size in ((SUMS_NAME, self.shards * len(sums_line("0" * 64, 0))),
+                           (CRC_NAME, self.counts["samples"] * 4)):
+            with open(self._part(name), "ab") as f:
+                if f.tell() < size:
+                    raise ValueError(f"{self._part(name)} is shorter than the saved progress says: remove "
+                                     f"{self.directory.parent / STATE_DIR} to build from the start")
+                f.truncate(size)
+
+
+class Progress:
+    """OUTPUT/.build/: where a build stands, saved after every shard so that a rerun continues there."""
+
+    def __init__(self, output: Path, fingerprint: dict):
+        self.dir = output / STATE_DIR
+        self.fingerprint = fingerprint
+
+    def load(self) -> dict | None:
+        path = self.dir / "progress.json"
+        if not path.is_file():
+            return None
+        state = json.loads(path.read_text())
+        return state if state.get("fingerprint") == self.fingerprint else None
+
+    def save(self, next_document: tuple[int, int], writers: dict[str, SourceShards], skipped: int) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name, w in writers.items():
+            pending = np.concatenate(w.pending) if w.pending else np.empty(0, np.uint32)
+            tmp = self.dir / f"{name}.pending.npy.tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, pending.astype(np.uint32), allow_pickle=False)
+            tmp.replace(self.dir / f"{name}.pending.npy")
+        write_json_atomically(self.dir / "progress.json", {
+            "fingerprint": self.fingerprint, "next_document": list(next_document), "skipped_records": skipped,
+            "sources": {name: w.state() for name, w in writers.items()},
+        })
+
+    def pending(self, source: str) -> np.ndarray:
+        return np.load(self.dir / f"{source}.pending.npy", allow_pickle=False)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _fingerprint(inputs: list[Input], tokenizer_sha256: str, context_length: int, samples_per_shard: int,
+                 on_error: str) -> dict:
     # Size and mtime rather than a hash, so that the check stays cheap for large corpora.
-    files = [f for given in inputs for f in input_files(given)]
-    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return {
+        "inputs": [[str(i.path), i.adapter, i.path.stat().st_size, i.path.stat().st_mtime_ns] for i in inputs],
+        "tokenizer_sha256": tokenizer_sha256, "context_length": context_length,
+        "samples_per_shard": samples_per_shard, "on_error": on_error, "format_version": FORMAT_VERSION,
+    }
+
+
+def _finished(output: Path, fingerprint: dict) -> list[str] | None:
+    """The sources of a finished build of exactly this fingerprint in `output`, or None."""
+    path = output / STATE_DIR / "done.json"
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    if done.get("fingerprint") != fingerprint:
+        return None
+    for source in done["sources"]:
+        if not (output / source / MANIFEST_NAME).is_file():
+            return None
+    return done["sources"]
+
+
+def write_corpus_index(output: Path) -> list[str]:
+    """corpus.json listing every source directory of `output` that has a manifest: sources built
+    by separate runs (on separate machines, say) into one corpus directory are all listed."""
+    sources = sorted(p.parent.name for p in output.glob(f"*/{MANIFEST_NAME}"))
+    write_json_atomically(output / CORPUS_NAME, {"format_version": FORMAT_VERSION, "sources": sources})
+    return sources
 
 
 def build_shards(
-    inputs: list[Path], tokenizer_path: Path, output: Path, context_length: int,
-    workers: int, samples_per_shard: int, show_progress: bool = True,
-) -> Manifest:
+    inputs: list[Path], tokenizer_path: Path, output: Path, context_length: int, workers: int,
+    samples_per_shard: int, show_progress: bool = True, sources: list[tuple[str, Path]] = (),
+    on_error: str = "raise", after_shard: Callable[[int], None] | None = None,
+) -> dict[str, SourceManifest]:
+    """Build (or continue building) the shards; returns each source's manifest. after_shard(n) is
+    called after the n-th shard of this call is saved with its progress (for tests and tools)."""
     if context_length < 1:
         raise ValueError(f"context length must be positive, got {context_length}")
     if samples_per_shard < 1:
         raise ValueError(f"samples per shard must be positive, got {samples_per_shard}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    found = _inputs(list(inputs), list(sources))
+    if not found:
+        raise ValueError("no input files: give --input or --source with files in them")
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size = tokenizer.get_vocab_size()
     dtype = token_dtype(vocab_size)
     sequence_length = context_length + 1
-    build = {
-        "inputs": _input_fingerprint(inputs),
-        "tokenizer_sha256": sha256_file(tokenizer_path),
-        "context_length": context_length,
-        "samples_per_shard": samples_per_shard,
-    }
-    if (output / MANIFEST_NAME).is_file():
-        try:
-            existing = read_manifest(output, verify_checksums=True)
-        except ShardError as e:
-            print(f"rebuilding: {e}")
-        else:
-            if existing.build == build:
-                print(f"{output} already holds these shards ({len(existing.shards)} shards); nothing to do")
-                return existing
+    tokenizer_sha256 = sha256_file(tokenizer_path)
+    fingerprint = _fingerprint(found, tokenizer_sha256, context_length, samples_per_shard, on_error)
+    done = _finished(output, fingerprint)
+    if done is not None:
+        print(f"{output} already holds these shards (sources {', '.join(done)}); nothing to do")
+        return {s: parse_manifest((output / s / MANIFEST_NAME).read_bytes(), str(output / s / MANIFEST_NAME))
+                for s in done}
 
     output.mkdir(parents=True, exist_ok=True)
-    # Shards of an earlier build would otherwise linger beside the new ones.
-    (output / MANIFEST_NAME).unlink(missing_ok=True)
-    for stale in output.glob("shard-*.tar"):
-        stale.unlink()
+    progress = Progress(output, fingerprint)
+    saved = progress.load()
+    default_sources = [_default_source(i, inputs) for i in found]
+    writers: dict[str, SourceShards] = {}
 
-    writer = ShardWriter(output, samples_per_shard, sequence_length)
-    buffers: dict[str, np.ndarray] = {}
-    per_source: dict[str, Counter] = {}
+    def writer(source: str) -> SourceShards:
+        if source not in writers:
+            directory = output / source
+            directory.mkdir(exist_ok=True)
+            writers[source] = SourceShards(directory, source, samples_per_shard, sequence_length, dtype)
+        return writers[source]
+
+    start = (0, 0)
+    skipped = Skipped()
+    skipped_before = 0
+    if saved is None:
+        progress.clear()
+        # Files of an earlier build (format 1 ones at the top too) would otherwise linger beside the new.
+        for pattern in (MANIFEST_NAME, "shard-*.tar*", f"*/{MANIFEST_NAME}", "*/shard-*.tar*", f"*/{SUMS_NAME}*",
+                        f"*/{CRC_NAME}*"):
+            for stale in output.glob(pattern):
+                stale.unlink()
+    else:
+        start, skipped_before = tuple(saved["next_document"]), saved["skipped_records"]
+        for name, state in saved["sources"].items():
+            writer(name).restore(state, progress.pending(name))
+        for name, w in writers.items():  # shards past the saved progress are redone: same bytes again
+            for extra in (output / name).glob("shard-*.tar*"):
+                if extra.name.endswith(".tmp") or int(extra.name[6:12]) >= w.shards:
+                    extra.unlink()
+        print(f"continuing an interrupted build at input file {start[0] + 1} of {len(found)} "
+              f"({sum(w.shards for w in writers.values())} shards already written)")
+
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    tasks = _chunks(iter_documents(inputs), DOCUMENTS_PER_TASK)
-    progress = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not show_progress)
+    total_bytes = sum(i.path.stat().st_size for i in found)
+    done_bytes = sum(i.path.stat().st_size for i in found[: start[0]])
+    bar = tqdm(total=total_bytes, initial=done_bytes, desc="tokenizing", unit="B", unit_scale=True,
+               disable=not show_progress, file=sys.stderr)
+    positioned = _positioned(found, start, on_error, skipped, default_sources)
+    places: list[tuple[int, int]] = []
+
+    def tasks() -> Iterator[list[tuple[str, str]]]:
+        chunk, chars = [], 0
+        for item in positioned:
+            chunk.append(item)
+            chars += len(item[1])
+            if chars >= TASK_CHARS:
+                # Characters approximate the input bytes the bar counts (a file's end comes late in big files).
+                places.append((chunk[-1][0], skipped.total, chars))
+                yield [(text, source) for _, text, source in chunk]
+                chunk, chars = [], 0
+        if chunk:
+            places.append((chunk[-1][0], skipped.total, chars))
+            yield [(text, source) for _, text, source in chunk]
+
     pool = Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) if workers > 1 else None
     if pool is None:
         _init_worker(str(tokenizer_path))
+    written = 0
     try:
-        for encoded in pool.imap(_encode, tasks) if pool else map(_encode, tasks):
+        for n, encoded in enumerate(pool.imap(_encode, tasks(), chunksize=1) if pool else map(_encode, tasks())):
+            last, skipped_so_far, chars = places[n]
+            bar.update(min(chars, total_bytes - bar.n))
+            new = 0
             for ids, source in encoded:
-                counts = per_source.setdefault(source, Counter())
-                counts["documents"] += 1
-                counts["input_tokens"] += len(ids) + 1
-                stream = np.concatenate([buffers.get(source, _EMPTY), ids, _EOS])
-                full = len(stream) // sequence_length
-                for row in stream[: full * sequence_length].reshape(full, sequence_length):
-                    writer.write(row.astype(dtype), source)
-                counts["samples"] += full
-                buffers[source] = stream[full * sequence_length:]
-                progress.update(len(ids) + 1)
-            progress.set_postfix(samples=writer.num_samples, shards=len(writer.shards))
+                new += writer(source).add(ids)
+            if new:
+                progress.save((last[0], last[1] + 1), writers, skipped_before + skipped_so_far)
+                written += new
+                bar.set_postfix(shards=sum(w.shards for w in writers.values()))
+                if after_shard is not None:
+                    after_shard(written)
     finally:
         if pool is not None:
-            pool.close()
+            pool.terminate()
             pool.join()
-        progress.close()
-    writer.close()
+    bar.update(total_bytes - bar.n)
+    bar.close()
 
-    leftover = {source: len(buffers[source]) for source in sorted(buffers)}
-    sources = {
-        source: {**per_source[source], "leftover_tokens": leftover[source]} for source in sorted(per_source)
-    }
-    totals = {
-        "documents": sum(c["documents"] for c in per_source.values()),
-        "input_tokens": sum(c["input_tokens"] for c in per_source.values()),
-        "samples": writer.num_samples,
-        "sample_tokens": writer.num_samples * sequence_length,
-        "leftover_tokens": sum(leftover.values()),
-        "sources": sources,
-    }
-    manifest = Manifest(
-        directory=output,
-        context_length=context_length,
-        dtype=dtype,
-        vocab_size=vocab_size,
-        tokenizer_path=str(tokenizer_path),
-        tokenizer_sha256=build["tokenizer_sha256"],
-        shards=tuple(writer.shards),
-        leftover_tokens=leftover,
-        totals=totals,
-        build=build,
+    manifests = {}
+    for name, w in sorted(writers.items()):
+        manifest = _finish_source(w, vocab_size, tokenizer_sha256, {"tokenizer_path": str(tokenizer_path)})
+        if manifest is None:
+            print(f"  {name}: {w.counts['input_tokens']} tokens fill no sequence of {sequence_length}: no shards")
+            continue
+        manifests[name] = manifest
+        print(f"  {name}: {manifest.documents} documents, {manifest.input_tokens} tokens -> {manifest.num_samples} "
+              f"samples of {sequence_length} in {manifest.num_shards} shards; {manifest.leftover_tokens} leftover tokens")
+    write_corpus_index(output)
+    total_skipped = skipped_before + skipped.total
+    if total_skipped:
+        print(f"skipped {total_skipped} bad input records (--on-error skip); each file's count is in the log above")
+    write_json_atomically(output / STATE_DIR / "done.json", {"fingerprint": fingerprint, "sources": sorted(manifests),
+                                                             "skipped_records": total_skipped})
+    for leftover in (output / STATE_DIR).glob("*.pending.npy"):
+        leftover.unlink()
+    (output / STATE_DIR / "progress.json").unlink(missing_ok=True)
+    print(f"wrote {output / CORPUS_NAME}: {len(manifests)} sources, "
+          f"{sum(m.num_shards for m in manifests.values())} shards ({dtype})")
+    return manifests
+
+
+def _finish_source(w: SourceShards, vocab_size: int, tokenizer_sha256: str, build: dict) -> SourceManifest | None:
+    """Write a source's last shard, sha256sums and manifest (None, and no directory, if it has no sample)."""
+    w.finish()
+    if not w.shards:
+        shutil.rmtree(w.directory)
+        return None
+    manifest = SourceManifest(
+        source=w.source, context_length=w.sequence_length - 1, dtype=w.dtype, vocab_size=vocab_size,
+        tokenizer_sha256=tokenizer_sha256, samples_per_shard=w.samples_per_shard, num_samples=w.counts["samples"],
+        documents=w.counts["documents"], input_tokens=w.counts["input_tokens"],
+        leftover_tokens=w.counts["leftover_tokens"], build=build,
     )
-    path = write_manifest(manifest)
-    print(
-        f"wrote {path}: {totals['documents']} documents, {totals['input_tokens']} tokens -> "
-        f"{totals['samples']} samples of {sequence_length} tokens in {len(writer.shards)} shards ({dtype})"
-    )
-    for source, n in leftover.items():
-        print(f"  {source}: {n} leftover tokens did not fill a last sequence and are in no shard")
+    write_json_atomically(w.directory / MANIFEST_NAME, manifest.to_json())
     return manifest
+
+
+def write_source(output: Path, source: str, rows: np.ndarray, samples_per_shard: int, vocab_size: int,
+                 tokenizer_sha256: str = "0" * 64) -> SourceManifest:
+    """A source of exactly these samples ([n, context_length + 1] ids) in corpus `output`, listed in
+    its corpus.json: for tests and benchmarks that need shards of known content."""
+    directory = output / source
+    directory.mkdir(parents=True, exist_ok=True)
+    w = SourceShards(directory, source, samples_per_shard, rows.shape[1], token_dtype(vocab_size))
+    w.extend(np.asarray(rows, np.uint32).reshape(-1))
+    manifest = _finish_source(w, vocab_size, tokenizer_sha256, {})
+    write_corpus_index(output)
+    return manifest
+
+
+def _default_source(item: Input, given: list[Path]) -> str:
+    """A document without a source is named after the --input it came from ("corpus" for corpus/)."""
+    for g in given:
+        if item.path == g or g in item.path.parents:
+            return g.stem if g.is_file() else g.name
+    return item.path.stem
 
 
 def _from_config(path: Path):
@@ -208,16 +441,29 @@ def _from_config(path: Path):
     return load_config(path)
 
 
+def _source_arg(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, Path(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--input", required=True, nargs="+", type=Path, help="files, directories or jsonl")
+    parser.add_argument("--input", nargs="+", type=Path, default=[], help="files, directories or jsonl")
+    parser.add_argument("--source", nargs="+", type=_source_arg, default=[], metavar="NAME=PATH",
+                        help=f"a seed source read with its adapter: {', '.join(ADAPTERS)}")
     parser.add_argument("--tokenizer", required=True, type=Path, help="tokenizer.json from tools/train_tokenizer.py")
-    parser.add_argument("--output", required=True, type=Path, help="directory for the shards and manifest.json")
+    parser.add_argument("--output", required=True, type=Path, help="corpus directory: one directory per source")
     parser.add_argument("--context-length", type=int, help="tokens a model sees per sequence")
     parser.add_argument("--config", type=Path, help="run config giving training.lm.context_length")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
     parser.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD)
+    parser.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                        help="a bad source record stops the build (raise) or is counted and skipped")
     args = parser.parse_args(argv)
+    if not args.input and not args.source:
+        parser.error("give --input or --source")
     if args.context_length is None and args.config is None:
         parser.error("give --context-length or --config")
     context_length = args.context_length
@@ -230,7 +476,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"tokenizer {args.tokenizer} has {vocab_size} tokens, more than training.lm.vocab_size "
                 f"{lm.vocab_size} in {args.config}: the model could not embed every id"
             )
-    build_shards(args.input, args.tokenizer, args.output, context_length, args.workers, args.samples_per_shard)
+    start = time.perf_counter()
+    build_shards(args.input, args.tokenizer, args.output, context_length, args.workers, args.samples_per_shard,
+                 sources=args.source, on_error=args.on_error)
+    print(f"took {time.perf_counter() - start:.1f}s")
 
 
 if __name__ == "__main__":

@@ -1,71 +1,97 @@
-"""Summarise a shard directory's manifest, and with --verify check every shard against its sha256.
+"""Summarise a token shard corpus, decode samples, and with --verify check every shard's sha256.
 
-    python tools/inspect_shards.py runs/tiny/shards [--verify]
+    python tools/inspect_shards.py runs/tiny/shards [--source NAME] [--decode N] [--verify]
 
-The summary (shards, samples and tokens per source, dtype, context length) comes from manifest.json
-alone. --verify reads every shard, printing progress on stderr, and exits non-zero naming each
-shard that is missing or does not match the manifest's checksum.
+The summary (per source: shards, documents, samples, tokens, leftover tokens; dtype, context
+length) comes from the manifests alone. --decode N prints the first N samples of each source (of
+--source only, if given) as text with the corpus' tokenizer. --verify reads every shard, printing
+progress on stderr, and exits non-zero naming each shard that is missing, of the wrong size, or
+not matching its line in sha256sums.
 """
 
 import argparse
 import sys
 import time
-from pathlib import Path
 
-from data.shards import Manifest, ShardError, parse_manifest, shard_file_problem
+from data.shards import Location, ShardError, ShardReader, SourceManifest, read_corpus, shard_problem
 
 
-def summary(manifest: Manifest) -> str:
-    samples, shards = {}, {}
-    for shard in manifest.shards:
-        for source, n in shard.sources.items():
-            samples[source] = samples.get(source, 0) + n
-            shards[source] = shards.get(source, 0) + 1
+def summary(location: Location, manifests: dict[str, SourceManifest]) -> str:
+    first = next(iter(manifests.values()))
     lines = [
-        f"{manifest.directory}: {len(manifest.shards)} shards, {manifest.num_samples:,} samples of "
-        f"{manifest.sequence_length} tokens (context length {manifest.context_length}), {manifest.dtype}, "
-        f"vocabulary {manifest.vocab_size} ({manifest.tokenizer_path})",
-        f"  {'source':<24} {'shards':>8} {'samples':>12} {'tokens':>14} {'leftover tokens':>16}",
+        f"{location.base}: {len(manifests)} sources, {sum(m.num_shards for m in manifests.values()):,} shards, "
+        f"{sum(m.num_samples for m in manifests.values()):,} samples of {first.sequence_length} tokens (context "
+        f"length {first.context_length}), {first.dtype}, vocabulary {first.vocab_size}",
+        f"  {'source':<20} {'shards':>8} {'documents':>10} {'samples':>12} {'tokens':>14} {'leftover':>10}",
     ]
-    for source in sorted(samples):
-        lines.append(f"  {source:<24} {shards[source]:>8} {samples[source]:>12,} "
-                     f"{samples[source] * manifest.sequence_length:>14,} {manifest.leftover_tokens.get(source, 0):>16,}")
+    for name, m in manifests.items():
+        lines.append(f"  {name:<20} {m.num_shards:>8,} {m.documents:>10,} {m.num_samples:>12,} "
+                     f"{m.num_samples * m.sequence_length:>14,} {m.leftover_tokens:>10,}")
     return "\n".join(lines)
 
 
-def verify(manifest: Manifest) -> list[str]:
-    """Every shard's problem (missing, or another sha256 than listed), with progress on stderr."""
-    paths = [manifest.shard_path(i) for i in range(len(manifest.shards))]
-    sizes = [p.stat().st_size if p.is_file() else 0 for p in paths]
-    done_bytes, problems, start = 0, [], time.perf_counter()
-    for i in range(len(paths)):
-        problem = shard_file_problem(manifest, i, verify_checksum=True)
+def decode(location: Location, manifest: SourceManifest, count: int, tokenizer) -> list[str]:
+    reader = ShardReader(location, manifest)
+    try:
+        out = []
+        for n in range(min(count, manifest.num_samples)):
+            shard, member = divmod(n, manifest.samples_per_shard)
+            out.append(f"--- {manifest.source} sample {n} (shard {shard}, member {member}) ---\n"
+                       + tokenizer.decode(reader.read(shard, member).tolist(), skip_special_tokens=False))
+        return out
+    finally:
+        reader.close()
+
+
+def verify(location: Location, manifests: dict[str, SourceManifest]) -> list[str]:
+    """Every shard's problem, with progress (shards/s, ETA) on stderr."""
+    todo = [(m, i) for m in manifests.values() for i in range(m.num_shards)]
+    problems, start, done_bytes = [], time.perf_counter(), 0
+    for n, (m, i) in enumerate(todo, start=1):
+        problem = shard_problem(location, m, i)
         if problem:
             problems.append(problem)
-        done_bytes += sizes[i]
-        rate = done_bytes / max(time.perf_counter() - start, 1e-9)
-        eta = (sum(sizes) - done_bytes) / rate if rate else 0.0
-        print(f"\rverified {i + 1}/{len(paths)} shards, {rate / 1e6:.1f} MB/s, ETA {eta:.0f}s", end="",
-              file=sys.stderr, flush=True)
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        done_bytes += m.shard_size(i)
+        print(f"\rverified {n}/{len(todo)} shards, {done_bytes / elapsed / 1e6:.1f} MB/s, "
+              f"ETA {(len(todo) - n) * elapsed / n:.0f}s", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return problems
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("directory", type=Path, help="directory holding manifest.json")
+    parser.add_argument("corpus", help="corpus directory (or http(s) URL) holding corpus.json")
+    parser.add_argument("--source", help="only this source")
+    parser.add_argument("--decode", type=int, default=0, metavar="N", help="print the first N samples as text")
+    parser.add_argument("--tokenizer", help="tokenizer.json for --decode (default: the one the build recorded)")
+    parser.add_argument("--cache-dir", help="where remote shards are downloaded")
     parser.add_argument("--verify", action="store_true", help="recompute every shard's sha256")
     args = parser.parse_args(argv)
     try:
-        manifest = parse_manifest(args.directory)
+        location = Location(args.corpus, args.cache_dir)
+        manifests = read_corpus(location)
     except ShardError as e:
         sys.exit(f"error: {e}")
-    print(summary(manifest))
+    if args.source:
+        if args.source not in manifests:
+            sys.exit(f"error: {args.corpus} has no source {args.source!r} (it has {sorted(manifests)})")
+        manifests = {args.source: manifests[args.source]}
+    print(summary(location, manifests))
+    if args.decode:
+        from data.tokenizer import load_tokenizer
+
+        path = args.tokenizer or next(iter(manifests.values())).build.get("tokenizer_path")
+        if not path:
+            sys.exit("error: --decode needs --tokenizer (the manifest records none)")
+        tokenizer = load_tokenizer(path)
+        for m in manifests.values():
+            print("\n".join(decode(location, m, args.decode, tokenizer)))
     if args.verify:
-        problems = verify(manifest)
+        problems = verify(location, manifests)
         if problems:
             sys.exit("\n".join(f"error: {p}" for p in problems))
-        print(f"all {len(manifest.shards)} shards match their sha256")
+        print(f"all {sum(m.num_shards for m in manifests.values())} shards match their sha256")
 
 
 if __name__ == "__main__":

@@ -79,6 +79,11 @@ class Collated:
     def close(self) -> None:
         self.loader.close()
 
+    @property
+    def skipped_samples(self) -> int:
+        """Samples this rank's loader left out as unreadable (data.on_error: skip)."""
+        return self.loader.skipped_samples
+
 
 def load_run_tokenizer(cfg: Config):
     """The project's tokenizer (data.tokenizer), or a Hugging Face model's own (model.type: hf)."""

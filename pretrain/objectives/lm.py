@@ -6,7 +6,7 @@ import torch
 
 from data.loader import TokenBatches
 from data.masks import document_positions_and_mask
-from data.tokenizer import EOS_ID
+from data.tokenizer import EOS_ID, IGNORE
 from pretrain.config import Config, ConfigError
 from pretrain.objectives import Collated, Objective
 
@@ -23,11 +23,14 @@ class LanguageModeling(Objective):
         shards = d.shards if split == "train" else d.valid_shards
         if shards is None:
             raise ConfigError("validation.every_steps > 0 needs held-out shards: set data.valid_shards")
-        lm = self.cfg.training.lm
+        lm, micro = self.cfg.training.lm, self.cfg.training.micro_batch_size
         loader = TokenBatches(
-            shards, vocab_size=lm.vocab_size, micro_batch_size=self.cfg.training.micro_batch_size, dp_rank=dp_rank,
-            dp_size=dp_size, seed=d.seed, num_workers=d.num_workers if split == "train" else 0,
-            shuffle_window=d.shuffle_window,
+            shards, weights=d.mixture if split == "train" else None, vocab_size=lm.vocab_size,
+            # Validation steps one micro batch at a time; training steps the global batch.
+            global_batch=self.cfg.training.batch_size if split == "train" else micro * dp_size,
+            micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size, seed=d.seed,
+            num_workers=d.num_workers if split == "train" else 0, shuffle_window=d.shuffle_window,
+            on_error=d.on_error, cache_dir=d.cache_dir, retries=d.remote_retries, backoff_s=d.remote_backoff_s,
         )
         if loader.context_length != lm.context_length:
             raise ConfigError(f"{shards}: shards hold sequences of context length {loader.context_length} but "
@@ -45,7 +48,7 @@ class LanguageModeling(Objective):
         return (input_ids, position_ids, mask), labels
 
     def counts(self, batch) -> torch.Tensor:
-        return torch.tensor([batch[1].numel()], dtype=torch.float64)
+        return torch.tensor([(batch[1] != IGNORE).sum().item()], dtype=torch.float64)
 
     def input_ids(self, batch) -> torch.Tensor:
         return batch[0][0] if isinstance(batch[0], tuple) else batch[0]
