@@ -5,6 +5,7 @@ launcher port of `make train`."""
 import json
 import math
 import random
+import shutil
 import socket
 import subprocess
 
@@ -69,6 +70,23 @@ def test_a_run_resumes_on_fewer_and_on_more_data_parallel_ranks_with_the_same_sa
         assert a["data_fingerprint"] == b["data_fingerprint"] and a["tokens_seen"] == b["tokens_seen"]
         # The same samples and weights; only the order of the float sums differs between layouts.
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
+
+
+def test_unreadable_samples_are_skipped_counted_and_training_goes_on(tiny_data, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_data["shards"], shards)
+    lost = sorted((shards / "stdlib_code").glob("shard-*.tar"))[::2]
+    for path in lost:
+        path.unlink()
+    out = tmp_path / "skip"
+    proc = _train(tiny_data, out, [f"data.shards={shards}", "data.on_error=skip", "training.train_steps=4"])
+    records = _records(out)
+    skipped = [r["data_skipped_samples"] for r in records]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in records)
+    assert skipped == sorted(skipped) and skipped[-1] > 0
+    assert any(f"skipped a sample (data.on_error=skip): shard {path} does not exist" in proc.stderr for path in lost)
+    state = torch.load(out / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert state["data_skipped_samples"] == skipped[-1]
 
 
 def test_validation_loop_logs_and_checkpoints_held_out_loss(tiny_data, tmp_path):
