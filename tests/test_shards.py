@@ -137,6 +137,11 @@ def test_builds_are_deterministic_and_reruns_are_skipped(tmp_path, built, capsys
     build(root, tmp_path / "one", workers=1)
     assert "nothing to do" in capsys.readouterr().out
     assert (tmp_path / "one" / "code" / "manifest.json").stat().st_mtime_ns == stamp
+    # A finished build missing one of its files is built again, not reported done.
+    (tmp_path / "one" / "code" / "crc32").unlink()
+    build(root, tmp_path / "one", workers=1)
+    assert "nothing to do" not in capsys.readouterr().out
+    assert digests(tmp_path / "one") == digests(root / "out")
     # Other sizes rebuild, and leave no shard of the earlier build behind.
     rebuilt = build(root, tmp_path / "one", workers=1, samples_per_shard=50)
     assert sorted(p.name for p in (tmp_path / "one" / "code").glob("*.tar")) == [

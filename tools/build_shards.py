@@ -253,7 +253,7 @@ def _finished(output: Path, fingerprint: dict) -> list[str] | None:
     if done.get("fingerprint") != fingerprint:
         return None
     for source in done["sources"]:
-        if not (output / source / MANIFEST_NAME).is_file():
+        if not all((output / source / name).is_file() for name in (MANIFEST_NAME, SUMS_NAME, CRC_NAME)):
             return None
     return done["sources"]
 
