@@ -164,10 +164,9 @@ class TokenBatches:
     """Endless (input_ids, labels) int64 micro batches, each [micro_batch_size, context_length], of
     one data-parallel rank; see the module docstring for the order."""
 
-    def __init__(self, location: str | Path, *, weights: dict[str, float] | None, vocab_size: int,
+    def __init__(self, location: str | Path | Location, *, weights: dict[str, float] | None, vocab_size: int,
                  global_batch: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
-                 num_workers: int = 0, shuffle_window: int = 8, on_error: OnError = "raise",
-                 cache_dir: str | Path | None = None, retries: int = 5, backoff_s: float = 1.0):
+                 num_workers: int = 0, shuffle_window: int = 8, on_error: OnError = "raise"):
         for name, value, low in (("vocab_size", vocab_size, 1), ("micro_batch_size", micro_batch_size, 1),
                                  ("dp_size", dp_size, 1), ("seed", seed, 0), ("num_workers", num_workers, 0),
                                  ("shuffle_window", shuffle_window, 1), ("global_batch", global_batch, 1)):
@@ -180,7 +179,7 @@ class TokenBatches:
                              f"data-parallel size {dp_size}")
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.location = Location(location, cache_dir, retries, backoff_s)
+        self.location = location if isinstance(location, Location) else Location(location)
         manifests = read_corpus(self.location)
         weights = self._weights(manifests, weights)
         self.plan = Plan(manifests, integer_weights(weights), seed, shuffle_window)

@@ -196,10 +196,12 @@ def parse_manifest(raw: bytes, where: str) -> SourceManifest:
 
 class Location:
     """A corpus directory or URL, and where its files are read: a local path, or a download into
-    cache_dir (with retries, checked against sha256sums) for http(s) URLs."""
+    cache_dir (with retries, checked against sha256sums) for http(s) URLs. With cache_limit_bytes,
+    the shards downloaded longest ago are deleted once the cache holds more (a process that has one
+    open keeps reading it; one that needs it again downloads it again)."""
 
     def __init__(self, base: str | Path, cache_dir: str | Path | None = None, retries: int = 5,
-                 backoff_s: float = 1.0):
+                 backoff_s: float = 1.0, cache_limit_bytes: int | None = None):
         self.base = str(base).rstrip("/")
         self.remote = remote.is_url(self.base)
         if self.remote and cache_dir is None:
@@ -207,6 +209,7 @@ class Location:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.retries = retries
         self.backoff_s = backoff_s
+        self.cache_limit_bytes = cache_limit_bytes
 
     def name(self, *parts: str) -> str:
         return "/".join([self.base, *parts])
@@ -231,7 +234,25 @@ class Location:
         if not path.is_file():
             remote.download(self.name(manifest.source, shard_name(index)), path, self.shard_sha256(manifest, index),
                             retries=self.retries, backoff_s=self.backoff_s)
+            if self.cache_limit_bytes is not None:
+                self._evict(keep=path)
         return path
+
+    def _evict(self, keep: Path) -> None:
+        sizes = {}
+        for p in self.cache_dir.rglob("shard-*.tar"):
+            try:
+                st = p.stat()
+            except FileNotFoundError:  # evicted by another process meanwhile
+                continue
+            sizes[p] = (st.st_mtime_ns, st.st_size)
+        total = sum(size for _, size in sizes.values())
+        for p in sorted(sizes, key=lambda p: sizes[p][0]):
+            if total <= self.cache_limit_bytes:
+                break
+            if p != keep:
+                p.unlink(missing_ok=True)
+                total -= sizes[p][1]
 
     def shard_sha256(self, manifest: SourceManifest, index: int) -> str:
         width = len(sums_line("0" * 64, 0))

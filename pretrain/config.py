@@ -211,6 +211,7 @@ class DataConfig(Section):
     # naming it, or leave it out of the loss, count it (data_skipped_samples) and go on.
     on_error: Literal["raise", "skip"] = "raise"
     cache_dir: str | None = None  # local copies of remote (http) shards
+    cache_limit_gb: PositiveFloat | None = None  # None: keep every shard downloaded
     remote_retries: NonNegativeInt = 5
     remote_backoff_s: NonNegativeFloat = 1.0  # the first retry's wait; each next one waits twice as long
     # Packed sequences: positions restart after every eos and attention stays inside each document.

@@ -13,7 +13,7 @@ import pytest
 
 from data.loader import TokenBatches
 from data.remote import RemoteError
-from data.shards import shard_name
+from data.shards import Location, shard_name
 from tests.conftest import PYTHON, TINY_MODEL, run
 from tools.build_shards import write_source
 
@@ -69,9 +69,10 @@ def server(tmp_path):
     httpd.server_close()
 
 
-def batches(location, cache, n=12, **kw):
+def batches(base, cache, n=12, retries=5, limit=None):
+    location = Location(base, cache, retries=retries, backoff_s=0.01, cache_limit_bytes=limit)
     loader = TokenBatches(location, weights=None, vocab_size=VOCAB, global_batch=4, micro_batch_size=2, dp_rank=0,
-                          dp_size=1, seed=3, cache_dir=cache, backoff_s=0.01, **kw)
+                          dp_size=1, seed=3)
     return [b[0] for b in islice(loader, n)]
 
 
@@ -81,6 +82,16 @@ def test_the_loader_reads_the_same_batches_over_http(server, tmp_path):
     remote = batches(url, tmp_path / "cache")
     assert all((a == b).all() for a, b in zip(local, remote)) and len(remote) == 12
     assert list((tmp_path / "cache").rglob("shard-*.tar"))  # downloaded once, read locally
+
+
+def test_the_cache_keeps_under_its_limit(server, tmp_path):
+    httpd, url = server
+    shard = (httpd.root / "code" / shard_name(0)).stat().st_size
+    local = batches(httpd.root, None, n=40)
+    remote = batches(url, tmp_path / "cache", n=40, limit=3 * shard)
+    assert all((a == b).all() for a, b in zip(local, remote))
+    cached = list((tmp_path / "cache").rglob("shard-*.tar"))
+    assert 0 < len(cached) <= 3
 
 
 def test_a_dropped_connection_is_retried_with_backoff(server, tmp_path, caplog):

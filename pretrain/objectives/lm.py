@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from data.loader import TokenBatches
+from data.shards import Location
 from data.masks import document_positions_and_mask
 from data.tokenizer import EOS_ID, IGNORE
 from pretrain.config import Config, ConfigError
@@ -24,13 +25,15 @@ class LanguageModeling(Objective):
         if shards is None:
             raise ConfigError("validation.every_steps > 0 needs held-out shards: set data.valid_shards")
         lm, micro = self.cfg.training.lm, self.cfg.training.micro_batch_size
+        location = Location(shards, d.cache_dir, d.remote_retries, d.remote_backoff_s,
+                            None if d.cache_limit_gb is None else int(d.cache_limit_gb * 1e9))
         loader = TokenBatches(
-            shards, weights=d.mixture if split == "train" else None, vocab_size=lm.vocab_size,
+            location, weights=d.mixture if split == "train" else None, vocab_size=lm.vocab_size,
             # Validation steps one micro batch at a time; training steps the global batch.
             global_batch=self.cfg.training.batch_size if split == "train" else micro * dp_size,
             micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size, seed=d.seed,
             num_workers=d.num_workers if split == "train" else 0, shuffle_window=d.shuffle_window,
-            on_error=d.on_error, cache_dir=d.cache_dir, retries=d.remote_retries, backoff_s=d.remote_backoff_s,
+            on_error=d.on_error,
         )
         if loader.context_length != lm.context_length:
             raise ConfigError(f"{shards}: shards hold sequences of context length {loader.context_length} but "
