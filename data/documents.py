@@ -17,9 +17,13 @@ def iter_documents(inputs: list[str | Path]) -> Iterator[tuple[str, str]]:
         given = Path(given)
         if not given.exists():
             raise FileNotFoundError(f"input {given} does not exist")
-        default_source = given.stem if given.is_file() else given.name
         for path in input_files(given):
-            yield from file_documents(path, default_source)
+            yield from file_documents(path, input_source(given))
+
+
+def input_source(given: Path) -> str:
+    """The source of an input's documents that name none: the input's name ("corpus" for corpus/)."""
+    return given.stem if given.is_file() else given.name
 
 
 def file_documents(path: Path, default_source: str) -> Iterator[tuple[str, str]]:

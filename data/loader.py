@@ -188,7 +188,6 @@ class TokenBatches:
         self.num_workers, self.shuffle_window, self.on_error = num_workers, shuffle_window, on_error
         self.accumulation = global_batch // (micro_batch_size * dp_size)
         self.manifest = self.plan.manifests[0]  # what every source shares: context length, vocabulary
-        self.tokens_per_batch = micro_batch_size * self.context_length
         self.skipped_samples = 0  # this rank's, since this loader was made
         self._position = 0
         self._batches = self._stopper = None

@@ -128,9 +128,9 @@ class Interleave:
 
 @dataclass(frozen=True)
 class SourceOrder:
-    """Source `index`'s epochs: cursor c -> (epoch, shard, sample in shard)."""
+    """A source's epochs: cursor c -> (epoch, shard, sample in shard). `key` tells sources apart."""
 
-    index: int
+    key: int
     num_samples: int
     samples_per_shard: int
     window: int
@@ -145,11 +145,11 @@ class SourceOrder:
         per_window = self.window * self.samples_per_shard
         window, local = np.divmod(k, per_window)
         size = np.minimum(per_window, self.num_samples - window * per_window)
-        local = permute(local, size, key_of(self.seed, self.index, epoch, window, 1)).astype(np.int64)
+        local = permute(local, size, key_of(self.seed, self.key, epoch, window, 1)).astype(np.int64)
         slot, member = np.divmod(window * per_window + local, self.samples_per_shard)
         last = self.num_shards - 1
         shard = np.where(slot < last,
                          permute(np.minimum(slot, max(last - 1, 0)), max(last, 1),
-                                 key_of(self.seed, self.index, epoch, 0)).astype(np.int64),
+                                 key_of(self.seed, self.key, epoch, 0)).astype(np.int64),
                          last)
         return epoch, shard, member

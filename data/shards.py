@@ -79,6 +79,16 @@ def npy_header(dtype: str, length: int) -> bytes:
     return out.getvalue()
 
 
+def _stride(data_size: int) -> int:
+    """Bytes a member takes in a tar: its header block, its data padded to whole blocks."""
+    return _BLOCK + -(-data_size // _BLOCK) * _BLOCK
+
+
+def _archive_size(members: int, stride: int) -> int:
+    """Bytes of a tar of such members as tarfile writes it: two zero blocks, padding to a record."""
+    return -(-(members * stride + 2 * _BLOCK) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 def shard_bytes(first_sample: int, rows: np.ndarray) -> bytes:
     """A shard holding `rows` ([n, sequence length] ids; samples first_sample, first_sample + 1, ...):
     the bytes tarfile would write for members `<n>.tokens.npy` (USTAR headers, mode 0444, mtime 0,
@@ -88,7 +98,7 @@ def shard_bytes(first_sample: int, rows: np.ndarray) -> bytes:
     n, length = rows.shape
     npy = npy_header(rows.dtype.name, length)
     data_size = len(npy) + rows.nbytes // max(n, 1)
-    stride = _BLOCK + -(-data_size // _BLOCK) * _BLOCK
+    stride = _stride(data_size)
     info = tarfile.TarInfo(member_name(0))
     info.size, info.mode, info.mtime, info.uname, info.gname = data_size, 0o444, 0, "bigdata", "bigdata"
     template = np.frombuffer(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"), np.uint8).copy()
@@ -102,8 +112,7 @@ def shard_bytes(first_sample: int, rows: np.ndarray) -> bytes:
     out[:, 148:156] = np.frombuffer(b"".join(b"%06o\0 " % c for c in sums.tolist()), np.uint8).reshape(n, 8)
     out[:, _BLOCK:_BLOCK + len(npy)] = np.frombuffer(npy, np.uint8)
     out[:, _BLOCK + len(npy):_BLOCK + data_size] = np.ascontiguousarray(rows).view(np.uint8).reshape(n, -1)
-    end = n * stride + 2 * _BLOCK
-    return out.tobytes() + bytes(-(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE - n * stride)
+    return out.tobytes() + bytes(_archive_size(n, stride) - n * stride)
 
 
 def sample_crcs(rows: np.ndarray) -> bytes:
@@ -145,13 +154,10 @@ class SourceManifest:
 
     @property
     def member_stride(self) -> int:
-        data = len(self.npy_header) + self.sequence_length * np.dtype(self.dtype).itemsize
-        return _BLOCK + -(-data // _BLOCK) * _BLOCK
+        return _stride(len(self.npy_header) + self.sequence_length * np.dtype(self.dtype).itemsize)
 
     def shard_size(self, index: int) -> int:
-        """Bytes of shard `index` as tarfile writes it: members, two zero blocks, padding to a record."""
-        end = self.shard_samples(index) * self.member_stride + 2 * _BLOCK
-        return -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+        return _archive_size(self.shard_samples(index), self.member_stride)
 
     def to_json(self) -> dict:
         return asdict(self)

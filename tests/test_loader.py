@@ -79,7 +79,7 @@ def test_permute_is_a_bijection_for_any_size_and_differs_by_key():
 
 
 def test_a_source_epoch_visits_every_sample_once_in_windows_of_shards():
-    order = SourceOrder(index=5, num_samples=30 * SPS - 4, samples_per_shard=SPS, window=4, seed=SEED)
+    order = SourceOrder(key=5, num_samples=30 * SPS - 4, samples_per_shard=SPS, window=4, seed=SEED)
     n = order.num_samples
     epoch, shard, member = order.locate(np.arange(3 * n))
     assert (epoch == np.repeat([0, 1, 2], n)).all()

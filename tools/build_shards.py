@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from data.documents import file_documents, input_files
+from data.documents import file_documents, input_files, input_source
 from data.shards import (
     CORPUS_NAME, CRC_NAME, FORMAT_VERSION, MANIFEST_NAME, SUMS_NAME, SourceManifest, parse_manifest, sample_crcs,
     shard_bytes, sha256_file, shard_name, sums_line, token_dtype, write_json_atomically,
@@ -72,6 +72,7 @@ class Input:
     """One input file and how to read it: (text, source) per document."""
     path: Path
     adapter: str | None  # a data.sources adapter, or None for --input files
+    default_source: str  # of --input documents that name none
 
 
 def _inputs(paths: list[Path], sources: list[tuple[str, Path]]) -> list[Input]:
@@ -79,30 +80,30 @@ def _inputs(paths: list[Path], sources: list[tuple[str, Path]]) -> list[Input]:
     for given in paths:
         if not given.exists():
             raise FileNotFoundError(f"input {given} does not exist")
-        found += [Input(f, None) for f in input_files(given)]
+        found += [Input(f, None, input_source(given)) for f in input_files(given)]
     for name, given in sources:
         if name not in ADAPTERS:
             raise ValueError(f"--source {name}={given}: no adapter named {name!r} (there are {sorted(ADAPTERS)})")
         if not given.exists():
             raise FileNotFoundError(f"--source {name}={given}: {given} does not exist")
-        found += [Input(f, name) for f in input_files(given)]
+        found += [Input(f, name, name) for f in input_files(given)]
     return found
 
 
-def _documents(item: Input, on_error: str, skipped: Skipped, default_source: str) -> Iterator[tuple[str, str]]:
+def _documents(item: Input, on_error: str, skipped: Skipped) -> Iterator[tuple[str, str]]:
     if item.adapter is None:
-        yield from file_documents(item.path, default_source)
+        yield from file_documents(item.path, item.default_source)
         return
     # Token shards carry text; a vision_text pair's image goes to the multimodal shards.
     for doc in ADAPTERS[item.adapter](item.path, on_error=on_error, skipped=skipped):
         yield doc.text, doc.source
 
 
-def _positioned(inputs: list[Input], start: tuple[int, int], on_error: str, skipped: Skipped,
-                default_sources: list[str]) -> Iterator[tuple[tuple[int, int], str, str]]:
+def _positioned(inputs: list[Input], start: tuple[int, int], on_error: str,
+                skipped: Skipped) -> Iterator[tuple[tuple[int, int], str, str]]:
     """((file index, document index in it), text, source) from `start` on; earlier files are not opened."""
     for f in range(start[0], len(inputs)):
-        docs = _documents(inputs[f], on_error, skipped, default_sources[f])
+        docs = _documents(inputs[f], on_error, skipped)
         for d, (text, source) in enumerate(islice(docs, start[1] if f == start[0] else 0, None),
                                            start=start[1] if f == start[0] else 0):
             yield (f, d), text, source
@@ -297,7 +298,6 @@ def build_shards(
     output.mkdir(parents=True, exist_ok=True)
     progress = Progress(output, fingerprint)
     saved = progress.load()
-    default_sources = [_default_source(i, inputs) for i in found]
     writers: dict[str, SourceShards] = {}
 
     def writer(source: str) -> SourceShards:
@@ -333,7 +333,7 @@ def build_shards(
     done_bytes = sum(i.path.stat().st_size for i in found[: start[0]])
     bar = tqdm(total=total_bytes, initial=done_bytes, desc="tokenizing", unit="B", unit_scale=True,
                disable=not show_progress, file=sys.stderr)
-    positioned = _positioned(found, start, on_error, skipped, default_sources)
+    positioned = _positioned(found, start, on_error, skipped)
     places: list[tuple[int, int]] = []
 
     def tasks() -> Iterator[list[tuple[str, str]]]:
@@ -424,14 +424,6 @@ def write_source(output: Path, source: str, rows: np.ndarray, samples_per_shard:
     manifest = _finish_source(w, vocab_size, tokenizer_sha256, {})
     write_corpus_index(output)
     return manifest
-
-
-def _default_source(item: Input, given: list[Path]) -> str:
-    """A document without a source is named after the --input it came from ("corpus" for corpus/)."""
-    for g in given:
-        if item.path == g or g in item.path.parents:
-            return g.stem if g.is_file() else g.name
-    return item.path.stem
 
 
 def _from_config(path: Path):
