@@ -17,6 +17,11 @@ class Section(BaseModel):
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def swiglu_size(hidden: int) -> int:
+    """SwiGLU's 8/3 x hidden (its three matrices cost what GELU's two at 4x do), rounded up to 64."""
+    return -(-(8 * hidden // 3) // 64) * 64
+
+
 class HFConfig(Section):
     """A local Hugging Face causal LM (model.type: hf), optionally with LoRA adapters."""
 
@@ -28,8 +33,55 @@ class HFConfig(Section):
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
 
 
+class VisionConfig(Section):
+    """The ViT of model.type=vljepa (model/vit.py): pre-norm blocks over image_size/patch_size squared
+    patches."""
+
+    image_size: PositiveInt = 256
+    patch_size: PositiveInt = 16
+    hidden_size: PositiveInt = 1024
+    num_layers: PositiveInt = 24
+    num_heads: PositiveInt = 16
+    ffn_hidden_size: PositiveInt | None = None  # None: 8/3 * hidden, rounded up to 64
+    norm_eps: PositiveFloat = 1e-6
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"model.vision.image_size ({self.image_size}) must be divisible by "
+                             f"model.vision.patch_size ({self.patch_size})")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.vision.hidden_size ({self.hidden_size}) must be divisible by "
+                             f"model.vision.num_heads ({self.num_heads})")
+        return self
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or swiglu_size(self.hidden_size)
+
+
+class FusionConfig(Section):
+    """Cross-modal fusion (model/fusion.py): a gated cross-attention block after every `every`
+    language blocks, reading the projected vision tokens."""
+
+    every: PositiveInt = 4
+
+
+class PredictorConfig(Section):
+    """The JEPA head's vision predictor (model/jepa.py): a narrow transformer at the embedding width."""
+
+    num_layers: PositiveInt = 4
+    num_heads: PositiveInt = 8
+
+
 class ModelConfig(Section):
-    type: Literal["gpt", "hf"] = "gpt"  # gpt: the project's model below; hf: model.hf.path
+    # gpt: the project's language model below; hf: model.hf.path; vljepa: the vision-language JEPA
+    # (the language model below plus model.vision, model.fusion and model.predictor)
+    type: Literal["gpt", "hf", "vljepa"] = "gpt"
     hidden_size: PositiveInt = 1024
     num_layers: PositiveInt = 24
     num_heads: PositiveInt = 16
@@ -41,6 +93,9 @@ class ModelConfig(Section):
     # vocabulary (and so every checkpoint) is the same at every TP size that divides it.
     make_vocab_size_divisible_by: PositiveInt = 128
     hf: HFConfig = HFConfig()
+    vision: VisionConfig = VisionConfig()
+    fusion: FusionConfig = FusionConfig()
+    predictor: PredictorConfig = PredictorConfig()
 
     @model_validator(mode="after")
     def _shapes(self):
@@ -56,9 +111,7 @@ class ModelConfig(Section):
 
     @property
     def ffn_size(self) -> int:
-        if self.ffn_hidden_size is not None:
-            return self.ffn_hidden_size
-        return -(-(8 * self.hidden_size // 3) // 64) * 64
+        return self.ffn_hidden_size or swiglu_size(self.hidden_size)
 
     def padded_vocab_size(self, vocab_size: int, tp: int = 1) -> int:
         """vocab_size rounded up to make_vocab_size_divisible_by; the same for every TP size, which

@@ -83,15 +83,23 @@ class Embedding(nn.Module):
         return self.word(input_ids)
 
 
+def local_heads(heads: int, mp: ModelParallelConfig) -> int:
+    tp = mp.tensor_model_parallel_size
+    if heads % tp:
+        raise ValueError(f"a layer's {heads} attention heads are not divisible by parallel.tensor ({tp})")
+    return heads // tp
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+    """Self-attention; causal with rotary positions for text, bidirectional without (positions are
+    added to the input) for image patches and the JEPA predictor."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, causal: bool = True, rope: bool = True):
         super().__init__()
-        tp = mp.tensor_model_parallel_size
-        if cfg.num_heads % tp:
-            raise ValueError(f"model.num_heads ({cfg.num_heads}) must be divisible by parallel.tensor ({tp})")
-        self.local_heads = cfg.num_heads // tp
+        self.local_heads = local_heads(cfg.num_heads, mp)
         self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.rope_theta = cfg.rope_theta
+        self.causal = causal
+        self.rope_theta = cfg.rope_theta if rope else None
         self.qkv = ColumnParallelLinear(
             cfg.hidden_size, 3 * cfg.hidden_size, config=mp, init_method=_no_init, bias=False, gather_output=False
         )
@@ -104,11 +112,14 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         qkv, _ = self.qkv(x)
         q, k, v = qkv.view(b, s, self.local_heads, 3, self.head_dim).unbind(dim=3)
-        cos, sin = rope_tables(position_ids, self.head_dim, self.rope_theta)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.rope_theta is not None:
+            if position_ids is None:
+                position_ids = torch.arange(s, device=x.device).expand(b, -1)
+            cos, sin = rope_tables(position_ids, self.head_dim, self.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, head_dim]
         if attention_mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         y, _ = self.out(y.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
@@ -120,7 +131,7 @@ class SwiGLU(nn.Module):
         super().__init__()
         tp = mp.tensor_model_parallel_size
         if cfg.ffn_size % tp:
-            raise ValueError(f"model.ffn_hidden_size ({cfg.ffn_size}) must be divisible by parallel.tensor ({tp})")
+            raise ValueError(f"a layer's ffn_hidden_size ({cfg.ffn_size}) is not divisible by parallel.tensor ({tp})")
         self.local_units = cfg.ffn_size // tp
         self.gate_up = ColumnParallelLinear(
             cfg.hidden_size, 2 * cfg.ffn_size, config=mp, init_method=_no_init, bias=False, gather_output=False
@@ -138,16 +149,17 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+    """Pre-norm transformer block. `cfg` is any config with hidden_size, num_heads, ffn_size and
+    norm_eps (and rope_theta when rope): the language model's, the ViT's or the JEPA predictor's."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, causal: bool = True, rope: bool = True):
         super().__init__()
         self.attn_norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg, mp)
+        self.attn = Attention(cfg, mp, causal, rope)
         self.mlp_norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, mp)
 
     def forward(self, x, position_ids=None, attention_mask=None):
-        if position_ids is None:
-            position_ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         x = x + self.attn(self.attn_norm(x), position_ids, attention_mask)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -244,6 +256,9 @@ def init_weights(layer: nn.Module, index: int, cfg: ModelConfig, seed: int, mate
         with (materialize or _as_is)(p), torch.no_grad():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+                continue
+            if name.endswith(("bias", "gate")):  # fusion's gates start closed: text-only behaviour at init
+                p.zero_()
                 continue
             full_shape = list(p.shape)
             split = getattr(p, "tensor_model_parallel", False)

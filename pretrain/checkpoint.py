@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from megatron.core import parallel_state
 
 MARKER = "complete.json"
 _TAG = re.compile(r"global_step(\d+)")
@@ -165,13 +166,20 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _objective_file(tag_dir: Path) -> Path:
+    # One file per model-parallel rank: every data-parallel rank holds the same objective state.
+    tp, pp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
+    return tag_dir / f"objective_state_tp{tp:02d}_pp{pp:02d}.pt"
+
+
 def save(engine, directory: Path, step: int, training_state: dict, write_tokenizer: Callable[[Path], None],
-         layout: dict, keep: int | None = None) -> Path:
+         layout: dict, keep: int | None = None, objective_state: dict | None = None) -> Path:
     """Collective: every rank calls it. training_state holds the seed's fields (epoch, tokens_seen,
     train_loss, eval_metrics, config, tokenizer) and the loader position; it is stored with the
     model states. write_tokenizer(tag_dir) puts the tokenizer's files beside them (rank 0). layout
     (world and parallel sizes) goes into the marker, for resume to compare. keep: how many complete
-    checkpoints to leave, the newest ones."""
+    checkpoints to leave, the newest ones. objective_state: tensors the objective keeps beside the model
+    (the EMA target), written by data-parallel rank 0."""
     tag_dir = directory / f"global_step{step}"
     rank = dist.get_rank()
     if rank == 0:
@@ -181,6 +189,8 @@ def save(engine, directory: Path, step: int, training_state: dict, write_tokeniz
         write_tokenizer(tag_dir)
     dist.barrier()
     torch.save(_rng_state(), tag_dir / f"rng_state_rank{rank:05d}.pt")
+    if objective_state and parallel_state.get_data_parallel_rank() == 0:
+        torch.save(objective_state, _objective_file(tag_dir))
     engine.save_checkpoint(str(directory), tag=tag_dir.name, client_state={"step": step, **training_state},
                            save_latest=False)
     dist.barrier()
@@ -218,6 +228,14 @@ def verify_checksums(tag_dir: Path) -> None:
     bad = [b for share in shares for b in share]
     if bad:
         raise CheckpointError(f"checkpoint {tag_dir} is corrupt: {', '.join(bad)}")
+
+
+def load_objective_state(tag_dir: Path) -> dict:
+    path = _objective_file(tag_dir)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {tag_dir} has no {path.name}: it was written by a run whose objective "
+                              "keeps no state of its own (another training.objective?)")
+    return safe_load(path)
 
 
 def load(engine, tag_dir: Path) -> dict:

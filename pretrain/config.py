@@ -97,18 +97,34 @@ class SchedulerConfig(Section):
         return parse_count(v)
 
 
+class MaskingConfig(Section):
+    """Seed 1.3: which mask each modality gets. `language` is for samples without an image, `joint`
+    for the text of samples with one; `vision` for the image's patches (block: the seed's random
+    16x16-pixel blocks, i.e. patches; multiblock: I-JEPA's target blocks with a disjoint context)."""
+
+    vision: Literal["block", "multiblock"] = "block"
+    language: Literal["random", "span"] = "random"
+    joint: Literal["random", "span"] = "span"
+
+
+class MultiblockConfig(Section):
+    num_targets: PositiveInt = 4
+    scale: tuple[PositiveFloat, PositiveFloat] = (0.15, 0.2)
+    aspect: tuple[PositiveFloat, PositiveFloat] = (0.75, 1.5)
+    context_scale: tuple[PositiveFloat, PositiveFloat] = (0.85, 1.0)
+
+
 class JepaConfig(Section):
     mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.15
     prediction_steps: PositiveInt = 3
     step_weights: list[NonNegativeFloat] = [1.0, 0.8, 0.6]
     embedding_dim: PositiveInt = 512
-    masking: dict[str, Literal["block", "random", "span"]] = {
-        "vision": "block",
-        "language": "random",
-        "joint": "span",
-    }
-    block_size: PositiveInt = 16
+    masking: MaskingConfig = MaskingConfig()
+    multiblock: MultiblockConfig = MultiblockConfig()
     span_length: PositiveInt = 32
+    loss: Literal["mse", "smooth_l1", "cosine"] = "mse"
+    # The EMA target's momentum, linear from the first to the second over the run's steps (I-JEPA).
+    momentum: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = (0.996, 1.0)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -133,8 +149,11 @@ class LMConfig(Section):
 
 
 class HybridConfig(Section):
-    alpha: NonNegativeFloat = 0.3
-    beta: NonNegativeFloat = 0.7
+    alpha: NonNegativeFloat = 0.3  # JEPA weight; 0: pure LM (no target pass, the JEPA head is frozen)
+    beta: NonNegativeFloat = 0.7  # LM weight; 0: pure JEPA (the output projection is frozen)
+    # Seed modules this stage leaves as they are (a language-only stage need not move the ViT).
+    freeze: list[Literal["vision_encoder", "cross_modal_fusion", "language_encoder", "autoregressive_head",
+                         "jepa_head"]] = []
 
     @model_validator(mode="after")
     def _weights(self):
@@ -159,8 +178,9 @@ class StepJepaConfig(Section):
 
 class TrainingConfig(Section):
     # What the loop optimises (pretrain/objectives/): lm reads token shards (data.shards), step_jepa
-    # reads chats (data.chats).
-    objective: Literal["lm", "step_jepa"] = "lm"
+    # reads chats (data.chats), hybrid (the VL-JEPA's alpha * JEPA + beta * LM) reads token shards
+    # whose samples may hold images.
+    objective: Literal["lm", "step_jepa", "hybrid"] = "lm"
     batch_size: PositiveInt = 256
     micro_batch_size: PositiveInt = 4
     gradient_accumulation_steps: PositiveInt | None = 64  # None: derived from the other two and dp size
@@ -262,6 +282,9 @@ class Config(Section):
         if self.model.type == "hf" and self.parallel.zero_stage == 3:
             raise ValueError("model.type=hf supports parallel.zero_stage 0-2: its weights load whole on every rank, "
                              "which ZeRO-3 is there to avoid")
+        if (self.model.type == "vljepa") != (self.training.objective == "hybrid"):
+            raise ValueError("training.objective=hybrid trains model.type=vljepa, and a vljepa model trains with the "
+                             f"hybrid objective (got objective {self.training.objective!r}, model {self.model.type!r})")
         if self.model.type == "hf" and self.training.objective != "step_jepa":
             raise ValueError("model.type=hf is for chat fine-tuning: use training.objective=step_jepa")
         return self

@@ -26,6 +26,7 @@ from torch import nn
 from data.tokenizer import NUM_PREDICTOR_TOKENS, predictor_token
 from model import hf
 from model.gpt import GPT, Block, Embedding, Head, init_weights, layer_specs, megatron_config
+from model.vljepa import VLJEPA
 from model.loss import lm_loss
 from pretrain import checkpoint
 from pretrain.config import Config, ConfigError, check_deepspeed_keys
@@ -282,6 +283,16 @@ def build_model(cfg: Config, objective: Objective, tokenizer, ds_config: dict) -
     except ValueError as e:
         raise ConfigError(str(e)) from None
     mp = megatron_config(tp)
+    if cfg.model.type == "vljepa":
+        building, materialize = _zero3_partitioned(cfg, ds_config)
+        jepa = cfg.training.jepa
+        with building:
+            model = VLJEPA(cfg.model, vocab, mp, jepa.embedding_dim, jepa.prediction_steps,
+                           checkpoint_activations=cfg.parallel.activation_checkpointing, kernels=cfg.training.kernels)
+        for name, layer in model.named_children():
+            init_weights(layer, int(name), cfg.model, cfg.run.seed, materialize)
+            layer.requires_grad_(objective.trains(model.modules_of[name]))
+        return TrainModule(model, objective)
     if pp == 1:
         building, materialize = _zero3_partitioned(cfg, ds_config)
         with building:
@@ -329,7 +340,15 @@ def build_engine(cfg: Config, objective: Objective, tokenizer):
         mpu=None if cfg.parallel.pipeline > 1 else MegatronMPU(),
     )
     checkpoint.make_safe(engine)
+    objective.setup(engine.module.model, whole_parameters(engine), engine.device)
     return engine
+
+
+def whole_parameters(engine):
+    """params -> a context in which they are whole: gathered, read-only, under ZeRO-3."""
+    if engine.zero_optimization_stage() == 3:
+        return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return lambda params: contextlib.nullcontext()
 
 
 def to_device(batch, device):
@@ -399,6 +418,8 @@ def train_step(engine, objective: Objective, micro_batches: list) -> StepResult:
         if grad_norm is None:
             grad_norm = engine.get_global_grad_norm()
     skipped = engine.skipped_steps > skipped_before
+    if not skipped and not isinstance(engine, deepspeed.PipelineEngine):
+        objective.after_step(engine.module.model, whole_parameters(engine), engine.global_steps)
     return StepResult(_means(objective, sums, counts), float("nan") if grad_norm is None else float(grad_norm), skipped)
 
 

@@ -69,6 +69,8 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
              "data_skipped_samples": 0}
     if tag_dir:
         saved = checkpoint.load(engine, tag_dir)
+        if objective.state_dict():
+            objective.load_state_dict(checkpoint.load_objective_state(tag_dir))
         data.load_state_dict(saved["data"])
         state.update({k: saved.get(k, state[k]) for k in state})
         _schedule_from_config(engine, cfg)
@@ -113,7 +115,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
                 f"checkpoint is {checkpoint.latest(cfg.checkpoint_dir) or 'none (no checkpoint was written)'}")
         signum = stopper.agreed(engine.device)
         if state["step"] % cfg.checkpoint.every_steps == 0 or state["step"] == stop_at or signum:
-            _save(cfg, engine, tokenizer, state, data, dp_size)
+            _save(cfg, engine, tokenizer, state, data, dp_size, objective)
     if log:
         last = cfg.checkpoint_dir / f"global_step{state['step']}"
         if signum:
@@ -162,7 +164,7 @@ def _consumed(objective, micro_batches: list, skipped: int) -> tuple[int, int, i
 
 
 def _flops_per_token(cfg: Config, engine, tokenizer) -> float:
-    seq = cfg.training.lm.context_length if cfg.training.objective == "lm" else cfg.data.max_len
+    seq = cfg.data.max_len if cfg.training.objective == "step_jepa" else cfg.training.lm.context_length
     if cfg.model.type == "gpt":
         return flops_per_token(cfg.model, cfg.model.padded_vocab_size(vocab_size(cfg, tokenizer), cfg.parallel.tensor), seq)
     # A Hugging Face model: 6 FLOPs per weight and token (forward 2, backward 4), no attention term.
@@ -232,7 +234,7 @@ def _schedule_from_config(engine, cfg: Config) -> None:
     sched._last_lr = lrs
 
 
-def _save(cfg: Config, engine, tokenizer, state: dict, data, dp_size: int) -> Path:
+def _save(cfg: Config, engine, tokenizer, state: dict, data, dp_size: int, objective) -> Path:
     hf_tokenizer = cfg.model.type == "hf"
 
     def write_tokenizer(tag_dir: Path) -> None:
@@ -245,4 +247,4 @@ def _save(cfg: Config, engine, tokenizer, state: dict, data, dp_size: int) -> Pa
                       "tokenizer": (tokenizer.backend_tokenizer if hf_tokenizer else tokenizer).to_str()}
     layout = {"world_size": dist.get_world_size(), "tp": cfg.parallel.tensor, "pp": cfg.parallel.pipeline, "dp": dp_size}
     return checkpoint.save(engine, cfg.checkpoint_dir, state["step"], training_state, write_tokenizer, layout,
-                           cfg.checkpoint.keep)
+                           cfg.checkpoint.keep, objective.state_dict())

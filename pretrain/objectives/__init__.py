@@ -8,8 +8,7 @@ more labelled tokens weighs more, which a mean of per-micro-batch means gets wro
 
     total = sum_k weights[k] * S_k / N_k    (S_k, N_k: component k's sum and count over the step)
 
-Adding an objective (the VL-JEPA hybrid, SFT) is one more module here and one entry in
-`build_objective`, not another loop.
+Adding an objective is one more module here and one entry in `build_objective`, not another loop.
 """
 
 from __future__ import annotations
@@ -56,6 +55,24 @@ class Objective:
     def total(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         weights = torch.tensor(self.weights, dtype=sums.dtype, device=sums.device)
         return (weights * sums / counts.to(sums).clamp(min=1)).sum()
+
+    # Objectives with state of their own beside the model (the VL-JEPA's EMA target) override these.
+    def trains(self, module: str) -> bool:
+        """Whether the model's seed module `module` (model/vljepa.MODULES) gets an optimizer."""
+        return True
+
+    def setup(self, model, whole, device) -> None:
+        """Once the engine exists. whole(params): a context in which ZeRO-3-partitioned params are whole."""
+
+    def after_step(self, model, whole, step: int) -> None:
+        """After each optimizer step that changed the weights (`step`: steps done)."""
+
+    def state_dict(self) -> dict:
+        """Tensors that a checkpoint keeps per model-parallel rank."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 class Collated:
@@ -109,6 +126,10 @@ def build_objective(cfg: Config, tokenizer) -> Objective:
         from pretrain.objectives.lm import LanguageModeling
 
         return LanguageModeling(cfg)
+    if cfg.training.objective == "hybrid":
+        from pretrain.objectives.hybrid import HybridJEPA
+
+        return HybridJEPA(cfg)
     from data.chats import hf_chat_encoder, project_chat_encoder
     from pretrain.objectives.step_jepa import StepJEPA
 

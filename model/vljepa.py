@@ -1,0 +1,133 @@
+"""The vision-language JEPA (seed 000): vision encoder (model/vit.py), cross-modal fusion
+(model/fusion.py), language encoder and autoregressive head (model/gpt.py's layers), and the JEPA head
+(model/jepa.py).
+
+Like GPT, the model is a flat list of layers named "0", "1", ... so that every layout names parameters
+alike, and `MODULES[i]` says which of the seed's five checkpoint modules layer i belongs to (what
+checkpoint conversion groups by). The target encoder (`VLJEPA(..., target=True)`) is built from the
+same list minus the layers that have no target (the output projection, the predictors): its
+parameters carry the online model's names, which is how the EMA pairs them.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.model_parallel_config import ModelParallelConfig
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.config import ModelConfig
+from model.fusion import CrossBlock, Projector
+from model.gpt import Block, Embedding, OutputLoss, _no_init, rms_norm
+from model.jepa import Projections, TextPredictor, VisionPredictor
+from model.vit import PatchEmbed, VisionBlock, VisionNorm
+
+MODULES = ("vision_encoder", "cross_modal_fusion", "language_encoder", "autoregressive_head", "jepa_head")
+
+
+class FinalNorm(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class OutputHead(nn.Module):
+    """The autoregressive head: the vocab-parallel output projection fused with its loss."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig):
+        super().__init__()
+        self.proj = OutputLoss(cfg.hidden_size, vocab_size, config=mp, init_method=_no_init, bias=False,
+                               gather_output=False)
+
+
+def layer_specs(cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig, embedding_dim: int,
+                prediction_steps: int) -> list[tuple[str, bool, type, tuple]]:
+    """(seed module, has an EMA target, class, args) of every layer in order."""
+    v = cfg.vision
+    specs = [("vision_encoder", True, PatchEmbed, (v,))]
+    specs += [("vision_encoder", True, VisionBlock, (v, mp))] * v.num_layers
+    specs += [("vision_encoder", True, VisionNorm, (v,)), ("cross_modal_fusion", True, Projector, (cfg, mp)),
+              ("language_encoder", True, Embedding, (cfg, vocab_size, mp))]
+    for i in range(cfg.num_layers):
+        specs.append(("language_encoder", True, Block, (cfg, mp)))
+        if (i + 1) % cfg.fusion.every == 0:
+            specs.append(("cross_modal_fusion", True, CrossBlock, (cfg, mp)))
+    return specs + [
+        ("language_encoder", True, FinalNorm, (cfg,)),
+        ("autoregressive_head", False, OutputHead, (cfg, vocab_size, mp)),
+        ("jepa_head", True, Projections, (cfg, embedding_dim)),
+        ("jepa_head", False, VisionPredictor, (cfg, embedding_dim, mp)),
+        ("jepa_head", False, TextPredictor, (cfg, embedding_dim, prediction_steps, mp)),
+    ]
+
+
+class VLJEPA(nn.Module):
+    """The online model, or with target=True the encoders and projections only (the EMA target)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig, embedding_dim: int,
+                 prediction_steps: int, checkpoint_activations: bool = False, kernels: str = "fused",
+                 target: bool = False):
+        super().__init__()
+        self.modules_of = {}
+        for i, (module, has_target, cls, args) in enumerate(layer_specs(cfg, vocab_size, mp, embedding_dim,
+                                                                           prediction_steps)):
+            if has_target or not target:
+                self.add_module(str(i), cls(*args))
+                self.modules_of[str(i)] = module
+        self.checkpoint_activations = checkpoint_activations
+        self.kernels = kernels
+
+    def _of(self, cls):
+        return next(layer for layer in self.children() if type(layer) is cls)
+
+    @property
+    def projections(self) -> Projections:
+        return self._of(Projections)
+
+    @property
+    def vision_predictor(self) -> VisionPredictor:
+        return self._of(VisionPredictor)
+
+    @property
+    def text_predictor(self) -> TextPredictor:
+        return self._of(TextPredictor)
+
+    def forward(self, input_ids: torch.Tensor, patches: torch.Tensor, image_rows: torch.Tensor,
+                keep: torch.Tensor | None = None, position_ids=None, attention_mask=None):
+        """(ViT tokens [bi, k, vision hidden] of the kept patches, final hidden states [b, s, hidden]).
+
+        input_ids [b, s]; patches [bi, n, 3*p*p] of the images of rows image_rows [bi] (bi may be 0);
+        keep [bi, k]: the patches the ViT reads (None: all), which are also all the text sees.
+        """
+        v = ctx = x = None
+        for layer in self.children():
+            kind = type(layer)
+            if kind is PatchEmbed:
+                v = layer(patches, keep)
+            elif kind is VisionBlock:
+                v = self._run(layer, v)
+            elif kind is VisionNorm:
+                v = layer(v)
+            elif kind is Projector:
+                ctx = layer(v)
+            elif kind is Embedding:
+                x = layer(input_ids)
+            elif kind is Block:
+                x = self._run(layer, x, position_ids, attention_mask)
+            elif kind is CrossBlock:
+                x = layer(x, ctx, image_rows)
+            elif kind is FinalNorm:
+                return v, layer(x)
+        raise AssertionError("a VLJEPA ends its encoders with a FinalNorm")
+
+    def _run(self, block, *args):
+        if self.checkpoint_activations and torch.is_grad_enabled():
+            # Non-reentrant: works with inputs that need no grad and with ZeRO-3's parameter hooks.
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return self._of(OutputHead).proj(hidden, labels, self.kernels, reduction)

@@ -1,0 +1,225 @@
+"""The VL-JEPA hybrid objective (seed 1.2): alpha * JEPA + beta * LM on token shards whose samples may
+hold an image (model/vljepa.py; what is predicted and why nothing leaks: model/jepa.py).
+
+    total = beta * LM + alpha * (S_text + S_vision) / (N_text + N_vision)
+
+LM is the mean next-token loss over labelled tokens. JEPA is the weighted mean of the per-prediction
+losses: a vision prediction (one target patch) weighs 1, a text prediction at step k weighs
+step_weights[k-1]. Both terms are normalised over the whole step, all micro batches and ranks.
+
+One step costs one online pass (the ViT reads only the context patches, and the causal language pass
+serves both losses), one forward of the EMA target encoder on the unmasked input, and the predictors.
+alpha = 0 skips the target and the predictors, and freezes the JEPA head: pure LM. beta = 0 still
+reports the LM loss but trains no output projection: pure JEPA.
+
+The target encoder lives here, beside the model, not in it: DeepSpeed would cast it to bf16, hand it
+to the optimizer and partition it under ZeRO-3. It is fp32 and whole (per tensor-parallel shard) on
+every rank. pretrain/parallel.py calls `setup` once the engine exists and `after_step` after each
+optimizer step, with `whole(params)`, a context in which ZeRO-3-partitioned parameters are gathered.
+Every rank then applies the same update to the same values, so targets cannot drift between ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from data.loader import TokenBatches
+from data.multimodal import JEPASamples
+from data.shards import Location
+from data.tokenizer import IGNORE, PAD_ID
+from model.gpt import megatron_config
+from model.jepa import collapse_stats, ema_update, momentum, span_means, target_embeddings
+from model.kernels import masked_mse
+from model.vit import select
+from model.vljepa import VLJEPA
+from pretrain.config import Config, ConfigError
+from pretrain.objectives import Collated, Objective
+
+
+@dataclass
+class HybridBatch:
+    input_ids: torch.Tensor  # [b, s]
+    labels: torch.Tensor  # [b, s]
+    patches: torch.Tensor  # [bi, n, 3*p*p] of the rows image_rows [bi]
+    image_rows: torch.Tensor
+    context: torch.Tensor | None  # [bi, k] patches the online ViT reads (None: all; no JEPA)
+    targets: torch.Tensor | None  # [bi, t, m] patches to predict
+    pair_rows: torch.Tensor | None  # text predictions [p]: row, context position, predicted unit, step
+    pair_context: torch.Tensor | None
+    pair_start: torch.Tensor | None
+    pair_end: torch.Tensor | None
+    pair_step: torch.Tensor | None
+
+    def to(self, device):
+        return HybridBatch(*(None if t is None else t.to(device) for t in (getattr(self, f.name) for f in fields(self))))
+
+
+class HybridJEPA(Objective):
+    components = ("lm", "jepa_text", "jepa_vision")
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.jepa, self.hybrid = cfg.training.jepa, cfg.training.hybrid
+        self.weights = (self.hybrid.beta, self.hybrid.alpha, self.hybrid.alpha)
+        self.target: VLJEPA | None = None
+        self.monitor: dict[str, torch.Tensor] = {}  # the last micro batch's predictions and targets
+        if cfg.parallel.pipeline > 1:
+            raise ConfigError("training.objective=hybrid does not run under parallel.pipeline > 1 yet: use "
+                              "parallel.tensor and ZeRO for the VL-JEPA")
+
+    @property
+    def uses_jepa(self) -> bool:
+        return self.hybrid.alpha > 0
+
+    def trains(self, module: str) -> bool:
+        """Whether the seed module `module` gets an optimizer (model/vljepa.MODULES)."""
+        if module == "jepa_head" and not self.uses_jepa or module == "autoregressive_head" and self.hybrid.beta == 0:
+            return False
+        return module not in self.hybrid.freeze
+
+    def total(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        counts = counts.to(sums)
+        lm = sums[0] / counts[0].clamp(min=1)
+        jepa = (sums[1] + sums[2]) / (counts[1] + counts[2]).clamp(min=1)
+        return self.hybrid.beta * lm + self.hybrid.alpha * jepa
+
+    # -- data ------------------------------------------------------------------------------------------
+
+    def batches(self, split: str, dp_rank: int, dp_size: int):
+        d, lm, v = self.cfg.data, self.cfg.training.lm, self.cfg.model.vision
+        shards = d.shards if split == "train" else d.valid_shards
+        if shards is None:
+            raise ConfigError("validation.every_steps > 0 needs held-out shards: set data.valid_shards")
+        micro = self.cfg.training.micro_batch_size
+        mb = self.jepa.multiblock
+        samples = JEPASamples(
+            seed=d.seed, pad_id=PAD_ID, image_size=v.image_size, patch_size=v.patch_size, masks=self.uses_jepa,
+            ratio=self.jepa.mask_ratio, language=self.jepa.masking.language, joint=self.jepa.masking.joint,
+            vision=self.jepa.masking.vision, span_length=self.jepa.span_length,
+            multiblock=(mb.num_targets, tuple(mb.scale), tuple(mb.aspect), tuple(mb.context_scale)))
+        location = Location(shards, d.cache_dir, d.remote_retries, d.remote_backoff_s,
+                            None if d.cache_limit_gb is None else int(d.cache_limit_gb * 1e9))
+        loader = TokenBatches(
+            location, weights=d.mixture if split == "train" else None, vocab_size=lm.vocab_size,
+            global_batch=self.cfg.training.batch_size if split == "train" else micro * dp_size,
+            micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size, seed=d.seed,
+            num_workers=d.num_workers if split == "train" else 0, shuffle_window=d.shuffle_window,
+            on_error=d.on_error, sample_fn=samples)
+        if loader.context_length != lm.context_length:
+            raise ConfigError(f"{shards}: shards hold sequences of context length {loader.context_length} but "
+                              f"training.lm.context_length is {lm.context_length}")
+        return Collated(loader, self.collate)
+
+    def collate(self, batch) -> HybridBatch:
+        input_ids, labels, extras = batch
+        v = self.cfg.model.vision
+        rows = [i for i, e in enumerate(extras) if "patches" in e]
+        patches = (torch.from_numpy(np.stack([extras[i]["patches"] for i in rows])) if rows
+                   else torch.zeros(0, v.grid**2, 3 * v.patch_size**2))
+        image_rows = torch.tensor(rows, dtype=torch.long)
+        if not self.uses_jepa:
+            return HybridBatch(input_ids, labels, patches, image_rows, *[None] * 7)
+        # Multi-block contexts and targets differ in size: all are cut to the batch's shortest, as I-JEPA's collator does.
+        context, targets = torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 1, 0, dtype=torch.long)
+        if rows:
+            size = min(len(extras[i]["context"]) for i in rows)
+            context = torch.from_numpy(np.stack([extras[i]["context"][:size] for i in rows]))
+            size = min(extras[i]["targets"].shape[1] for i in rows)
+            targets = torch.from_numpy(np.stack([extras[i]["targets"][:, :size] for i in rows]))
+        return HybridBatch(input_ids, labels, patches, image_rows, context, targets,
+                           *self._pairs([e.get("units", np.zeros((0, 2), np.int64)) for e in extras]))
+
+    def _pairs(self, units: list[np.ndarray]) -> list[torch.Tensor]:
+        """Text predictions: from the context before each unit u, step k predicts unit u + k."""
+        out = []
+        for row, u in enumerate(units):
+            for k in range(self.jepa.prediction_steps):
+                n = len(u) - k
+                if n > 0:
+                    out.append(np.stack([np.full(n, row), u[:n, 0] - 1, u[k:, 0], u[k:, 1], np.full(n, k)], axis=1))
+        pairs = np.concatenate(out) if out else np.zeros((0, 5), np.int64)
+        return list(torch.from_numpy(pairs.astype(np.int64)).unbind(dim=1))
+
+    def counts(self, batch: HybridBatch) -> torch.Tensor:
+        lm = (batch.labels != IGNORE).sum().item()
+        if not self.uses_jepa:
+            return torch.tensor([lm, 0.0, 0.0], dtype=torch.float64)
+        text = float(torch.tensor(self.jepa.step_weights, dtype=torch.float64)[batch.pair_step].sum())
+        return torch.tensor([lm, text, batch.targets.numel()], dtype=torch.float64)
+
+    def input_ids(self, batch: HybridBatch) -> torch.Tensor:
+        return batch.input_ids
+
+    # -- loss ------------------------------------------------------------------------------------------
+
+    def forward(self, model: VLJEPA, b: HybridBatch) -> torch.Tensor:
+        vision, hidden = model(b.input_ids, b.patches, b.image_rows, b.context)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.hybrid.beta > 0):
+            lm = model.lm_loss(hidden, b.labels, reduction="sum")
+        if not self.uses_jepa:
+            return torch.stack([lm, lm.new_zeros(()), lm.new_zeros(())])
+        with torch.no_grad():
+            target_vision, target_text = self.target(b.input_ids, b.patches, b.image_rows)
+            target_vision = select(target_vision, b.targets.flatten(1))
+            target_vision, target_text = self.target.projections(target_vision, target_text)
+            target_vision = target_embeddings(target_vision).flatten(0, 1)
+            target_text = span_means(target_embeddings(target_text), b.pair_rows, b.pair_start, b.pair_end)
+        online_vision, online_text = model.projections(vision, hidden[b.pair_rows, b.pair_context])
+        predicted_vision = model.vision_predictor(online_vision, b.context, b.targets).flatten(0, 2)
+        predicted_text = model.text_predictor(online_text, b.pair_step)
+        self.monitor = {"predicted": torch.cat([predicted_vision, predicted_text]).detach(),
+                        "target": torch.cat([target_vision, target_text]).detach()}
+        weights = torch.tensor(self.jepa.step_weights, device=predicted_text.device)[b.pair_step]
+        return torch.stack([lm, self._loss_sum(predicted_text, target_text, weights),
+                            self._loss_sum(predicted_vision, target_vision, None)])
+
+    def _loss_sum(self, predicted, target, weights) -> torch.Tensor:
+        """Sum over rows of weight x loss (masked_mse is that sum over the number of rows)."""
+        rows = len(predicted)
+        if rows == 0:
+            return predicted.sum()  # zero, with a gradient path for every predictor weight
+        mask = torch.ones(rows, dtype=torch.bool, device=predicted.device)
+        return masked_mse(predicted.float(), target.float(), mask, weights=weights, kind=self.jepa.loss) * rows
+
+    def collapse(self) -> dict[str, float]:
+        """Per-dimension std and effective rank of the last micro batch's predicted and target embeddings."""
+        out = {}
+        for name, embeddings in self.monitor.items():
+            out[f"{name}_std"], out[f"{name}_rank"] = collapse_stats(embeddings)
+        return out
+
+    # -- the EMA target --------------------------------------------------------------------------------
+
+    def setup(self, model: VLJEPA, whole, device) -> None:
+        if not self.uses_jepa:
+            return
+        cfg = self.cfg
+        vocab = cfg.model.padded_vocab_size(cfg.training.lm.vocab_size, cfg.parallel.tensor)
+        self.target = VLJEPA(cfg.model, vocab, megatron_config(cfg.parallel.tensor), self.jepa.embedding_dim,
+                             self.jepa.prediction_steps, kernels=cfg.training.kernels, target=True)
+        self.target.requires_grad_(False).to(device=device, dtype=torch.float32)
+        for p in self.target.parameters():
+            p.zero_()  # megatron's layers leave their weights uninitialised, and 0 x NaN is NaN
+        self._ema(model, whole, 0.0)  # the target starts as the online model (I-JEPA)
+
+    def after_step(self, model: VLJEPA, whole, step: int) -> None:
+        if self.target is not None:
+            start, end = self.jepa.momentum
+            self._ema(model, whole, momentum(step, self.cfg.train_steps(), start, end))
+
+    def _ema(self, model: VLJEPA, whole, m: float) -> None:
+        online = dict(model.named_parameters())
+        for name, layer in self.target.named_children():  # one layer's parameters gathered at a time
+            pairs = [(p, online[f"{name}.{n}"]) for n, p in layer.named_parameters()]
+            with whole([o for _, o in pairs]):
+                ema_update([t for t, _ in pairs], [o for _, o in pairs], m)
+
+    def state_dict(self) -> dict:
+        return {} if self.target is None else {"ema_target": self.target.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.target is not None:
+            self.target.load_state_dict(state["ema_target"])
