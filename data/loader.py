@@ -19,10 +19,16 @@ s * B + r * B / D + a * b + [0, b) (micro batch b, D ranks). Hence:
 DataLoader workers split a rank's micro batches round-robin (worker w makes batches w, w + W, ...),
 the order in which torch hands them out, so the stream does not depend on the number of workers.
 
+Image sources (data/shards.py) hold one document per sample, padded: labels of <|pad|> targets are
+IGNORE. A sample_fn turns each sample (its ids, and its image's bytes or None) into arrays, in the
+workers (decoding an image there, say); it is given the sample's global position, the same for any
+number of ranks, workers or micro batch size, from which it can seed any randomness of its own.
+
 A sample that cannot be read (a truncated or missing shard, a corrupt member, an id outside the
-vocabulary) raises ShardError naming the shard and member; with on_error="skip" its row is left
-out of the loss (labels IGNORE, input ids 0), counted in skipped_samples and logged, and training
-goes on with the batch shapes unchanged.
+vocabulary) raises ShardError naming the shard and member, and so does a SampleError or ValueError
+of sample_fn; with on_error="skip" its row is left out of the loss (labels IGNORE, input ids 0,
+extras {}), counted in skipped_samples and logged, and training goes on with the batch shapes
+unchanged.
 """
 
 import logging
@@ -30,7 +36,7 @@ import signal
 import weakref
 import zlib
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -41,10 +47,12 @@ from data.remote import RemoteError
 from data.shards import (
     Location, SampleError, ShardError, ShardReader, SourceManifest, member_name, read_corpus, shard_name,
 )
-from data.tokenizer import IGNORE
+from data.tokenizer import IGNORE, PAD_ID
 
 log = logging.getLogger(__name__)
 OnError = Literal["raise", "skip"]
+# (global position, ids, image bytes or None, "shard FILE sample KEY") -> a row's extras.
+SampleFn = Callable[[int, np.ndarray, bytes | None, str], dict[str, np.ndarray]]
 # Micro batches a reader plans at once: the position arithmetic is vectorised over all of them.
 _PLAN_AHEAD = 64
 
@@ -109,7 +117,7 @@ class _RankStream(IterableDataset):
 
     def __init__(self, loader: "TokenBatches", start: int):
         self.location, self.plan, self.start = loader.location, loader.plan, start
-        self.vocab_size, self.on_error = loader.vocab_size, loader.on_error
+        self.vocab_size, self.on_error, self.sample_fn = loader.vocab_size, loader.on_error, loader.sample_fn
         self.workers = max(1, loader.num_workers)
         self.slicing = {"global_batch": loader.global_batch, "micro_batch_size": loader.micro_batch_size,
                         "dp_rank": loader.dp_rank, "dp_size": loader.dp_size}
@@ -126,29 +134,34 @@ class _RankStream(IterableDataset):
                 positions = np.stack([rank_positions(i, **self.slicing) for i in batches])
                 source, shard, member = (a.reshape(positions.shape) for a in self.plan.locate(positions.ravel()))
                 for row in range(len(batches)):
-                    yield self._batch(readers, bad_shards, source[row], shard[row], member[row])
+                    yield self._batch(readers, bad_shards, positions[row], source[row], shard[row], member[row])
                 batch += _PLAN_AHEAD * self.workers
         finally:
             for r in readers:
                 r.close()
 
-    def _batch(self, readers, bad_shards, source, shard, member):
+    def _batch(self, readers, bad_shards, positions, source, shard, member):
         first = self.plan.manifests[0]
         rows = np.zeros((len(source), first.sequence_length), dtype=first.dtype)
         keep = np.ones(len(source), dtype=bool)
+        padded = np.array([self.plan.manifests[j].images for j in source.tolist()])
+        extras = None if self.sample_fn is None else [{} for _ in range(len(source))]
         skipped = []
-        for i, (j, s, m) in enumerate(zip(source.tolist(), shard.tolist(), member.tolist())):
+        for i, (p, j, s, m) in enumerate(zip(positions.tolist(), source.tolist(), shard.tolist(), member.tolist())):
+            manifest = self.plan.manifests[j]
+            n = s * manifest.samples_per_shard + m
             try:
                 if (j, s) in bad_shards:
                     raise ShardError(bad_shards[(j, s)])
-                tokens = readers[j].read(s, m)
+                tokens, image = readers[j].read_sample(s, m)
                 if tokens.max() >= self.vocab_size:
-                    manifest = self.plan.manifests[j]
                     raise SampleError(
-                        f"shard {self.location.name(manifest.source, shard_name(s))} member "
-                        f"{member_name(s * manifest.samples_per_shard + m)} holds token id {tokens.max()}, outside "
-                        f"the model's vocabulary of {self.vocab_size} ids (the shards were built with a larger "
-                        "tokenizer, or are corrupt)")
+                        f"shard {self.location.name(manifest.source, shard_name(s))} member {member_name(n)} holds "
+                        f"token id {tokens.max()}, outside the model's vocabulary of {self.vocab_size} ids (the "
+                        "shards were built with a larger tokenizer, or are corrupt)")
+                if extras is not None:
+                    where = f"shard {self.location.name(manifest.source, shard_name(s))} sample {n:010d}"
+                    extras[i] = self._extras(p, tokens, image, where)
                 rows[i] = tokens
             except (ShardError, RemoteError, OSError) as e:
                 if self.on_error == "raise":
@@ -157,16 +170,27 @@ class _RankStream(IterableDataset):
                     bad_shards[(j, s)] = str(e)  # the whole shard is unusable: do not try each sample
                 keep[i] = False
                 skipped.append(str(e))
-        return rows, keep, skipped
+        return rows, keep, padded, skipped, extras
+
+    def _extras(self, position: int, tokens: np.ndarray, image: bytes | None, where: str) -> dict[str, np.ndarray]:
+        try:
+            return self.sample_fn(position, tokens, image, where)
+        except SampleError:
+            raise
+        except ValueError as e:  # one sample's: it need not name it
+            raise SampleError(f"{where}: {e}") from e
 
 
 class TokenBatches:
     """Endless (input_ids, labels) int64 micro batches, each [micro_batch_size, context_length], of
-    one data-parallel rank; see the module docstring for the order."""
+    one data-parallel rank; see the module docstring for the order. With sample_fn (picklable, run
+    in the workers; its ids are read-only), (input_ids, labels, extras): extras holds what it
+    returned for each row."""
 
     def __init__(self, location: str | Path | Location, *, weights: dict[str, float] | None, vocab_size: int,
                  global_batch: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
-                 num_workers: int = 0, shuffle_window: int = 8, on_error: OnError = "raise"):
+                 num_workers: int = 0, shuffle_window: int = 8, on_error: OnError = "raise",
+                 sample_fn: SampleFn | None = None):
         for name, value, low in (("vocab_size", vocab_size, 1), ("micro_batch_size", micro_batch_size, 1),
                                  ("dp_size", dp_size, 1), ("seed", seed, 0), ("num_workers", num_workers, 0),
                                  ("shuffle_window", shuffle_window, 1), ("global_batch", global_batch, 1)):
@@ -186,6 +210,7 @@ class TokenBatches:
         self.vocab_size, self.global_batch, self.micro_batch_size = vocab_size, global_batch, micro_batch_size
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.num_workers, self.shuffle_window, self.on_error = num_workers, shuffle_window, on_error
+        self.sample_fn = sample_fn
         self.accumulation = global_batch // (micro_batch_size * dp_size)
         self.manifest = self.plan.manifests[0]  # what every source shares: context length, vocabulary
         self.skipped_samples = 0  # this rank's, since this loader was made
@@ -216,7 +241,7 @@ class TokenBatches:
     def __iter__(self) -> "TokenBatches":
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, list[dict]]:
         if self._batches is None:
             stream = _RankStream(self, self._position)
             # Workers send the shards' own small ids, as numpy (pickled through a pipe): a tensor per
@@ -227,15 +252,17 @@ class TokenBatches:
             # Runs at close(), when this loader is collected, or at exit, whichever comes first:
             # weakref's exit hook runs before multiprocessing's, which would wait on them forever.
             self._stopper = weakref.finalize(self, _stop_workers, self._batches)
-        rows, keep, skipped = next(self._batches)
+        rows, keep, padded, skipped, extras = next(self._batches)
         sequences = torch.from_numpy(rows.astype(np.int64))
         inputs, labels = sequences[:, :-1].contiguous(), sequences[:, 1:].contiguous()
         labels[torch.from_numpy(~keep)] = IGNORE
+        if padded.any():  # rows of image sources
+            labels[torch.from_numpy(padded)[:, None] & (labels == PAD_ID)] = IGNORE
         self._position += 1
         for why in skipped:
             log.warning("skipped a sample (data.on_error=skip): %s", why)
         self.skipped_samples += len(skipped)
-        return inputs, labels
+        return (inputs, labels) if extras is None else (inputs, labels, extras)
 
     def close(self) -> None:
         """Stop the reader processes now (see _stop_workers); also done at exit if never called."""

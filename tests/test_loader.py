@@ -12,8 +12,9 @@ import torch
 
 from data.loader import Plan, TokenBatches, rank_positions
 from data.mixture import Interleave, SourceOrder, integer_weights, key_of, permute
-from data.shards import Location, ShardError, read_corpus, shard_name
-from data.tokenizer import IGNORE
+from data.shards import Location, SampleError, ShardError, read_corpus, shard_name
+from data.tokenizer import IGNORE, PAD_ID
+from test_shards import image_bytes
 from tools.build_shards import write_source
 
 CONTEXT = 8
@@ -325,3 +326,142 @@ def test_start_up_reads_no_shard_and_state_does_not_grow_with_shards(tmp_path):
         with pytest.raises(ShardError, match=r"/big/crc32 does not exist"):  # the first read, not before
             next(source)
     assert states[0] == states[1]
+
+
+# --- Image sources and sample_fn ---
+
+V = 2 * SPS + 3  # samples of the image source
+
+
+def image_rows(n: int) -> np.ndarray:
+    """An image source's samples: [7, sample number + 1, ids >= 100..., then i % 4 <|pad|>s for sample i]."""
+    rows = np.zeros((n, CONTEXT + 1), dtype=np.int64)
+    rows[:, 0], rows[:, 1] = 7, np.arange(n) + 1
+    rows[:, 2:] = 100 + np.arange(n)[:, None] + np.arange(CONTEXT - 1)
+    for i in range(n):
+        rows[i, CONTEXT + 1 - i % 4:] = PAD_ID
+    return rows
+
+
+def text_rows(n: int) -> np.ndarray:
+    """rows_of(0, n) with an id 0 at the end: a text source's id like any other, trained on."""
+    rows = rows_of(0, n)
+    rows[:, -1] = PAD_ID
+    return rows
+
+
+V_IMAGES = [None if i % 5 == 4 else ("png", image_bytes("PNG", 10 * i)) for i in range(V)]
+MIXED = {"a": 1, "v": 1}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A text source and an image source (some of whose samples have no image) in one corpus."""
+    root = tmp_path_factory.mktemp("mixed")
+    write_source(root, "a", text_rows(SIZES["a"]), SPS, VOCAB)
+    write_source(root, "v", image_rows(V), SPS, VOCAB, images=V_IMAGES)
+    return root
+
+
+def expected_sample(ids) -> tuple[list[int], bytes | None]:
+    """The ids and image the corpus holds for the sample whose ids start with `ids`' first two."""
+    if int(ids[0]) == 7:
+        n = int(ids[1]) - 1
+        return image_rows(V)[n].tolist(), V_IMAGES[n] and V_IMAGES[n][1]
+    return text_rows(SIZES["a"])[int(ids[1])].tolist(), None
+
+
+def report(position, ids, image, where):
+    """A sample_fn: what the worker was given."""
+    return {"position": np.int64(position), "ids": ids.copy(), "has_image": np.bool_(image is not None),
+            "image": np.frombuffer(image or b"", np.uint8), "where": np.str_(where)}
+
+
+class FailOn:
+    """A sample_fn that cannot use image sample n."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, position, ids, image, where):
+        if ids[0] == 7 and ids[1] == self.n + 1:
+            raise ValueError("cannot decode the image")
+        return report(position, ids, image, where)
+
+
+def seen(corpus, steps, *, dp_size=1, workers=0, micro=3) -> dict[int, tuple]:
+    """Global position -> (ids, image, where) as sample_fn saw it, over `steps` steps of every rank;
+    each row's extras checked against its input ids."""
+    out = {}
+    for rank in range(dp_size):
+        source = loader(corpus, weights=MIXED, dp_rank=rank, dp_size=dp_size, micro=micro, workers=workers,
+                        sample_fn=report)
+        for inputs, _, extras in islice(source, steps * 12 // (micro * dp_size)):
+            assert len(extras) == len(inputs) == micro
+            for row, extra in zip(inputs, extras):
+                assert extra["ids"][:-1].tolist() == row.tolist()
+                out[int(extra["position"])] = (extra["ids"].tolist(),
+                                               extra["image"].tobytes() if extra["has_image"] else None,
+                                               str(extra["where"]))
+        source.close()
+    return out
+
+
+def test_sample_fn_gets_each_sample_its_image_and_global_position(mixed):
+    got = seen(mixed, 6)
+    assert sorted(got) == list(range(72))
+    plan = Plan(read_corpus(Location(mixed)), integer_weights(MIXED), SEED, 4)
+    source, shard, member = plan.locate(np.arange(72))
+    for position, (j, s, m) in enumerate(zip(source.tolist(), shard.tolist(), member.tolist())):
+        ids, image, where = got[position]
+        name = plan.names[j]
+        assert where == f"shard {mixed / name / shard_name(s)} sample {s * SPS + m:010d}"
+        assert (ids, image) == expected_sample(ids) and ids[0] == (7 if name == "v" else 0)
+    images = [image for _, image, _ in got.values()]
+    assert any(images) and None in images and any(ids[0] == 7 and image is None for ids, image, _ in got.values())
+    for dp_size, workers, micro in ((2, 0, 3), (2, 1, 2), (1, 1, 6)):
+        assert seen(mixed, 6, dp_size=dp_size, workers=workers, micro=micro) == got
+
+
+def test_padding_of_image_samples_is_not_trained_on(mixed):
+    source = loader(mixed, weights=MIXED)
+    padded = 0
+    for inputs, labels in islice(source, 12):
+        for row, label in zip(inputs, labels):
+            ids = expected_sample(row)[0]
+            assert row.tolist() == ids[:-1]
+            targets = torch.tensor(ids[1:])
+            if ids[0] == 7:
+                padded += int((targets == PAD_ID).sum())
+                targets[targets == PAD_ID] = IGNORE
+            assert label.tolist() == targets.tolist()
+    assert padded > 0
+
+
+def test_a_sample_fn_value_error_names_the_sample(mixed):
+    plan = Plan(read_corpus(Location(mixed)), integer_weights(MIXED), SEED, 4)
+    source, shard, member = plan.locate(np.arange(120))
+    first = next(p for p in range(120) if plan.names[source[p]] == "v" and shard[p] * SPS + member[p] == 3)
+    batches = loader(mixed, weights=MIXED, workers=1, sample_fn=FailOn(3))
+    list(islice(batches, first // 3))  # the batches before it
+    with pytest.raises(SampleError, match=rf"shard {mixed / 'v' / shard_name(0)} sample 0000000003: "
+                                          "cannot decode the image"):
+        next(batches)
+    batches.close()
+
+
+def test_with_skip_a_sample_fn_value_error_skips_its_row(mixed, caplog):
+    plan = Plan(read_corpus(Location(mixed)), integer_weights(MIXED), SEED, 4)
+    source, shard, member = plan.locate(np.arange(120))
+    bad = [p for p in range(120) if plan.names[source[p]] == "v" and shard[p] * SPS + member[p] == 3]
+    assert len(bad) > 1  # in more than one epoch of v
+    batches = loader(mixed, weights=MIXED, sample_fn=FailOn(3), on_error="skip")
+    with caplog.at_level(logging.WARNING):
+        rows = [(inputs[i], labels[i], extras[i]) for inputs, labels, extras in islice(batches, 40) for i in range(3)]
+    assert batches.skipped_samples == len(bad)
+    assert [p for p, (_, _, extra) in enumerate(rows) if extra == {}] == bad
+    for p in bad:
+        inputs, labels, _ = rows[p]
+        assert (labels == IGNORE).all() and (inputs == 0).all()
+    assert all(int(extra["position"]) == p for p, (_, _, extra) in enumerate(rows) if extra)
+    assert "sample 0000000003: cannot decode the image" in caplog.text

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from data.shards import (
-    Location, SampleError, ShardError, ShardReader, npy_header, read_corpus, shard_bytes, shard_name, shard_problem,
-    sha256_file, token_dtype,
+    Location, SampleError, ShardError, ShardReader, npy_header, read_corpus, sample_offsets, shard_bytes, shard_name,
+    shard_problem, sha256_file, token_dtype,
 )
-from data.tokenizer import EOS, EOS_ID, load_tokenizer
+from data.tokenizer import EOS, EOS_ID, PAD_ID, load_tokenizer
 from tools import build_shards, inspect_shards, train_tokenizer
 
 CONTEXT = 16
@@ -123,6 +124,16 @@ def test_literal_special_token_text_is_not_the_special_id(tmp_path, built):
                                   samples_per_shard=4, show_progress=False)["in"]
     tokens = np.concatenate([r for i in range(m.num_shards) for r in tar_rows(tmp_path / "out" / "in" / shard_name(i))])
     assert np.flatnonzero(tokens == EOS_ID).tolist() in ([], [len(tokens) - 1])  # only the document's own end
+
+
+def test_a_build_smaller_than_a_shard_finishes(tmp_path, built, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "doc.txt").write_text("abc def " * 10)
+    args = ([tmp_path / "in"], built[0] / "tokenizer.json", tmp_path / "out", 8)
+    m = build_shards.build_shards(*args, workers=1, samples_per_shard=100, show_progress=False)["in"]
+    assert m.num_shards == 1 and m.num_samples < 100
+    build_shards.build_shards(*args, workers=1, samples_per_shard=100, show_progress=False)
+    assert "nothing to do" in capsys.readouterr().out
 
 
 def digests(out: Path) -> dict[str, str]:
@@ -328,3 +339,238 @@ def test_inspect_summarises_decodes_and_verifies(tmp_path, built, capsys):
     assert e.value.code == (f"error: shard {corrupt} does not match its sha256 in {directory / 'code' / 'sha256sums'}\n"
                             f"error: shard {directory / 'code' / shard_name(3)} does not exist")
     assert shard_problem(Location(directory), m, 0) is None
+
+
+# --- Image sources: one document and its image per sample ---
+
+def image_bytes(image_format: str, shade: int, size: tuple[int, int] = (4, 3)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (shade, 30, 30)).save(out, format=image_format)
+    return out.getvalue()
+
+
+# 7 samples, 3 per shard: every format, a sample without an image, a short last shard.
+IMAGES = [("png", image_bytes("PNG", 0)), ("jpeg", image_bytes("JPEG", 40, (9, 7))), ("png", image_bytes("PNG", 80)),
+          ("webp", image_bytes("WEBP", 120)), None, ("png", image_bytes("PNG", 160)), ("jpeg", image_bytes("JPEG", 200))]
+IMAGE_SPS = 3
+
+
+def image_member(n: int, image: tuple[str, bytes]) -> str:
+    return f"{n:010d}.image.{'jpg' if image[0] == 'jpeg' else image[0]}"
+
+
+@pytest.fixture
+def image_source(tmp_path):
+    rows = np.random.default_rng(1).integers(1, 320, (len(IMAGES), CONTEXT + 1))
+    m = build_shards.write_source(tmp_path, "v", rows, IMAGE_SPS, 320, images=IMAGES)
+    return tmp_path, m, rows, ShardReader(Location(tmp_path), m)
+
+
+def test_image_samples_read_back_and_are_ordinary_webdataset_samples(image_source):
+    import webdataset
+
+    directory, m, rows, reader = image_source
+    assert m.images and m.num_shards == 3 and m.image_bytes == sum(len(i[1]) for i in IMAGES if i)
+    assert read_corpus(Location(directory))["v"] == m
+    for n, (row, image) in enumerate(zip(rows, IMAGES)):
+        ids, got = reader.read_sample(*divmod(n, IMAGE_SPS))
+        assert (ids == row).all() and got == (image[1] if image else None)
+    for shard in range(m.num_shards):
+        path = directory / "v" / shard_name(shard)
+        with tarfile.open(path) as tar:
+            members = {info.name: tar.extractfile(info).read() for info in tar}
+        samples = list(webdataset.WebDataset(str(path), shardshuffle=False))
+        for n in range(shard * IMAGE_SPS, min(len(IMAGES), (shard + 1) * IMAGE_SPS)):
+            names = [f"{n:010d}.tokens.npy"] + ([image_member(n, IMAGES[n])] if IMAGES[n] else [])
+            assert all(name in members for name in names)
+            assert (np.load(io.BytesIO(members[names[0]])) == rows[n]).all()
+            sample = samples[n - shard * IMAGE_SPS]
+            assert sample["__key__"] == f"{n:010d}"
+            assert [sample[k] for k in sample if k.startswith("image.")] == ([IMAGES[n][1]] if IMAGES[n] else [])
+        assert len(members) == sum(1 + (IMAGES[n] is not None) for n in range(len(IMAGES)) if n // IMAGE_SPS == shard)
+
+
+def test_image_shard_bytes_are_what_tarfile_writes():
+    rows = np.random.default_rng(0).integers(0, 60_000, (4, CONTEXT + 1)).astype("uint16")
+    images = IMAGES[:4]
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for n, (row, image) in enumerate(zip(rows, images), start=50):
+            for name, data in [(f"{n:010d}.tokens.npy", npy_header("uint16", CONTEXT + 1) + row.tobytes())] + (
+                    [(image_member(n, image), image[1])] if image else []):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime, info.uname, info.gname = len(data), 0o444, 0, "bigdata", "bigdata"
+                tar.addfile(info, io.BytesIO(data))
+    assert shard_bytes(50, rows, images) == expected.getvalue()
+    # The offsets: where each sample's tokens member starts, then where the end-of-archive blocks do.
+    with tarfile.open(fileobj=io.BytesIO(expected.getvalue())) as tar:
+        starts = [info.offset for info in tar if info.name.endswith(".tokens.npy")]
+        end = tar.offset
+    assert np.frombuffer(sample_offsets(rows, images), "<u8").tolist() == starts + [end]
+    with pytest.raises(ValueError, match="sample 50: image format 'gif' is not one of"):
+        shard_bytes(50, rows[:1], [("gif", b"GIF89a")])
+
+
+def test_an_image_shard_is_sized_by_its_offsets(image_source):
+    directory, m, _, reader = image_source
+    path = directory / "v" / shard_name(1)
+    offsets = np.fromfile(directory / "v" / "offsets", "<u8")
+    end = int(offsets[2 * (IMAGE_SPS + 1) - 1])  # shard 1's end-of-archive entry
+    assert path.stat().st_size == Location(directory).shard_size(m, 1) == -(-(end + 1024) // 10240) * 10240
+    path.write_bytes(path.read_bytes()[:end - 100])  # into its last image
+    with pytest.raises(ShardError, match=rf"shard {path} is truncated: {end - 100} bytes, 3 samples make \d+ "
+                                         rf"\(by {directory / 'v' / 'offsets'}\)"):
+        reader.read_sample(1, 0)
+    assert shard_problem(Location(directory), m, 1).startswith(f"shard {path} is {end - 100} bytes")
+    with pytest.raises(ValueError, match="source v holds images: its shard sizes are in its offsets file"):
+        m.shard_size(0)
+    offsets[1], offsets[2] = offsets[2], offsets[1]
+    offsets.tofile(directory / "v" / "offsets")
+    with pytest.raises(ShardError, match=rf"{directory / 'v' / 'offsets'}: shard 0's entries are not offsets of "
+                                         "whole samples"):
+        reader.read_sample(0, 0)
+
+
+def image_start(directory: Path, n: int, m) -> int:
+    """Where sample n's image member (its header) starts in its shard."""
+    shard, member = divmod(n, IMAGE_SPS)
+    return int(np.fromfile(directory / "v" / "offsets", "<u8")[shard * (IMAGE_SPS + 1) + member]) + m.member_stride
+
+
+def test_a_flipped_image_byte_fails_the_sample_checksum(image_source):
+    directory, m, _, reader = image_source
+    path = directory / "v" / shard_name(1)
+    at = image_start(directory, 5, m) + 512 + 30
+    patch(path, at, bytes([path.read_bytes()[at] ^ 1]))
+    with pytest.raises(SampleError, match=rf"shard {path} member 0000000005.tokens.npy and 0000000005.image.png: its "
+                                          rf"ids and image do not match their checksum in {directory / 'v' / 'crc32'}"):
+        reader.read_sample(1, 2)
+    assert reader.read_sample(1, 0)[1] == IMAGES[3][1]  # the shard's other samples are still read
+
+
+@pytest.mark.parametrize("name,why", [("../../0000000002.image.png", "a name that escapes the archive"),
+                                      ("/0000000002.image.png", "a name that escapes the archive"),
+                                      ("0000000001.image.png", "another member"),
+                                      ("0000000002.image.gif", "another member")])
+def test_an_image_member_out_of_place_is_named(image_source, name, why):
+    directory, m, _, reader = image_source
+    header = tarfile.TarInfo(name)
+    header.size, header.mode = len(IMAGES[2][1]), 0o444
+    patch(directory / "v" / shard_name(0), image_start(directory, 2, m), header.tobuf(tarfile.USTAR_FORMAT))
+    with pytest.raises(SampleError, match=rf"shard {directory / 'v' / shard_name(0)} member 0000000002.image: "
+                                          rf"{why}, {name!r}, is in its place"):
+        reader.read_sample(0, 2)
+
+
+def test_an_image_member_of_another_size_or_kind_is_named(image_source):
+    directory, m, _, reader = image_source
+    header = tarfile.TarInfo("0000000000.image.png")
+    header.size, header.mode = 1000, 0o444
+    patch(directory / "v" / shard_name(0), image_start(directory, 0, m), header.tobuf(tarfile.USTAR_FORMAT))
+    with pytest.raises(SampleError, match=r"member 0000000000.image: a regular file of 1000 bytes, expected a file "
+                                          r"of 1 to 512"):
+        reader.read_sample(0, 0)
+
+
+def write_vision_text(directory: Path, texts: list[str]) -> list[bytes]:
+    """Raw vision_text shards (data/sources/vision_text.py's format) of these texts over two files; the images."""
+    images = [image_bytes("PNG", 10 * i) for i in range(len(texts))]
+    directory.mkdir()
+    for part, numbers in (("a", range(3)), ("b", range(3, len(texts)))):
+        with tarfile.open(directory / f"{part}.tar", "w") as tar:
+            for i in numbers:
+                for name, data in ((f"pairs/{i:04d}.png", images[i]), (f"pairs/{i:04d}.txt", texts[i].encode()),
+                                   (f"pairs/{i:04d}.json", b'{"kind": "code"}')):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return images
+
+
+# Short captions (padded) and long ones (cut), of about the same length with their image, so that
+# a task of 150 characters holds two documents.
+VISION_TEXTS = ["abc def", "ghij " * 4, "x", "kl mn op qr " * 3, "a b", "stu vw", "yz " * 9, "qq"]
+
+
+@pytest.fixture
+def vision(tmp_path, built):
+    root = built[0]
+    raw = tmp_path / "raw"
+    images = write_vision_text(raw, VISION_TEXTS)
+    (tmp_path / "notes.txt").write_text("plain text notes " * 3)  # one sample, written when the build ends
+
+    def run(out, **kw):
+        return build_shards.build_shards([tmp_path / "notes.txt"], root / "tokenizer.json", out, CONTEXT, workers=1,
+                                         samples_per_shard=3, show_progress=False, sources=[("vision_text", raw)], **kw)
+    return root, images, run
+
+
+def test_vision_text_documents_become_image_samples(tmp_path, vision):
+    root, images, run = vision
+    manifests = run(tmp_path / "out")
+    m = manifests["vision_text"]
+    tokenizer = load_tokenizer(root / "tokenizer.json")
+    encoded = [tokenizer.encode(t, add_special_tokens=False).ids + [EOS_ID] for t in VISION_TEXTS]
+    assert m.images and not manifests["notes"].images
+    assert m.num_samples == m.documents == len(VISION_TEXTS) and m.image_bytes == sum(map(len, images))
+    assert m.input_tokens == sum(map(len, encoded)) and m.leftover_tokens == sum(max(len(e) - CONTEXT - 1, 0)
+                                                                                  for e in encoded)
+    assert any(len(e) > CONTEXT + 1 for e in encoded) and any(len(e) < CONTEXT + 1 for e in encoded)
+    reader = ShardReader(Location(tmp_path / "out"), read_corpus(Location(tmp_path / "out"))["vision_text"])
+    for n, (ids, image) in enumerate(zip(encoded, images)):
+        row, got = reader.read_sample(*divmod(n, 3))
+        assert row.tolist() == (ids + [PAD_ID] * CONTEXT)[:CONTEXT + 1] and got == image
+    with tarfile.open(tmp_path / "out" / "vision_text" / shard_name(0)) as tar:
+        assert tar.getnames()[:2] == ["0000000000.tokens.npy", "0000000000.image.png"]
+
+
+# Tasks of two documents and shards of three: the first save holds one document not in a shard yet.
+@pytest.mark.parametrize("stop_after,pending_images", [(1, 1), (2, 0)])
+def test_an_interrupted_image_build_continues_to_the_same_files(tmp_path, vision, stop_after, pending_images,
+                                                                  monkeypatch, capsys):
+    _, _, run = vision
+    run(tmp_path / "whole")
+    monkeypatch.setattr(build_shards, "TASK_CHARS", 150)
+
+    def interrupt(n):
+        if n >= stop_after:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(tmp_path / "out", after_shard=interrupt)
+    state = tmp_path / "out" / build_shards.STATE_DIR
+    saved = json.loads((state / "progress.json").read_text())
+    with np.load(state / saved["pending"]) as pending:
+        assert len(pending["vision_text.image_sizes"]) == pending_images
+    assert [p.name for p in state.glob("pending-*")] == [saved["pending"]]
+    # A shard written after the saved progress is redone.
+    (tmp_path / "out" / "vision_text" / shard_name(saved["sources"]["vision_text"]["shards"])).write_bytes(b"garbage")
+    run(tmp_path / "out")
+    assert "continuing an interrupted build" in capsys.readouterr().out
+    assert digests(tmp_path / "out") == digests(tmp_path / "whole")
+    assert not list(state.glob("pending-*"))
+
+
+def test_an_image_after_text_only_documents_of_its_source_is_refused(tmp_path, vision, built):
+    _, _, run = vision
+    (tmp_path / "text.jsonl").write_text(json.dumps({"text": "no image", "source": "vision_text"}) + "\n")
+    with pytest.raises(ValueError, match="source 'vision_text': a document with an image follows documents without"):
+        build_shards.build_shards([tmp_path / "text.jsonl"], built[0] / "tokenizer.json", tmp_path / "o", CONTEXT,
+                                  workers=1, samples_per_shard=3, show_progress=False,
+                                  sources=[("vision_text", tmp_path / "raw")])
+
+
+def test_inspect_shows_and_verifies_image_sources(tmp_path, vision, capsys):
+    root, images, run = vision
+    m = run(tmp_path / "out")["vision_text"]
+    inspect_shards.main([str(tmp_path / "out"), "--decode", "2", "--tokenizer", str(root / "tokenizer.json"),
+                         "--verify"])
+    out = capsys.readouterr().out
+    assert f"{m.leftover_tokens:>10,} {'yes':>6} {m.image_bytes:>14,}" in out and f"{'no':>6} {0:>14,}" in out
+    assert f"--- vision_text sample 1 (shard 0, member 1; image PNG 4x3, {len(images[1]):,} bytes) ---" in out
+    assert f"all {m.num_shards + 1} shards match" in out
+    corrupt = tmp_path / "out" / "vision_text" / shard_name(1)
+    patch(corrupt, 2000, b"x")
+    with pytest.raises(SystemExit) as e:
+        inspect_shards.main([str(tmp_path / "out"), "--verify"])
+    assert e.value.code == f"error: shard {corrupt} does not match its sha256 in {corrupt.parent / 'sha256sums'}"

@@ -11,6 +11,10 @@ a build gives the same bytes every time. Each document, followed by <|eos|>, is 
 source's token stream, cut into sequences of context_length + 1 tokens: a sample never mixes
 sources. Tokens at the end of a source that fill no sequence are counted as leftover_tokens.
 
+A source whose first document has an image (vision_text's do) is an image source: each document is
+one sample, its tokens and <|eos|> cut or padded to context_length + 1 (the tokens cut off are
+counted as leftover_tokens), its image stored beside them as it came (data/shards.py).
+
 A build can be interrupted at any point and run again with the same arguments: it continues after
 the last shard it finished (the progress is saved in OUTPUT/.build/ after every shard, with the
 partly filled shards' tokens and the place in the input), so no document is lost or repeated and
@@ -25,7 +29,7 @@ import os
 import shutil
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from itertools import islice
 from multiprocessing import Pool
@@ -37,11 +41,12 @@ from tqdm import tqdm
 
 from data.documents import file_documents, input_files, input_source
 from data.shards import (
-    CORPUS_NAME, CRC_NAME, FORMAT_VERSION, MANIFEST_NAME, SUMS_NAME, SourceManifest, parse_manifest, sample_crcs,
-    shard_bytes, sha256_file, shard_name, sums_line, token_dtype, write_json_atomically,
+    CORPUS_NAME, CRC_NAME, FORMAT_VERSION, MANIFEST_NAME, OFFSETS_NAME, SUMS_NAME, EncodedImage, ShardError,
+    SourceManifest, parse_manifest, sample_crcs, sample_offsets, shard_bytes, sha256_file, shard_name, sums_line,
+    token_dtype, write_json_atomically,
 )
 from data.sources import ADAPTERS, Skipped
-from data.tokenizer import EOS_ID, load_tokenizer
+from data.tokenizer import EOS_ID, PAD_ID, load_tokenizer
 
 # 256 samples per shard gives the tiny run (about 2.5M tokens, 257-token samples) some 38 shards.
 DEFAULT_SAMPLES_PER_SHARD = 256
@@ -50,6 +55,9 @@ DEFAULT_SAMPLES_PER_SHARD = 256
 # large enough that sending it costs little next to tokenizing it.
 TASK_CHARS = 1 << 18
 STATE_DIR = ".build"
+# In the fingerprint: raised when the same inputs would give other files (2: image documents become
+# image samples), or the saved progress changes form, so that neither is taken for this build's.
+BUILDER_VERSION = 2
 _EOS = np.array([EOS_ID], np.uint32)
 
 _worker_tokenizer = None
@@ -90,31 +98,32 @@ def _inputs(paths: list[Path], sources: list[tuple[str, Path]]) -> list[Input]:
     return found
 
 
-def _documents(item: Input, on_error: str, skipped: Skipped) -> Iterator[tuple[str, str]]:
+def _documents(item: Input, on_error: str, skipped: Skipped) -> Iterator[tuple[str, str, EncodedImage | None]]:
     if item.adapter is None:
-        yield from file_documents(item.path, item.default_source)
+        for text, source in file_documents(item.path, item.default_source):
+            yield text, source, None
         return
-    # Token shards carry text; a vision_text pair's image goes to the multimodal shards.
     for doc in ADAPTERS[item.adapter](item.path, on_error=on_error, skipped=skipped):
-        yield doc.text, doc.source
+        yield doc.text, doc.source, None if doc.image is None else (doc.metadata["image_format"], doc.image)
 
 
 def _positioned(inputs: list[Input], start: tuple[int, int], on_error: str,
-                skipped: Skipped) -> Iterator[tuple[tuple[int, int], str, str]]:
-    """((file index, document index in it), text, source) from `start` on; earlier files are not opened."""
+                skipped: Skipped) -> Iterator[tuple[tuple[int, int], str, str, EncodedImage | None]]:
+    """((file index, document index in it), text, source, image) from `start` on; earlier files are not opened."""
     for f in range(start[0], len(inputs)):
         docs = _documents(inputs[f], on_error, skipped)
-        for d, (text, source) in enumerate(islice(docs, start[1] if f == start[0] else 0, None),
-                                           start=start[1] if f == start[0] else 0):
-            yield (f, d), text, source
+        for d, doc in enumerate(islice(docs, start[1] if f == start[0] else 0, None),
+                                start=start[1] if f == start[0] else 0):
+            yield (f, d), *doc
 
 
-def write_shard(directory: Path, index: int, first_sample: int, rows: np.ndarray) -> str:
-    """Shard `index` of a source holding `rows` (its samples first_sample, first_sample + 1, ...),
-    written whole under a temporary name and renamed; returns its sha256."""
+def write_shard(directory: Path, index: int, first_sample: int, rows: np.ndarray,
+                images: list[EncodedImage | None] | None = None) -> str:
+    """Shard `index` of a source holding `rows` (its samples first_sample, first_sample + 1, ...) and,
+    in an image source, `images`, written whole under a temporary name and renamed; returns its sha256."""
     path = directory / shard_name(index)
     tmp = path.with_name(path.name + ".tmp")
-    data = shard_bytes(first_sample, rows)
+    data = shard_bytes(first_sample, rows, images)
     tmp.write_bytes(data)
     tmp.replace(path)
     return hashlib.sha256(data).hexdigest()
@@ -122,15 +131,19 @@ def write_shard(directory: Path, index: int, first_sample: int, rows: np.ndarray
 
 class SourceShards:
     """One source's token stream cut into samples and written as whole shards. Samples wait in
-    memory until a shard is full, so that the saved progress is closed shards plus these tokens.
-    Each shard's sha256sums line and its samples' crc32s are appended to `.part` files as it is
-    written (constant work per shard, however many came before), renamed when the source is done."""
+    memory until a shard is full, so that the saved progress is closed shards plus these tokens
+    (and an image source's images). Each shard's sha256sums line, its samples' crc32s and an image
+    source's offsets are appended to `.part` files as it is written (constant work per shard,
+    however many came before), renamed when the source is done."""
 
-    def __init__(self, directory: Path, source: str, samples_per_shard: int, sequence_length: int, dtype: str):
+    def __init__(self, directory: Path, source: str, samples_per_shard: int, sequence_length: int, dtype: str,
+                 images: bool = False):
         self.directory, self.source = directory, source
         self.samples_per_shard, self.sequence_length, self.dtype = samples_per_shard, sequence_length, dtype
+        self.images = images
         self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
+        self.pending_images: list[EncodedImage | None] = []  # an image source's, one per pending sample
         self.shards = 0
         self.counts = Counter()
 
@@ -141,16 +154,30 @@ class SourceShards:
     def _part(self, name: str) -> Path:
         return self.directory / f"{name}.part"
 
-    def add(self, ids: np.ndarray) -> int:
-        """Append one document's ids (and eos); returns the number of shards written."""
+    def _part_sizes(self) -> dict[str, int]:
+        """The `.part` files and their sizes once the shards so far are written."""
+        sizes = {SUMS_NAME: self.shards * len(sums_line("0" * 64, 0)), CRC_NAME: self.counts["samples"] * 4}
+        if self.images:
+            sizes[OFFSETS_NAME] = (self.counts["samples"] + self.shards) * 8
+        return sizes
+
+    def add(self, ids: np.ndarray, image: EncodedImage | None = None) -> int:
+        """Append one document's ids (and eos), in an image source as a sample of its own with its
+        image; returns the number of shards written."""
         self.counts["documents"] += 1
         self.counts["input_tokens"] += len(ids) + 1
-        return self.extend(ids, _EOS)
+        if not self.images:
+            return self.extend(ids, _EOS)
+        tokens = np.concatenate([ids, _EOS])[: self.sequence_length]
+        self.counts["leftover_tokens"] += len(ids) + 1 - len(tokens)
+        return self.extend(tokens, np.full(self.sequence_length - len(tokens), PAD_ID, np.uint32), images=[image])
 
-    def extend(self, *tokens: np.ndarray) -> int:
-        """Append tokens to the stream; returns the number of shards written."""
+    def extend(self, *tokens: np.ndarray, images: Iterable[EncodedImage | None] = ()) -> int:
+        """Append tokens to the stream (an image source's: whole samples, and their images); returns
+        the number of shards written."""
         self.pending += tokens
         self.pending_tokens += sum(len(t) for t in tokens)
+        self.pending_images += images
         written = 0
         if self.pending_tokens >= self.shard_tokens:
             stream = np.concatenate(self.pending)
@@ -169,15 +196,21 @@ class SourceShards:
         if samples:
             self._write(stream[: samples * self.sequence_length], samples)
         self.pending, self.pending_tokens = [], 0
-        self.counts["leftover_tokens"] = len(stream) - samples * self.sequence_length
+        self.counts["leftover_tokens"] += len(stream) - samples * self.sequence_length
         if self.shards:
-            self._part(SUMS_NAME).replace(self.directory / SUMS_NAME)
-            self._part(CRC_NAME).replace(self.directory / CRC_NAME)
+            for name in self._part_sizes():
+                self._part(name).replace(self.directory / name)
 
     def _write(self, tokens: np.ndarray, samples: int) -> None:
         rows = tokens.astype(self.dtype).reshape(samples, self.sequence_length)
-        digest = write_shard(self.directory, self.shards, self.shards * self.samples_per_shard, rows)
-        for name, data in ((SUMS_NAME, sums_line(digest, self.shards).encode()), (CRC_NAME, sample_crcs(rows))):
+        images = self.pending_images[:samples] if self.images else None
+        del self.pending_images[:samples]
+        digest = write_shard(self.directory, self.shards, self.shards * self.samples_per_shard, rows, images)
+        parts = {SUMS_NAME: sums_line(digest, self.shards).encode(), CRC_NAME: sample_crcs(rows, images)}
+        if images is not None:
+            parts[OFFSETS_NAME] = sample_offsets(rows, images)
+            self.counts["image_bytes"] += sum(len(image[1]) for image in images if image is not None)
+        for name, data in parts.items():
             with open(self._part(name), "ab") as f:
                 f.write(data)
                 f.flush()
@@ -186,14 +219,27 @@ class SourceShards:
         self.counts["samples"] += samples
 
     def state(self) -> dict:
-        return {"shards": self.shards, "counts": dict(self.counts)}
+        return {"shards": self.shards, "counts": dict(self.counts), "images": self.images}
 
-    def restore(self, state: dict, pending: np.ndarray) -> None:
+    def pending_arrays(self) -> dict[str, np.ndarray]:
+        """The samples not in a shard yet, for the saved progress (restore takes them back)."""
+        images = self.pending_images
+        return {
+            "tokens": (np.concatenate(self.pending) if self.pending else np.empty(0)).astype(np.uint32),
+            "image_formats": np.array(["" if image is None else image[0] for image in images], "U8"),
+            "image_sizes": np.array([0 if image is None else len(image[1]) for image in images], np.int64),
+            "image_bytes": np.frombuffer(b"".join(image[1] for image in images if image is not None), np.uint8),
+        }
+
+    def restore(self, state: dict, pending: dict[str, np.ndarray]) -> None:
         """Back to a saved state: checksum lines of shards written after it are cut off."""
         self.shards, self.counts = state["shards"], Counter(state["counts"])
-        self.pending, self.pending_tokens = [pending], len(pending)
-        for name, size in ((SUMS_NAME, self.shards * len(sums_line("0" * 64, 0))),
-                           (CRC_NAME, self.counts["samples"] * 4)):
+        self.pending, self.pending_tokens = [pending["tokens"]], len(pending["tokens"])
+        data, sizes = pending["image_bytes"].tobytes(), pending["image_sizes"].tolist()
+        ends = np.cumsum(sizes, dtype=np.int64).tolist()
+        self.pending_images = [(f, data[end - size:end]) if f else None
+                               for f, size, end in zip(pending["image_formats"].tolist(), sizes, ends)]
+        for name, size in self._part_sizes().items():
             with open(self._part(name), "ab") as f:
                 if f.tell() < size:
                     raise ValueError(f"{self._part(name)} is shorter than the saved progress says: remove "
@@ -217,19 +263,29 @@ class Progress:
 
     def save(self, next_document: tuple[int, int], writers: dict[str, SourceShards], skipped: int) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        for name, w in writers.items():
-            pending = np.concatenate(w.pending) if w.pending else np.empty(0, np.uint32)
-            tmp = self.dir / f"{name}.pending.npy.tmp"
-            with open(tmp, "wb") as f:
-                np.save(f, pending.astype(np.uint32), allow_pickle=False)
-            tmp.replace(self.dir / f"{name}.pending.npy")
+        # Every source's pending samples in one file, a new one each time, written before the
+        # progress.json that names it: wherever a build is interrupted, the progress.json it leaves
+        # has its own pending samples.
+        pending = f"pending-{sum(w.shards for w in writers.values()):09d}.npz"
+        tmp = self.dir / f"{pending}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, **{f"{name}.{key}": array for name, w in writers.items()
+                           for key, array in w.pending_arrays().items()})
+        tmp.replace(self.dir / pending)
         write_json_atomically(self.dir / "progress.json", {
             "fingerprint": self.fingerprint, "next_document": list(next_document), "skipped_records": skipped,
-            "sources": {name: w.state() for name, w in writers.items()},
+            "sources": {name: w.state() for name, w in writers.items()}, "pending": pending,
         })
+        self.remove_pending(keep=pending)
 
-    def pending(self, source: str) -> np.ndarray:
-        return np.load(self.dir / f"{source}.pending.npy", allow_pickle=False)
+    def pending(self, state: dict, source: str) -> dict[str, np.ndarray]:
+        with np.load(self.dir / state["pending"], allow_pickle=False) as arrays:
+            return {key[len(source) + 1:]: arrays[key] for key in arrays.files if key.startswith(f"{source}.")}
+
+    def remove_pending(self, keep: str | None = None) -> None:
+        for path in self.dir.glob("pending-*.npz*"):
+            if path.name != keep:
+                path.unlink()
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -242,21 +298,29 @@ def _fingerprint(inputs: list[Input], tokenizer_sha256: str, context_length: int
         "inputs": [[str(i.path), i.adapter, i.path.stat().st_size, i.path.stat().st_mtime_ns] for i in inputs],
         "tokenizer_sha256": tokenizer_sha256, "context_length": context_length,
         "samples_per_shard": samples_per_shard, "on_error": on_error, "format_version": FORMAT_VERSION,
+        "builder_version": BUILDER_VERSION,
     }
 
 
-def _finished(output: Path, fingerprint: dict) -> list[str] | None:
-    """The sources of a finished build of exactly this fingerprint in `output`, or None."""
+def _finished(output: Path, fingerprint: dict) -> dict[str, SourceManifest] | None:
+    """The sources' manifests of a finished build of exactly this fingerprint in `output`, or None."""
     path = output / STATE_DIR / "done.json"
     if not path.is_file():
         return None
     done = json.loads(path.read_text())
     if done.get("fingerprint") != fingerprint:
         return None
+    manifests = {}
     for source in done["sources"]:
-        if not all((output / source / name).is_file() for name in (MANIFEST_NAME, SUMS_NAME, CRC_NAME)):
+        manifest = output / source / MANIFEST_NAME
+        try:
+            manifests[source] = parse_manifest(manifest.read_bytes(), str(manifest))
+        except (OSError, ShardError):
             return None
-    return done["sources"]
+        files = (SUMS_NAME, CRC_NAME) + ((OFFSETS_NAME,) if manifests[source].images else ())
+        if not all((output / source / name).is_file() for name in files):
+            return None
+    return manifests
 
 
 def write_corpus_index(output: Path) -> list[str]:
@@ -292,19 +356,21 @@ def build_shards(
     done = _finished(output, fingerprint)
     if done is not None:
         print(f"{output} already holds these shards (sources {', '.join(done)}); nothing to do")
-        return {s: parse_manifest((output / s / MANIFEST_NAME).read_bytes(), str(output / s / MANIFEST_NAME))
-                for s in done}
+        return done
 
     output.mkdir(parents=True, exist_ok=True)
     progress = Progress(output, fingerprint)
     saved = progress.load()
     writers: dict[str, SourceShards] = {}
 
-    def writer(source: str) -> SourceShards:
+    def writer(source: str, images: bool) -> SourceShards:
         if source not in writers:
             directory = output / source
             directory.mkdir(exist_ok=True)
-            writers[source] = SourceShards(directory, source, samples_per_shard, sequence_length, dtype)
+            writers[source] = SourceShards(directory, source, samples_per_shard, sequence_length, dtype, images)
+        elif images and not writers[source].images:
+            raise ValueError(f"source {source!r}: a document with an image follows documents without one, packed "
+                             "as text; give the text-only documents another source, or put them after the images")
         return writers[source]
 
     start = (0, 0)
@@ -314,13 +380,13 @@ def build_shards(
         progress.clear()
         # Files of an earlier build (format 1 ones at the top too) would otherwise linger beside the new.
         for pattern in (MANIFEST_NAME, "shard-*.tar*", f"*/{MANIFEST_NAME}", "*/shard-*.tar*", f"*/{SUMS_NAME}*",
-                        f"*/{CRC_NAME}*"):
+                        f"*/{CRC_NAME}*", f"*/{OFFSETS_NAME}*"):
             for stale in output.glob(pattern):
                 stale.unlink()
     else:
         start, skipped_before = tuple(saved["next_document"]), saved["skipped_records"]
         for name, state in saved["sources"].items():
-            writer(name).restore(state, progress.pending(name))
+            writer(name, state["images"]).restore(state, progress.pending(saved, name))
         for name, w in writers.items():  # shards past the saved progress are redone: same bytes again
             for extra in (output / name).glob("shard-*.tar*"):
                 if extra.name.endswith(".tmp") or int(extra.name[6:12]) >= w.shards:
@@ -334,33 +400,38 @@ def build_shards(
     bar = tqdm(total=total_bytes, initial=done_bytes, desc="tokenizing", unit="B", unit_scale=True,
                disable=not show_progress, file=sys.stderr)
     positioned = _positioned(found, start, on_error, skipped)
-    places: list[tuple[int, int]] = []
+    # Per task, in order: its last document's place, the records skipped by then, its size, and its
+    # images, which stay in this process (the tokenizing ones need only the text).
+    places: deque[tuple[tuple[int, int], int, int, list[EncodedImage | None]]] = deque()
+
+    def task(chunk: list, chars: int) -> list[tuple[str, str]]:
+        places.append((chunk[-1][0], skipped.total, chars, [image for *_, image in chunk]))
+        return [(text, source) for _, text, source, _ in chunk]
 
     def tasks() -> Iterator[list[tuple[str, str]]]:
         chunk, chars = [], 0
         for item in positioned:
             chunk.append(item)
-            chars += len(item[1])
+            # Characters and image bytes approximate the input bytes the bar counts (a file's end
+            # comes late in big files).
+            chars += len(item[1]) + (0 if item[3] is None else len(item[3][1]))
             if chars >= TASK_CHARS:
-                # Characters approximate the input bytes the bar counts (a file's end comes late in big files).
-                places.append((chunk[-1][0], skipped.total, chars))
-                yield [(text, source) for _, text, source in chunk]
+                yield task(chunk, chars)
                 chunk, chars = [], 0
         if chunk:
-            places.append((chunk[-1][0], skipped.total, chars))
-            yield [(text, source) for _, text, source in chunk]
+            yield task(chunk, chars)
 
     pool = Pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path),)) if workers > 1 else None
     if pool is None:
         _init_worker(str(tokenizer_path))
     written = 0
     try:
-        for n, encoded in enumerate(pool.imap(_encode, tasks(), chunksize=1) if pool else map(_encode, tasks())):
-            last, skipped_so_far, chars = places[n]
+        for encoded in pool.imap(_encode, tasks(), chunksize=1) if pool else map(_encode, tasks()):
+            last, skipped_so_far, chars, images = places.popleft()
             bar.update(min(chars, total_bytes - bar.n))
             new = 0
-            for ids, source in encoded:
-                new += writer(source).add(ids)
+            for (ids, source), image in zip(encoded, images, strict=True):
+                new += writer(source, image is not None).add(ids, image)
             if new:
                 progress.save((last[0], last[1] + 1), writers, skipped_before + skipped_so_far)
                 written += new
@@ -382,15 +453,17 @@ def build_shards(
             continue
         manifests[name] = manifest
         print(f"  {name}: {manifest.documents} documents, {manifest.input_tokens} tokens -> {manifest.num_samples} "
-              f"samples of {sequence_length} in {manifest.num_shards} shards; {manifest.leftover_tokens} leftover tokens")
+              f"samples of {sequence_length} in {manifest.num_shards} shards; "
+              + (f"{manifest.image_bytes} image bytes, {manifest.leftover_tokens} tokens cut off documents longer "
+                 "than a sample" if manifest.images else f"{manifest.leftover_tokens} leftover tokens"))
     write_corpus_index(output)
     total_skipped = skipped_before + skipped.total
     if total_skipped:
         print(f"skipped {total_skipped} bad input records (--on-error skip); each file's count is in the log above")
-    write_json_atomically(output / STATE_DIR / "done.json", {"fingerprint": fingerprint, "sources": sorted(manifests),
-                                                             "skipped_records": total_skipped})
-    for leftover in (output / STATE_DIR).glob("*.pending.npy"):
-        leftover.unlink()
+    progress.dir.mkdir(exist_ok=True)  # not made yet if no shard was full before the end
+    write_json_atomically(progress.dir / "done.json", {"fingerprint": fingerprint, "sources": sorted(manifests),
+                                                       "skipped_records": total_skipped})
+    progress.remove_pending()
     (output / STATE_DIR / "progress.json").unlink(missing_ok=True)
     print(f"wrote {output / CORPUS_NAME}: {len(manifests)} sources, "
           f"{sum(m.num_shards for m in manifests.values())} shards ({dtype})")
@@ -407,20 +480,21 @@ def _finish_source(w: SourceShards, vocab_size: int, tokenizer_sha256: str, buil
         source=w.source, context_length=w.sequence_length - 1, dtype=w.dtype, vocab_size=vocab_size,
         tokenizer_sha256=tokenizer_sha256, samples_per_shard=w.samples_per_shard, num_samples=w.counts["samples"],
         documents=w.counts["documents"], input_tokens=w.counts["input_tokens"],
-        leftover_tokens=w.counts["leftover_tokens"], build=build,
+        leftover_tokens=w.counts["leftover_tokens"], build=build, images=w.images, image_bytes=w.counts["image_bytes"],
     )
     write_json_atomically(w.directory / MANIFEST_NAME, manifest.to_json())
     return manifest
 
 
 def write_source(output: Path, source: str, rows: np.ndarray, samples_per_shard: int, vocab_size: int,
-                 tokenizer_sha256: str = "0" * 64) -> SourceManifest:
+                 tokenizer_sha256: str = "0" * 64, images: list[EncodedImage | None] | None = None) -> SourceManifest:
     """A source of exactly these samples ([n, context_length + 1] ids) in corpus `output`, listed in
-    its corpus.json: for tests and benchmarks that need shards of known content."""
+    its corpus.json: for tests and benchmarks that need shards of known content. With `images`
+    ((format, bytes) or None per row) an image source."""
     directory = output / source
     directory.mkdir(parents=True, exist_ok=True)
-    w = SourceShards(directory, source, samples_per_shard, rows.shape[1], token_dtype(vocab_size))
-    w.extend(np.asarray(rows, np.uint32).reshape(-1))
+    w = SourceShards(directory, source, samples_per_shard, rows.shape[1], token_dtype(vocab_size), images is not None)
+    w.extend(np.asarray(rows, np.uint32).reshape(-1), images=images or ())
     manifest = _finish_source(w, vocab_size, tokenizer_sha256, {})
     write_corpus_index(output)
     return manifest

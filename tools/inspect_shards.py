@@ -2,14 +2,16 @@
 
     python tools/inspect_shards.py runs/tiny/shards [--source NAME] [--decode N] [--verify]
 
-The summary (per source: shards, documents, samples, tokens, leftover tokens; dtype, context
-length) comes from the manifests alone. --decode N prints the first N samples of each source (of
---source only, if given) as text with the corpus' tokenizer. --verify reads every shard, printing
-progress on stderr, and exits non-zero naming each shard that is missing, of the wrong size, or
-not matching its line in sha256sums.
+The summary (per source: shards, documents, samples, tokens, leftover tokens, whether it holds
+images and their bytes; dtype, context length) comes from the manifests alone. --decode N prints the
+first N samples of each source (of --source only, if given) as text with the corpus' tokenizer, and
+each sample's image's format, size and bytes. --verify reads every shard, printing progress on
+stderr, and exits non-zero naming each shard that is missing, of the wrong size (an image source's
+offsets give its size), or not matching its line in sha256sums.
 """
 
 import argparse
+import io
 import sys
 import time
 
@@ -22,11 +24,13 @@ def summary(location: Location, manifests: dict[str, SourceManifest]) -> str:
         f"{location.base}: {len(manifests)} sources, {sum(m.num_shards for m in manifests.values()):,} shards, "
         f"{sum(m.num_samples for m in manifests.values()):,} samples of {first.sequence_length} tokens (context "
         f"length {first.context_length}), {first.dtype}, vocabulary {first.vocab_size}",
-        f"  {'source':<20} {'shards':>8} {'documents':>10} {'samples':>12} {'tokens':>14} {'leftover':>10}",
+        f"  {'source':<20} {'shards':>8} {'documents':>10} {'samples':>12} {'tokens':>14} {'leftover':>10} "
+        f"{'images':>6} {'image bytes':>14}",
     ]
     for name, m in manifests.items():
         lines.append(f"  {name:<20} {m.num_shards:>8,} {m.documents:>10,} {m.num_samples:>12,} "
-                     f"{m.num_samples * m.sequence_length:>14,} {m.leftover_tokens:>10,}")
+                     f"{m.num_samples * m.sequence_length:>14,} {m.leftover_tokens:>10,} "
+                     f"{'yes' if m.images else 'no':>6} {m.image_bytes:>14,}")
     return "\n".join(lines)
 
 
@@ -36,11 +40,27 @@ def decode(location: Location, manifest: SourceManifest, count: int, tokenizer) 
         out = []
         for n in range(min(count, manifest.num_samples)):
             shard, member = divmod(n, manifest.samples_per_shard)
-            out.append(f"--- {manifest.source} sample {n} (shard {shard}, member {member}) ---\n"
-                       + tokenizer.decode(reader.read(shard, member).tolist(), skip_special_tokens=False))
+            ids, image = reader.read_sample(shard, member)
+            out.append(f"--- {manifest.source} sample {n} (shard {shard}, member {member}{describe(image)}) ---\n"
+                       + tokenizer.decode(ids.tolist(), skip_special_tokens=False))
         return out
     finally:
         reader.close()
+
+
+def describe(image: bytes | None) -> str:
+    """A sample's image's format and size, from its header."""
+    if image is None:
+        return ""
+    from PIL import Image
+
+    from data.images import FORMATS
+
+    try:
+        with Image.open(io.BytesIO(image), formats=FORMATS) as decoded:
+            return f"; image {decoded.format} {decoded.width}x{decoded.height}, {len(image):,} bytes"
+    except OSError as e:
+        return f"; an image of {len(image):,} bytes that does not open: {e}"
 
 
 def verify(location: Location, manifests: dict[str, SourceManifest]) -> list[str]:
@@ -51,8 +71,9 @@ def verify(location: Location, manifests: dict[str, SourceManifest]) -> list[str
         problem = shard_problem(location, m, i)
         if problem:
             problems.append(problem)
+        else:
+            done_bytes += location.shard_size(m, i)
         elapsed = max(time.perf_counter() - start, 1e-9)
-        done_bytes += m.shard_size(i)
         print(f"\rverified {n}/{len(todo)} shards, {done_bytes / elapsed / 1e6:.1f} MB/s, "
               f"ETA {(len(todo) - n) * elapsed / n:.0f}s", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
