@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_DIR := runs/tiny
 CONFIG := pretrain/configs/tiny.yaml
+CURRICULUM := pretrain/configs/tiny_curriculum.yaml
 NPROC ?= 2
 # The launcher's rendezvous port, free when the recipe runs: its default (29500) clashes with any
 # other distributed job on the machine.
@@ -22,13 +23,22 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
-# The main job: tokenizer + shards from this machine's Python standard library, then the tiny
-# config on $(NPROC) CPU ranks under the DeepSpeed launcher.
+# The main job: the embedded corpus (this machine's Python standard library, generated image -> code
+# pairs, generated instruction chats), a tokenizer and shards, then the four-stage VL-JEPA curriculum
+# on a tiny model on $(NPROC) CPU ranks under the DeepSpeed launcher. Every step skips work done
+# before; `make clean` starts over.
 train: setup
 	$(PY) tools/stdlib_corpus.py --output $(RUN_DIR)/corpus
+	$(PY) tools/make_vision_pairs.py --output $(RUN_DIR)/vision_pairs --count 800 --samples-per-shard 100
+	$(PY) tools/make_instructions.py --output $(RUN_DIR)/instructions --pairs $(RUN_DIR)/vision_pairs --count 1500
 	$(PY) tools/train_tokenizer.py --config $(CONFIG) --input $(RUN_DIR)/corpus --output $(RUN_DIR)/tokenizer.json
-	$(PY) tools/build_shards.py --config $(CONFIG) --input $(RUN_DIR)/corpus --tokenizer $(RUN_DIR)/tokenizer.json --output $(RUN_DIR)/shards
-	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(PORT) pretrain/train.py --config $(CONFIG) --overwrite
+	$(PY) tools/build_shards.py --config $(CONFIG) --input $(RUN_DIR)/corpus --source vision_text=$(RUN_DIR)/vision_pairs \
+		--tokenizer $(RUN_DIR)/tokenizer.json --output $(RUN_DIR)/shards
+	$(PY) tools/build_shards.py --config $(CONFIG) --input $(RUN_DIR)/instructions/code_edits.jsonl \
+		--source vision_text=$(RUN_DIR)/instructions/vision_qa --tokenizer $(RUN_DIR)/tokenizer.json \
+		--output $(RUN_DIR)/instructions/shards
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(PORT) pretrain/curriculum.py \
+		--curriculum $(CURRICULUM)
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra tests

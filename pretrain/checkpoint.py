@@ -230,6 +230,40 @@ def verify_checksums(tag_dir: Path) -> None:
         raise CheckpointError(f"checkpoint {tag_dir} is corrupt: {', '.join(bad)}")
 
 
+def init_source(source: Path, cfg) -> Path:
+    """The complete checkpoint run.init_from names, checked to hold this run's model."""
+    tag_dir = source if _TAG.fullmatch(source.name) else newest_complete(source)[0]
+    why = "no complete checkpoint in it" if tag_dir is None else problem(tag_dir)
+    if why:
+        raise CheckpointError(f"run.init_from {source}: {why}")
+    saved = read_marker(tag_dir)["config"]
+    current = json.loads(json.dumps(cfg.model_dump()))
+    differ = [k for k in sorted(set(_flat(saved["model"])) | set(_flat(current["model"])))
+              if _flat(saved["model"]).get(k) != _flat(current["model"]).get(k)]
+    for key in ("training.lm.vocab_size", "training.jepa.embedding_dim", "training.jepa.prediction_steps",
+                "parallel.tensor", "parallel.pipeline"):
+        section, *rest = key.split(".")
+        if _flat(saved[section]).get(".".join(rest)) != _flat(current[section]).get(".".join(rest)):
+            differ.append(key)
+    if differ:
+        raise CheckpointError(f"run.init_from {tag_dir} holds another model: {', '.join(differ)} differ")
+    if 3 in (saved["parallel"]["zero_stage"], cfg.parallel.zero_stage):
+        raise CheckpointError(f"run.init_from {tag_dir}: ZeRO-3 keeps the weights in its optimizer partitions, "
+                              "which a module-only load does not read; hand off between stages at ZeRO 0-2")
+    return tag_dir
+
+
+def load_weights(engine, tag_dir: Path) -> None:
+    """The model weights of checkpoint `tag_dir` (from init_source), nothing else: the optimizer,
+    schedule, step count and RNG stay the new run's own."""
+    verify_checksums(tag_dir)
+    try:
+        engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_only=True,
+                               load_optimizer_states=False, load_lr_scheduler_states=False)
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:
+        raise CheckpointError(f"run.init_from {tag_dir}: the weights could not be loaded: {e}") from e
+
+
 def load_objective_state(tag_dir: Path) -> dict:
     path = _objective_file(tag_dir)
     if not path.is_file():
@@ -271,7 +305,7 @@ def load(engine, tag_dir: Path) -> dict:
 
 # What a resumed run may change. Anything else (the model, vocabulary, tokenizer, TP/PP, ZeRO stage,
 # precision, objective) would not match the saved tensors or would silently train another model.
-_MAY_CHANGE = ("training.optimizers.lr", "training.scheduler.", "training.train_tokens", "training.train_steps",
+_MAY_CHANGE = ("run.init_from", "training.optimizers.lr", "training.scheduler.", "training.train_tokens", "training.train_steps",
                "training.max_nonfinite_steps", "training.kernels", "parallel.activation_checkpointing", "logging.",
                "checkpoint.", "validation.", "run.name", "run.output_dir", "data.valid_shards", "data.valid_chats",
                "data.num_workers", "data.on_error", "data.cache_dir", "data.remote_", "training.micro_batch_size",

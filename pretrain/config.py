@@ -53,6 +53,10 @@ class RunConfig(Section):
     name: str = "run"
     output_dir: str = "runs/run"
     seed: Seed = 1234
+    # Start from the model weights of this checkpoint (a global_step<N> folder, or a checkpoint folder:
+    # its newest complete one) with a fresh optimizer, schedule and data order: the next curriculum
+    # stage. --resume of this run's own checkpoints takes precedence.
+    init_from: str | None = None
 
 
 class ParallelConfig(Section):
@@ -114,6 +118,17 @@ class MultiblockConfig(Section):
     context_scale: tuple[PositiveFloat, PositiveFloat] = (0.85, 1.0)
 
 
+class CollapseConfig(Section):
+    """Representation-collapse monitor (ijepa#25, vjepa2#74): every `every_steps` the trainer logs the
+    per-dimension standard deviation and effective rank of the predicted and target embeddings, and
+    warns (with stop: true, ends the run) when either falls below its threshold."""
+
+    every_steps: NonNegativeInt = 100  # 0: off
+    min_std: NonNegativeFloat = 0.01
+    min_rank: NonNegativeFloat = 1.5  # 1 is every embedding on one line
+    stop: bool = False
+
+
 class JepaConfig(Section):
     mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.15
     prediction_steps: PositiveInt = 3
@@ -125,6 +140,7 @@ class JepaConfig(Section):
     loss: Literal["mse", "smooth_l1", "cosine"] = "mse"
     # The EMA target's momentum, linear from the first to the second over the run's steps (I-JEPA).
     momentum: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = (0.996, 1.0)
+    collapse: CollapseConfig = CollapseConfig()
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -151,6 +167,9 @@ class LMConfig(Section):
 class HybridConfig(Section):
     alpha: NonNegativeFloat = 0.3  # JEPA weight; 0: pure LM (no target pass, the JEPA head is frozen)
     beta: NonNegativeFloat = 0.7  # LM weight; 0: pure JEPA (the output projection is frozen)
+    # Instruction tuning (seed stage 4): the LM loss covers response tokens only, those after an
+    # <|assistant|> up to its <|end|>; prompts and text outside any chat are not trained.
+    instruction: bool = False
     # Seed modules this stage leaves as they are (a language-only stage need not move the ViT).
     freeze: list[Literal["vision_encoder", "cross_modal_fusion", "language_encoder", "autoregressive_head",
                          "jepa_head"]] = []

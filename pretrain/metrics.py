@@ -69,8 +69,11 @@ class MetricsLog:
         self._mark = (now, step)
         eta = (self.total_steps - step) * (now - then) / max(step - then_step, 1)
         parts = [f"loss {r['loss']:.4f}"]
-        if "jepa" in r:  # a single-component loss is its only component
-            parts += [f"lm {r['lm']:.4f}", f"jepa {r['jepa']:.4f}"]
+        components = [k for k in ("lm", "jepa", "jepa_text", "jepa_vision") if k in r]
+        if len(components) > 1:  # a single-component loss is its only component
+            parts += [f"{k} {r[k]:.4f}" for k in components]
+        if "jepa_target_rank" in r:
+            parts.append(f"target rank {r['jepa_target_rank']:.1f}")
         if "val_loss" in r:
             parts.append(f"val_loss {r['val_loss']:.4f}" + (f" (ppl {r['val_ppl']:.2f})" if "val_ppl" in r else ""))
         mfu = "n/a" if math.isnan(r["mfu"]) else f"{100 * r['mfu']:.1f}%"

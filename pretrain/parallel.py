@@ -340,8 +340,13 @@ def build_engine(cfg: Config, objective: Objective, tokenizer):
         mpu=None if cfg.parallel.pipeline > 1 else MegatronMPU(),
     )
     checkpoint.make_safe(engine)
-    objective.setup(engine.module.model, whole_parameters(engine), engine.device)
     return engine
+
+
+def setup_objective(engine, objective: Objective) -> None:
+    """Once the engine's weights are final (initialised, or loaded from run.init_from)."""
+    if not isinstance(engine, deepspeed.PipelineEngine):
+        objective.setup(engine.module.model, whole_parameters(engine), engine.device)
 
 
 def whole_parameters(engine):

@@ -28,11 +28,16 @@ from pretrain.metrics import MetricsLog
 from pretrain.objectives import build_objective, load_run_tokenizer, vocab_size
 from pretrain.run_dir import RunDirError
 from pretrain.signals import GracefulStop
-from pretrain.parallel import build_engine, device_type, eval_losses, init_distributed, shutdown, train_step
+from pretrain.parallel import (build_engine, device_type, eval_losses, init_distributed, setup_objective, shutdown,
+                               train_step)
 from pretrain.throughput import Throughput, flops_per_token, peak_flops_per_device
 
 
 class NonFiniteError(RuntimeError):
+    pass
+
+
+class CollapseError(RuntimeError):
     pass
 
 
@@ -62,6 +67,10 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
     _, _, accum, dp_size = cfg.batch_sizes(world)
     tag_dir, changes = _from_rank0(lambda: _resume_point(cfg, dp_size)) if resume else (None, [])
     engine = build_engine(cfg, objective, tokenizer)
+    if cfg.run.init_from and not tag_dir:
+        source = _from_rank0(lambda: checkpoint.init_source(Path(cfg.run.init_from), cfg))
+        checkpoint.load_weights(engine, source)
+    setup_objective(engine, objective)
     dp_rank = parallel_state.get_data_parallel_rank()
     data = objective.batches("train", dp_rank, dp_size)
     cleanup.callback(data.close)
@@ -77,6 +86,8 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
     total = cfg.train_steps()
     stop_at = min(total, stop_after or total)
     log = MetricsLog(cfg, total, state["step"]) if dist.get_rank() == 0 else None
+    if log and cfg.run.init_from and not tag_dir:
+        log.note(f"started from the weights of {source} (a fresh optimizer, schedule and data order)")
     if log and tag_dir:
         log.note(f"resumed from {tag_dir} (step {state['step']})"
                  + ("; changed: " + "; ".join(changes) if changes else "; config unchanged"))
@@ -106,8 +117,12 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
         if every and (state["step"] % every == 0 or state["step"] == total):
             state["eval_metrics"] = validate(cfg, engine, objective, dp_rank, dp_size)
             record.update(state["eval_metrics"])
+        collapsed = _check_health(cfg, objective, state["step"], record, log)
         if log:
             log.step(state["step"], record)
+        if collapsed:
+            raise CollapseError(f"representation collapse at step {state['step']} (training.jepa.collapse.stop is "
+                                f"true); the last checkpoint is {checkpoint.latest(cfg.checkpoint_dir) or 'none'}")
         if in_a_row >= cfg.training.max_nonfinite_steps:
             raise NonFiniteError(
                 f"{in_a_row} steps in a row (the last: step {state['step']}) had a non-finite loss or gradient and "
@@ -132,7 +147,8 @@ def run(cfg, resume: bool = False, stop_after: int | None = None, overwrite: boo
     line and a non-zero exit, and the process group is left cleanly."""
     try:
         train(cfg, resume, stop_after, overwrite)
-    except (ConfigError, CheckpointError, RunDirError, ShardError, NonFiniteError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, RunDirError, ShardError, NonFiniteError, CollapseError, FileNotFoundError,
+            ValueError) as e:
         sys.exit(f"error: {e}")
     shutdown()
 
@@ -145,6 +161,22 @@ def validate(cfg: Config, engine, objective, dp_rank: int, dp_size: int) -> dict
     if "lm" in losses:
         metrics["val_ppl"] = math.exp(min(losses["lm"], 700.0))
     return metrics
+
+
+def _check_health(cfg: Config, objective, step: int, record: dict, log) -> bool:
+    """Every training.jepa.collapse.every_steps: log the objective's health metrics, warn loudly about
+    problems on any rank, and say whether the run must stop (every rank gets the same answer)."""
+    every = cfg.training.jepa.collapse.every_steps
+    if not every or step % every:
+        return False
+    stats, problems = objective.health()
+    record.update(stats)
+    if problems:
+        print(f"WARNING (rank {dist.get_rank()}, step {step}): representation collapse? " + "; ".join(problems),
+              flush=True)
+    flag = torch.tensor([len(problems) > 0 and cfg.training.jepa.collapse.stop], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
 
 
 def _consumed(objective, micro_batches: list, skipped: int) -> tuple[int, int, int]:
@@ -165,7 +197,9 @@ def _consumed(objective, micro_batches: list, skipped: int) -> tuple[int, int, i
 
 def _flops_per_token(cfg: Config, engine, tokenizer) -> float:
     seq = cfg.data.max_len if cfg.training.objective == "step_jepa" else cfg.training.lm.context_length
-    if cfg.model.type == "gpt":
+    if cfg.model.type != "hf":
+        # For the VL-JEPA: its language path per text token. The ViT, fusion, target pass and predictors
+        # depend on how many samples hold an image, which a token count does not see; MFU undercounts.
         return flops_per_token(cfg.model, cfg.model.padded_vocab_size(vocab_size(cfg, tokenizer), cfg.parallel.tensor), seq)
     # A Hugging Face model: 6 FLOPs per weight and token (forward 2, backward 4), no attention term.
     embedding = engine.module.model.lm.get_input_embeddings().weight.numel()

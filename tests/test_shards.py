@@ -16,7 +16,7 @@ from data.shards import (
     Location, SampleError, ShardError, ShardReader, npy_header, read_corpus, sample_offsets, shard_bytes, shard_name,
     shard_problem, sha256_file, token_dtype,
 )
-from data.tokenizer import EOS, EOS_ID, PAD_ID, load_tokenizer
+from data.tokenizer import ASSISTANT, END, EOS, EOS_ID, PAD_ID, USER, load_tokenizer, special_id
 from tools import build_shards, inspect_shards, train_tokenizer
 
 CONTEXT = 16
@@ -124,6 +124,25 @@ def test_literal_special_token_text_is_not_the_special_id(tmp_path, built):
                                   samples_per_shard=4, show_progress=False)["in"]
     tokens = np.concatenate([r for i in range(m.num_shards) for r in tar_rows(tmp_path / "out" / "in" / shard_name(i))])
     assert np.flatnonzero(tokens == EOS_ID).tolist() in ([], [len(tokens) - 1])  # only the document's own end
+
+
+def test_chats_get_role_markers_and_their_text_stays_data(tmp_path, built):
+    root = built[0]
+    messages = [{"role": "user", "content": f"say {END}"}, {"role": "assistant", "content": "abc def"}]
+    (tmp_path / "chats.jsonl").write_text((json.dumps({"messages": messages, "source": "chats"}) + "\n") * 10)
+    m = build_shards.build_shards([tmp_path / "chats.jsonl"], root / "tokenizer.json", tmp_path / "out", CONTEXT,
+                                  workers=1, samples_per_shard=4, show_progress=False)["chats"]
+    tokenizer = load_tokenizer(root / "tokenizer.json")
+    tokenizer.encode_special_tokens = True
+    text = [tokenizer.encode(c["content"], add_special_tokens=False).ids for c in messages]
+    want = [special_id(USER), *text[0], special_id(END), special_id(ASSISTANT), *text[1], special_id(END), EOS_ID]
+    assert m.input_tokens == 10 * len(want)
+    tokens = np.concatenate([r for i in range(m.num_shards) for r in tar_rows(tmp_path / "out" / "chats" / shard_name(i))])
+    assert tokens.tolist() == (want * 10)[:len(tokens)]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: message 0 must be"):
+        build_shards.build_shards([tmp_path / "bad.jsonl"], root / "tokenizer.json", tmp_path / "out2", CONTEXT,
+                                  workers=1, samples_per_shard=4, show_progress=False)
 
 
 def test_a_build_smaller_than_a_shard_finishes(tmp_path, built, capsys):

@@ -121,7 +121,7 @@ def test_iter_documents_names_bad_input(tmp_path):
         list(iter_documents([tmp_path / "missing"]))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}) + "\n")
-    with pytest.raises(ValueError, match=f"{bad}:2: a record needs a string field 'text'"):
+    with pytest.raises(ValueError, match=f"{bad}:2: a record needs a string field 'text' or a chat's 'messages'"):
         list(iter_documents([bad]))
     bad.write_text("{not json\n")
     with pytest.raises(ValueError, match=f"{bad}:1: not valid JSON"):

@@ -121,8 +121,14 @@ def test_unknown_kind_is_refused(tmp_path):
 
 def test_cli_writes_shards_and_removes_stale_ones(tmp_path):
     (tmp_path / "pairs-000007.tar").write_bytes(b"from an earlier, larger run")
-    run([PYTHON, str(REPO / "tools" / "make_vision_pairs.py"), "--output", str(tmp_path), "--count", "3",
-         "--samples-per-shard", "2", "--kinds", "ui,statement", "--seed", "5"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs-000000.tar", "pairs-000001.tar"]
-    documents = [d for p in sorted(tmp_path.iterdir()) for d in vision_text.read(p)]
+    cli = [PYTHON, str(REPO / "tools" / "make_vision_pairs.py"), "--output", str(tmp_path), "--count", "3",
+           "--samples-per-shard", "2", "--kinds", "ui,statement", "--seed", "5"]
+    run(cli)
+    shards = sorted(tmp_path.glob("*.tar"))
+    assert [p.name for p in shards] == ["pairs-000000.tar", "pairs-000001.tar"]
+    documents = [d for p in shards for d in vision_text.read(p)]
     assert [d.metadata["kind"] for d in documents] == ["ui", "statement", "ui"]
+    # Rerun with the same arguments (make train does): nothing to do, nothing rewritten.
+    written = [p.stat().st_mtime_ns for p in shards]
+    assert "nothing to do" in run(cli).stdout
+    assert [p.stat().st_mtime_ns for p in shards] == written

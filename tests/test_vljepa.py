@@ -268,3 +268,35 @@ def test_collapse_stats_tell_collapsed_from_healthy_embeddings():
     assert rank < 5
     std, _ = collapse_stats(torch.ones(512, 64) + 1e-6 * torch.randn(512, 64))
     assert std < 1e-5
+
+
+def test_collapse_monitor_fires_on_collapsed_embeddings_only():
+    cfg = config()
+    model, objective = build(cfg)
+    b = batch(objective, cfg, ids(6, b=4), [png(7), None, png(8), None])
+    objective.forward(model, b)
+    stats, problems = objective.health()
+    assert problems == [] and stats["jepa_target_rank"] > 5 and stats["jepa_predicted_std"] > 0.01
+    objective.monitor = {"predicted": torch.ones(64, 64), "target": torch.randn(64, 1) * torch.randn(1, 64)}
+    stats, problems = objective.health()
+    assert any("predicted embeddings' per-dimension std" in p for p in problems)
+    assert any("target embeddings' effective rank" in p for p in problems)
+
+
+def test_instruction_mode_trains_response_tokens_only():
+    from data.tokenizer import ASSISTANT, END, EOS_ID, USER, special_id
+    from pretrain.objectives.hybrid import responses
+
+    user, assistant, end = special_id(USER), special_id(ASSISTANT), special_id(END)
+    #        0     1   2   3          4   5   6    7     8          9   10   11
+    row = [user, 40, 41, end, assistant, 50, 51, end, user, 42, end, assistant]
+    inputs = torch.tensor([row])
+    # label j is input j+1: the response's tokens 50, 51 and its <|end|> are trained, nothing else is
+    # (the second turn's answer begins after the last input).
+    assert responses(inputs)[0].nonzero().flatten().tolist() == [4, 5, 6, 11]
+    cfg = config("training.hybrid.instruction=true", "training.hybrid.alpha=0", "training.hybrid.beta=1")
+    _, objective = build(cfg)
+    rows = torch.tensor([row + [60, end, EOS_ID]])
+    b = objective.collate((rows[:, :-1], rows[:, 1:], [{}]))
+    trained = (b.labels[0] != -100).nonzero().flatten().tolist()
+    assert [rows[0, j + 1].item() for j in trained] == [50, 51, end, 60, end]

@@ -11,6 +11,10 @@ a build gives the same bytes every time. Each document, followed by <|eos|>, is 
 source's token stream, cut into sequences of context_length + 1 tokens: a sample never mixes
 sources. Tokens at the end of a source that fill no sequence are counted as leftover_tokens.
 
+A chat document (a jsonl record with "messages", or a vision_text sample with a "prompt") is encoded
+as <|user|>prompt<|end|><|assistant|>answer<|end|>: the role markers are special tokens, the messages'
+text stays data, as all text is (a literal "<|eos|>" in a document is text, not the eos id).
+
 A source whose first document has an image (vision_text's do) is an image source: each document is
 one sample, its tokens and <|eos|> cut or padded to context_length + 1 (the tokens cut off are
 counted as leftover_tokens), its image stored beside them as it came (data/shards.py).
@@ -39,14 +43,14 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from data.documents import file_documents, input_files, input_source
+from data.documents import Chat, file_documents, input_files, input_source, plain_text
 from data.shards import (
     CORPUS_NAME, CRC_NAME, FORMAT_VERSION, MANIFEST_NAME, OFFSETS_NAME, SUMS_NAME, EncodedImage, ShardError,
     SourceManifest, parse_manifest, sample_crcs, sample_offsets, shard_bytes, sha256_file, shard_name, sums_line,
     token_dtype, write_json_atomically,
 )
 from data.sources import ADAPTERS, Skipped
-from data.tokenizer import EOS_ID, PAD_ID, load_tokenizer
+from data.tokenizer import ASSISTANT, END, EOS_ID, PAD_ID, SYSTEM, USER, load_tokenizer, special_id
 
 # 256 samples per shard gives the tiny run (about 2.5M tokens, 257-token samples) some 38 shards.
 DEFAULT_SAMPLES_PER_SHARD = 256
@@ -70,9 +74,23 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_tokenizer.encode_special_tokens = True
 
 
-def _encode(documents: list[tuple[str, str]]) -> list[tuple[np.ndarray, str]]:
-    encodings = _worker_tokenizer.encode_batch([text for text, _ in documents], add_special_tokens=False)
-    return [(np.asarray(e.ids, dtype=np.uint32), source) for e, (_, source) in zip(encodings, documents)]
+_ROLE_IDS = {"system": special_id(SYSTEM), "user": special_id(USER), "assistant": special_id(ASSISTANT)}
+_END_ID = special_id(END)
+
+
+def _encode(documents: list[tuple[str | Chat, str]]) -> list[tuple[np.ndarray, str]]:
+    """Ids of each document: a chat's messages are encoded as data, each between its role's special
+    token and <|end|> (the layout training.hybrid.instruction reads)."""
+    parts = [[text] if isinstance(text, str) else [content for _, content in text] for text, _ in documents]
+    encodings = iter(_worker_tokenizer.encode_batch([p for doc in parts for p in doc], add_special_tokens=False))
+    out = []
+    for text, source in documents:
+        if isinstance(text, str):
+            ids = next(encodings).ids
+        else:
+            ids = [i for role, _ in text for i in (_ROLE_IDS[role], *next(encodings).ids, _END_ID)]
+        out.append((np.asarray(ids, dtype=np.uint32), source))
+    return out
 
 
 @dataclass(frozen=True)
@@ -104,7 +122,9 @@ def _documents(item: Input, on_error: str, skipped: Skipped) -> Iterator[tuple[s
             yield text, source, None
         return
     for doc in ADAPTERS[item.adapter](item.path, on_error=on_error, skipped=skipped):
-        yield doc.text, doc.source, None if doc.image is None else (doc.metadata["image_format"], doc.image)
+        # An instruction sample (vision_text's "prompt"): the prompt asks, the text answers.
+        text = doc.text if "prompt" not in doc.metadata else (("user", doc.metadata["prompt"]), ("assistant", doc.text))
+        yield text, doc.source, None if doc.image is None else (doc.metadata["image_format"], doc.image)
 
 
 def _positioned(inputs: list[Input], start: tuple[int, int], on_error: str,
@@ -414,7 +434,7 @@ def build_shards(
             chunk.append(item)
             # Characters and image bytes approximate the input bytes the bar counts (a file's end
             # comes late in big files).
-            chars += len(item[1]) + (0 if item[3] is None else len(item[3][1]))
+            chars += len(plain_text(item[1])) + (0 if item[3] is None else len(item[3][1]))
             if chars >= TASK_CHARS:
                 yield task(chunk, chars)
                 chunk, chars = [], 0

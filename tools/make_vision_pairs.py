@@ -33,6 +33,7 @@ import io
 import json
 import random
 import re
+import sys
 import sysconfig
 import tarfile
 import time
@@ -50,6 +51,7 @@ from pygments.formatters import ImageFormatter
 from pygments.lexers import PythonLexer
 from tqdm import tqdm
 
+from tools.stamp import done_before, forget, mark_done
 from tools.stdlib_corpus import stdlib_code_files
 
 matplotlib.use("Agg")   # charts are drawn off-screen, the same on any machine
@@ -771,7 +773,13 @@ def main(argv: list[str] | None = None) -> None:
         check_arguments(args.count, args.samples_per_shard, kinds)
     except ValueError as e:
         parser.error(str(e))
-    make_pairs(args.output, args.count, args.seed, args.samples_per_shard, kinds)
+    stamp = {"count": args.count, "seed": args.seed, "samples_per_shard": args.samples_per_shard, "kinds": list(kinds),
+             "python": sys.version}
+    if done_before(args.output, stamp) is None:
+        args.output.mkdir(parents=True, exist_ok=True)
+        forget(args.output)
+        shards = make_pairs(args.output, args.count, args.seed, args.samples_per_shard, kinds)
+        mark_done(args.output, stamp, {"shards": len(shards)})
 
 
 if __name__ == "__main__":

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from tools.stamp import done_before, forget, mark_done
+
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
 TOPICS_FILE = Path("pydoc_data") / "topics.py"
 CORPUS_NAME = "corpus.jsonl"
-# Hidden, so that tools reading the corpus directory skip it.
-ARGS_NAME = ".corpus_args.json"
 
 
 def stdlib_code_files(stdlib: Path) -> list[Path]:
@@ -49,13 +49,13 @@ def topic_documents(stdlib: Path) -> list[tuple[str, str]]:
 def write_corpus(output: Path, max_mb: float, stdlib: Path) -> dict:
     """Write output/corpus.jsonl; returns counts per source. Skips the work when done before."""
     args = {"stdlib": str(stdlib), "python": sys.version, "max_mb": max_mb}
-    corpus, args_file = output / CORPUS_NAME, output / ARGS_NAME
-    if corpus.is_file() and args_file.is_file() and json.loads(args_file.read_text())["args"] == args:
-        print(f"{corpus} already written with the same arguments; nothing to do")
-        return json.loads(args_file.read_text())["counts"]
+    corpus = output / CORPUS_NAME
+    counts = done_before(output, args)
+    if counts is not None and corpus.is_file():
+        return counts
 
     output.mkdir(parents=True, exist_ok=True)
-    args_file.unlink(missing_ok=True)
+    forget(output)
     budget = int(max_mb * 1024 * 1024)
     counts = {"stdlib_code": {"documents": 0, "bytes": 0}, "stdlib_docs": {"documents": 0, "bytes": 0}}
     unreadable = []
@@ -82,7 +82,7 @@ def write_corpus(output: Path, max_mb: float, stdlib: Path) -> dict:
         for name, prose in topic_documents(stdlib):
             emit(prose, "stdlib_docs", f"{TOPICS_FILE}:{name}")
     tmp.replace(corpus)
-    args_file.write_text(json.dumps({"args": args, "counts": counts}, indent=1))
+    mark_done(output, args, counts)
 
     code = counts["stdlib_code"]
     print(

@@ -16,7 +16,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data.documents import iter_documents
+from data.documents import iter_documents, plain_text
 from data.tokenizer import SPECIAL_TOKENS
 
 BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     read = {"documents": 0, "bytes": 0}
 
     def texts() -> Iterable[str]:
-        for text, _source in iter_documents(args.input):
+        for document, _source in iter_documents(args.input):
+            text = plain_text(document)
             read["documents"] += 1
             read["bytes"] += len(text.encode("utf-8"))
             yield text

@@ -9,8 +9,9 @@ key being the member name up to the first dot of its base name (webdataset's gro
   "caption" (describes the image), "ocr" (the text in it), "vqa" (a question about it and the answer),
   or the seed's pairs, the image rendered from the text: "code" (a code screenshot -> the source
   code), "chart" (-> plotting code), "ui" (a UI mockup -> frontend code), "statement" (a financial
-  statement -> extraction code), "doc" (a documentation image -> LaTeX/Markdown). Its other fields
-  are kept in the document's metadata.
+  statement -> extraction code), "doc" (a documentation image -> LaTeX/Markdown). A "prompt" string
+  makes the sample an instruction: the prompt asks about the image, the text answers (tools/build_shards.py
+  encodes it as a chat). Its other fields are kept in the document's metadata.
 Document text = the .txt, image = the image's bytes as stored. Members with names that escape the
 archive (absolute, or with ..), links and other non-files, unknown extensions, and images whose bytes
 are not of their extension's format make their sample a bad record.
@@ -88,6 +89,8 @@ def _document(members: list[Member]) -> Document:
     if not _looks_like(image, image_format):
         raise RecordError(f"the .{images[0]} image is not {image_format} data")
     extra = _metadata(fields.get("json", b"{}"))
+    if not isinstance(extra.get("prompt", ""), str):
+        raise RecordError(f"'prompt' must be a string, got {extra['prompt']!r}")
     kind = extra.pop("kind", "caption")
     if kind not in KINDS:
         raise RecordError(f"'kind' must be one of {sorted(KINDS)}, got {kind!r}")

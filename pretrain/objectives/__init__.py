@@ -67,6 +67,10 @@ class Objective:
     def after_step(self, model, whole, step: int) -> None:
         """After each optimizer step that changed the weights (`step`: steps done)."""
 
+    def health(self) -> tuple[dict, list[str]]:
+        """(metrics of this rank's last micro batch, what is wrong with them), for the trainer to log."""
+        return {}, []
+
     def state_dict(self) -> dict:
         """Tensors that a checkpoint keeps per model-parallel rank."""
         return {}

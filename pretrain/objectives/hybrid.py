@@ -29,7 +29,7 @@ import torch
 from data.loader import TokenBatches
 from data.multimodal import JEPASamples
 from data.shards import Location
-from data.tokenizer import IGNORE, PAD_ID
+from data.tokenizer import ASSISTANT, END, EOS_ID, IGNORE, PAD_ID, special_id
 from model.gpt import megatron_config
 from model.jepa import collapse_stats, ema_update, momentum, span_means, target_embeddings
 from model.kernels import masked_mse
@@ -37,6 +37,20 @@ from model.vit import select
 from model.vljepa import VLJEPA
 from pretrain.config import Config, ConfigError
 from pretrain.objectives import Collated, Objective
+
+
+ASSISTANT_ID, END_ID = special_id(ASSISTANT), special_id(END)
+
+
+def responses(input_ids: torch.Tensor) -> torch.Tensor:
+    """bool [b, s]: whether label j (the token after input j) is part of a response, i.e. the last chat
+    marker among inputs 0..j is <|assistant|>, not <|end|> or <|eos|> (so a response's closing marker
+    is trained, and what follows it is not)."""
+    closing = (input_ids == END_ID) | (input_ids == EOS_ID)
+    marker = torch.where(input_ids == ASSISTANT_ID, 1, torch.where(closing, 2, 0))
+    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    last = torch.where(marker > 0, positions, 0).cummax(1).values
+    return marker.gather(1, last) == 1
 
 
 @dataclass
@@ -115,6 +129,8 @@ class HybridJEPA(Objective):
 
     def collate(self, batch) -> HybridBatch:
         input_ids, labels, extras = batch
+        if self.hybrid.instruction:
+            labels = torch.where(responses(input_ids), labels, IGNORE)
         v = self.cfg.model.vision
         rows = [i for i, e in enumerate(extras) if "patches" in e]
         patches = (torch.from_numpy(np.stack([extras[i]["patches"] for i in rows])) if rows
@@ -184,12 +200,19 @@ class HybridJEPA(Objective):
         mask = torch.ones(rows, dtype=torch.bool, device=predicted.device)
         return masked_mse(predicted.float(), target.float(), mask, weights=weights, kind=self.jepa.loss) * rows
 
-    def collapse(self) -> dict[str, float]:
-        """Per-dimension std and effective rank of the last micro batch's predicted and target embeddings."""
-        out = {}
+    def health(self) -> tuple[dict, list[str]]:
+        """Per-dimension std and effective rank of the last micro batch's predicted and target
+        embeddings, and which of them are below training.jepa.collapse's thresholds."""
+        limits = self.jepa.collapse
+        stats, problems = {}, []
         for name, embeddings in self.monitor.items():
-            out[f"{name}_std"], out[f"{name}_rank"] = collapse_stats(embeddings)
-        return out
+            std, rank = collapse_stats(embeddings)
+            stats[f"jepa_{name}_std"], stats[f"jepa_{name}_rank"] = std, rank
+            if std < limits.min_std:
+                problems.append(f"{name} embeddings' per-dimension std {std:.3g} < {limits.min_std}")
+            if rank < limits.min_rank:
+                problems.append(f"{name} embeddings' effective rank {rank:.3g} < {limits.min_rank}")
+        return stats, problems
 
     # -- the EMA target --------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 
 from pretrain.config import load_config
 from pretrain.objectives import build_objective, load_run_tokenizer
-from pretrain.parallel import build_engine, eval_losses, init_distributed, shutdown, train_step
+from pretrain.parallel import build_engine, eval_losses, init_distributed, setup_objective, shutdown, train_step
 from pretrain.trainer import seed_everything
 
 
@@ -55,6 +55,7 @@ def main():
     tokenizer = load_run_tokenizer(cfg)
     objective = build_objective(cfg, tokenizer)
     engine = build_engine(cfg, objective, tokenizer)
+    setup_objective(engine, objective)
     param_bytes = torch.tensor(parameter_bytes(engine))
     dist.all_reduce(param_bytes, op=dist.ReduceOp.MAX)
     batches = dp_slices(cfg, tokenizer, world)

@@ -1,0 +1,158 @@
+"""The seed's four-stage curriculum (seed 2.1), one stage after another in one job:
+
+    deepspeed --num_gpus N pretrain/curriculum.py --curriculum pretrain/configs/curriculum.yaml [--set k=v ...]
+
+A curriculum file names each stage's run config (which runs alone too: `deepspeed pretrain/train.py
+--config pretrain/configs/stage1_jepa.yaml`), its share of a total token budget, and overrides for
+every stage (`set:`, then the command line's). Stage n+1 starts from stage n's final weights
+(run.init_from) with its own optimizer, LR schedule, data mixture and EMA target. Rerun, the command
+skips finished stages and resumes an interrupted one from its newest complete checkpoint. At the end
+it draws one loss curve over all stages, boundaries marked, each loss component drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+from pydantic import PositiveFloat, ValidationError, field_validator
+
+from model.config import Section
+from pretrain import checkpoint
+from pretrain.config import Config, ConfigError, load_config, parse_count
+from pretrain.parallel import shutdown
+from pretrain.trainer import train
+
+COMPONENTS = ("loss", "lm", "jepa_text", "jepa_vision")
+
+
+class Stage(Section):
+    name: str
+    config: str
+    tokens: PositiveFloat  # share of the curriculum's total_tokens
+    set: list[str] = []
+
+
+class Curriculum(Section):
+    output_dir: str
+    total_tokens: int
+    stages: list[Stage]
+    set: list[str] = []  # overrides for every stage
+
+    @field_validator("total_tokens", mode="before")
+    @classmethod
+    def _count(cls, v):
+        return parse_count(v)
+
+
+def load_curriculum(path: Path) -> Curriculum:
+    if not path.is_file():
+        raise ConfigError(f"curriculum file not found: {path}")
+    try:
+        return Curriculum.model_validate(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, ValidationError) as e:
+        raise ConfigError(f"{path}: invalid curriculum: {e}") from None
+
+
+def stage_configs(curriculum: Curriculum, overrides: list[str]) -> list[Config]:
+    """Every stage's run config, each starting from the previous stage's checkpoints."""
+    configs, previous = [], None
+    for stage in curriculum.stages:
+        out = Path(curriculum.output_dir) / stage.name
+        sets = [*curriculum.set, *stage.set, *overrides, f"run.name={stage.name}", f"run.output_dir={out}",
+                f"training.train_tokens={int(stage.tokens * curriculum.total_tokens)}"]
+        cfg = load_config(stage.config, sets + ([f"run.init_from={previous.checkpoint_dir}"] if previous else []))
+        configs.append(cfg)
+        previous = cfg
+    return configs
+
+
+def progress(cfg: Config) -> int:
+    """Steps of the stage's newest complete checkpoint (0: not started)."""
+    newest, _ = checkpoint.newest_complete(cfg.checkpoint_dir)
+    return 0 if newest is None else checkpoint.step_of(newest)
+
+
+def plot(configs: list[Config], png: Path) -> None:
+    """One loss curve over every stage: x is the optimizer step counted across stages."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    colours = dict(zip(COMPONENTS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    offset, labelled = 0, set()
+    for cfg in configs:
+        rows = [json.loads(line) for line in (Path(cfg.run.output_dir) / "metrics.jsonl").read_text().splitlines()]
+        for name in COMPONENTS:
+            points = [(offset + r["step"], r[name]) for r in rows if r.get(name, 0) > 0]  # 0: not in this stage
+            if points:
+                x, y = zip(*points)
+                ax.plot(x, y, linewidth=1.2 if name == "loss" else 0.8, color=colours[name],
+                        label=None if name in labelled else name)
+                labelled.add(name)
+        if offset:
+            ax.axvline(offset, color="grey", linestyle="--", linewidth=0.8)
+        ax.text(offset, 1.0, f" {cfg.run.name}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+        offset += rows[-1]["step"] if rows else 0
+    ax.set_title("curriculum: each stage's loss and its components (stage boundaries dashed)")
+    ax.set_xlabel("optimizer step (all stages)")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--curriculum", required=True, type=Path)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of every stage")
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+                        format="%(message)s")
+    rank0 = os.environ.get("RANK", "0") == "0"
+    try:
+        curriculum = load_curriculum(args.curriculum)
+        configs = stage_configs(curriculum, args.set)
+        for cfg in configs:
+            done = progress(cfg)
+            if done >= cfg.train_steps():
+                if rank0:
+                    print(f"== stage {cfg.run.name}: finished ({done} steps in {cfg.checkpoint_dir}), skipped", flush=True)
+                continue
+            if rank0:
+                print(f"== stage {cfg.run.name}: {'resuming at step ' + str(done) if done else 'starting'} "
+                      f"({cfg.train_steps()} steps)", flush=True)
+            # A stage with no complete checkpoint holds at most the logs of an attempt that died early.
+            train(cfg, resume=done > 0, overwrite=done == 0)
+            gc.collect()  # the finished stage's engine, before the next one is built
+            if progress(cfg) < cfg.train_steps():  # stopped by a signal: the next stage needs this one's end
+                if rank0:
+                    print(f"== stage {cfg.run.name} stopped at step {progress(cfg)}; rerun the same command to "
+                          "resume it", flush=True)
+                shutdown()
+                return
+    except (ConfigError, checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    shutdown()
+    if rank0:
+        png = Path(curriculum.output_dir) / "loss_curve.png"
+        plot(configs, png)
+        print(f"\ncurriculum finished: {len(configs)} stages\n  runs:       "
+              + "\n              ".join(str(c.run.output_dir) for c in configs)
+              + f"\n  loss curve: {png}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
