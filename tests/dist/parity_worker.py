@@ -16,7 +16,9 @@ from megatron.core import parallel_state
 
 from pretrain.config import load_config
 from pretrain.objectives import build_objective, load_run_tokenizer
-from pretrain.parallel import build_engine, eval_losses, init_distributed, setup_objective, shutdown, train_step
+from model.jepa import momentum
+from pretrain.parallel import (build_engine, eval_losses, init_distributed, setup_objective, shutdown, train_step,
+                               whole_parameters)
 from pretrain.trainer import seed_everything
 
 
@@ -41,6 +43,35 @@ def parameter_bytes(engine) -> int:
     return sum(getattr(p, "ds_tensor", p).numel() * p.element_size() for p in engine.module.parameters())
 
 
+def ema_snapshot(objective):
+    target = getattr(objective, "target", None)
+    return None if target is None else {n: p.clone() for n, p in target.named_parameters()}
+
+
+def ema_check(engine, objective, before: dict, cfg) -> dict:
+    """Whether, after the last step, every target tensor is exactly m * before + (1 - m) * online (the
+    online weights gathered whole under ZeRO-3), and whether all ranks hold the same targets."""
+    start, end = cfg.training.jepa.momentum
+    m = momentum(engine.global_steps, cfg.train_steps(), start, end)
+    online = dict(engine.module.model.named_parameters())
+    exact = True
+    for name, p in objective.target.named_parameters():
+        with whole_parameters(engine)([online[name]]):
+            exact &= torch.equal(p, before[name] * m + online[name].detach() * (1 - m))
+    flags = torch.tensor([int(exact)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    # Targets are per tensor-parallel shard: ranks of one data-parallel group must agree exactly.
+    checksum = torch.stack([p.double().sum() for p in objective.target.parameters()]).sum().reshape(1)
+    sums = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(sums, checksum)
+    group = dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
+    same = all(torch.equal(sums[r], sums[group[0]]) for r in group)
+    agree = torch.tensor([int(same)])
+    dist.all_reduce(agree, op=dist.ReduceOp.MIN)
+    return {"ema_exact": bool(flags), "ema_same_on_data_parallel_ranks": bool(agree),
+            "ema_moved": bool(any(not torch.equal(p, before[n]) for n, p in objective.target.named_parameters()))}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True)
@@ -61,16 +92,18 @@ def main():
     batches = dp_slices(cfg, tokenizer, world)
     accum = cfg.batch_sizes(world)[2]
     losses, norms = [], []
-    for _ in range(args.steps):
+    for step in range(args.steps):
+        target_before = ema_snapshot(objective) if step == args.steps - 1 else None
         result = train_step(engine, objective, [next(batches) for _ in range(accum)])
         losses.append(result.losses)
         norms.append(result.grad_norm)
+    ema = ema_check(engine, objective, target_before, cfg) if objective.state_dict() else {}
     again = dp_slices(cfg, tokenizer, world)
     evaluation = eval_losses(engine, objective, [next(again) for _ in range(accum)])
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump({"losses": losses, "grad_norm": norms, "eval": evaluation,
-                       "max_rank_parameter_bytes": int(param_bytes)}, f)
+                       "max_rank_parameter_bytes": int(param_bytes), **ema}, f)
     shutdown()
 
 
