@@ -172,13 +172,16 @@ class HybridJEPA(Objective):
     # -- loss ------------------------------------------------------------------------------------------
 
     def forward(self, model: VLJEPA, b: HybridBatch) -> torch.Tensor:
-        vision, hidden = model(b.input_ids, b.patches, b.image_rows, b.context)
+        bf16 = model.projections.text.weight.dtype == torch.bfloat16  # the loader's pixels are fp32
+        patches = b.patches.to(torch.bfloat16 if bf16 else torch.float32)
+        vision, hidden = model(b.input_ids, patches, b.image_rows, b.context)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.hybrid.beta > 0):
             lm = model.lm_loss(hidden, b.labels, reduction="sum")
         if not self.uses_jepa:
             return torch.stack([lm, lm.new_zeros(()), lm.new_zeros(())])
-        with torch.no_grad():
-            target_vision, target_text = self.target(b.input_ids, b.patches, b.image_rows)
+        # The fp32 target computes in bf16 when the online model does: its weights stay exact averages.
+        with torch.no_grad(), torch.autocast(patches.device.type, torch.bfloat16, enabled=bf16):
+            target_vision, target_text = self.target(b.input_ids, patches, b.image_rows)
             target_vision = select(target_vision, b.targets.flatten(1))
             target_vision, target_text = self.target.projections(target_vision, target_text)
             target_vision = target_embeddings(target_vision).flatten(0, 1)
