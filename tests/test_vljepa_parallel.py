@@ -34,7 +34,8 @@ VL = [
 
 @pytest.fixture(scope="module")
 def vl_data(tiny_data, tmp_path_factory):
-    """The session's tokenizer, its stdlib text and 40 generated image -> code pairs, in one corpus."""
+    """The session's tokenizer, its stdlib text and 40 generated image -> code pairs, in one corpus (and
+    the pairs alone as held-out shards)."""
     root = tmp_path_factory.mktemp("vl_data")
     data = Path(tiny_data["tokenizer"]).parent
     run([PYTHON, "tools/make_vision_pairs.py", "--output", str(root / "pairs"), "--count", "40",
@@ -42,7 +43,11 @@ def vl_data(tiny_data, tmp_path_factory):
     run([PYTHON, "tools/build_shards.py", "--input", str(data / "train.jsonl"), "--source",
          f"vision_text={root / 'pairs'}", "--tokenizer", tiny_data["tokenizer"], "--context-length", "64",
          "--samples-per-shard", "32", "--output", str(root / "shards"), "--workers", "2"])
-    return {"tokenizer": tiny_data["tokenizer"], "shards": str(root / "shards")}
+    # Held out: the image pairs alone, so that a few validation micro batches surely hold images.
+    run([PYTHON, "tools/build_shards.py", "--source", f"vision_text={root / 'pairs'}", "--tokenizer",
+         tiny_data["tokenizer"], "--context-length", "64", "--samples-per-shard", "32", "--output",
+         str(root / "valid_shards"), "--workers", "1"])
+    return {"tokenizer": tiny_data["tokenizer"], "shards": str(root / "shards"), "valid_shards": str(root / "valid_shards")}
 
 
 def sets(vl_data, out, *more):
@@ -104,7 +109,9 @@ def curriculum_file(vl_data, tmp_path, steps=3) -> Path:
     path.write_text(json.dumps({
         "output_dir": str(tmp_path / "curriculum"), "total_tokens": 2 * tokens, "set": common,
         "stages": [{"name": "one", "config": "pretrain/configs/stage1_jepa.yaml", "tokens": 0.5,
-                    "set": ["training.optimizers.lr=1e-3", "training.scheduler.min_lr=1e-4"]},
+                    "set": ["training.optimizers.lr=1e-3", "training.scheduler.min_lr=1e-4",
+                            "validation.every_steps=3", "validation.micro_batches=2",
+                            f"data.valid_shards={vl_data['valid_shards']}"]},
                    {"name": "two", "config": "pretrain/configs/stage2_lm.yaml", "tokens": 0.5,
                     "set": ["training.optimizers.lr=5e-4", "training.scheduler.min_lr=2e-4",
                             "data.mixture={stdlib_code: 1}"]}]}))
@@ -141,6 +148,9 @@ def test_the_curriculum_hands_weights_on_and_skips_finished_stages(vl_data, tmp_
     assert [r["lr"] for r in rows] == pytest.approx([lr_at(k, cfg_two) for k in (1, 2, 3)])
     assert rows[-1]["lr"] == pytest.approx(2e-4)
     assert "started from the weights of" in out
+    # Evaluation during training: held-out perplexity and JEPA MSE, logged like the training metrics.
+    first = json.loads((tmp_path / "curriculum" / "one" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert first["val_jepa_text"] > 0 and first["val_jepa_vision"] > 0 and first["val_ppl"] > 1
     # Rerun: both stages are finished, nothing is trained or rewritten.
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "curriculum").rglob("*") if p.is_file()
               and p.suffix != ".png"}
