@@ -37,7 +37,6 @@ import tarfile
 import tempfile
 import time
 import tracemalloc
-from itertools import islice
 from pathlib import Path
 
 import numpy as np

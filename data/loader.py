@@ -36,7 +36,7 @@ import signal
 import weakref
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch

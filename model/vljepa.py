@@ -65,16 +65,17 @@ def layer_specs(cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig, embe
 
 
 class VLJEPA(nn.Module):
-    """The online model, or with target=True the encoders and projections only (the EMA target)."""
+    """The online model, or with target=True the encoders and projections only (the EMA target);
+    `only`: the names of the layers to build (a pipeline stage's), all by default."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig, embedding_dim: int,
                  prediction_steps: int, checkpoint_activations: bool = False, kernels: str = "fused",
-                 target: bool = False):
+                 target: bool = False, only: set[str] | None = None):
         super().__init__()
         self.modules_of = {}
         for i, (module, has_target, cls, args) in enumerate(layer_specs(cfg, vocab_size, mp, embedding_dim,
                                                                            prediction_steps)):
-            if has_target or not target:
+            if (has_target or not target) and (only is None or str(i) in only):
                 self.add_module(str(i), cls(*args))
                 self.modules_of[str(i)] = module
         self.checkpoint_activations = checkpoint_activations

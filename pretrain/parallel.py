@@ -17,20 +17,18 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.pipe import LayerSpec, PipelineModule
-from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from deepspeed.runtime.utils import clip_grad_norm_
 from megatron.core import parallel_state
 from torch import nn
 
 from data.tokenizer import NUM_PREDICTOR_TOKENS, predictor_token
 from model import hf
-from model.gpt import GPT, Block, Embedding, Head, init_weights, layer_specs, megatron_config
+from model.gpt import GPT, init_weights, megatron_config
 from model.vljepa import VLJEPA
-from model.loss import lm_loss
 from pretrain import checkpoint
 from pretrain.config import Config, ConfigError, check_deepspeed_keys
 from pretrain.objectives import Objective, vocab_size
+from pretrain.pipeline import build_pipeline
 from pretrain.optim import build_optimizer, build_scheduler
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -154,6 +152,14 @@ def deepspeed_config(cfg: Config, world_size: int, device: str) -> dict:
                 f"(which gives {value!r}); remove it from the JSON, the run config is the source of truth"
             )
         node[leaf] = value
+    if cfg.model.type == "vljepa" and cfg.parallel.pipeline > 1:
+        # Several tensors with gradients travel between the VL-JEPA's stages (pretrain/pipeline.py);
+        # DeepSpeed's split of activations over the tensor-parallel ranks handles one only.
+        pipe = ds.setdefault("pipeline", {})
+        for key in ("pipe_partitioned", "grad_partitioned"):
+            if pipe.get(key, False):
+                raise ConfigError(f"{ds_path}: pipeline.{key} must be false for model.type=vljepa with a pipeline")
+            pipe[key] = False
     for key in ("optimizer", "scheduler", "fp16"):
         if key in ds and (key != "fp16" or ds[key].get("enabled")):
             raise ConfigError(
@@ -196,66 +202,6 @@ class TrainModule(nn.Module):
         return self.objective.forward(self.model, batch)
 
 
-@dataclass
-class _StageHead:
-    """The last stage's output projection: its weight arrives as a layer output (no ZeRO-3 with a
-    pipeline, so it is whole)."""
-
-    weight: torch.Tensor
-    kernels: str
-
-    def lm_loss(self, hidden, labels, reduction="mean"):
-        return lm_loss(hidden, self.weight, labels, self.kernels, reduction)
-
-
-class PipelineLoss:
-    """The last pipeline stage's loss_fn: the objective's sums from the last-layer states, combined
-    with the step's normalisers. The engine returns only a loss, so the sums are kept for the log."""
-
-    def __init__(self, objective: Objective, kernels: str):
-        self.objective, self.kernels = objective, kernels
-        self.counts, self.scale = None, 1.0
-        self.sums = None
-
-    def __call__(self, outputs, targets):
-        hidden, weight = outputs
-        sums = self.objective.stage_sums(_StageHead(weight, self.kernels), hidden, targets)
-        self.sums = sums.detach() if self.sums is None else self.sums + sums.detach()
-        return self.objective.total(sums, self.counts) * self.scale
-
-    def take(self, like: torch.Tensor) -> torch.Tensor:
-        """The sums since the last take; zeros on stages that computed no loss."""
-        sums, self.sums = self.sums, None
-        return torch.zeros_like(like) if sums is None else sums.to(like)
-
-
-# A pipeline layer gets only the previous layer's output, so a batch with its own positions and mask travels as
-# (x, position_ids, attention_mask) through every stage; the engine sends gradients back only for
-# the floating-point member. Subclasses, not wrappers, keep the parameter names of GPT's layers.
-class _PipeEmbedding(Embedding):
-    def forward(self, inputs):
-        if torch.is_tensor(inputs):
-            return super().forward(inputs)
-        input_ids, position_ids, attention_mask = inputs
-        return super().forward(input_ids), position_ids, attention_mask
-
-
-class _PipeBlock(Block):
-    def forward(self, inputs):
-        if torch.is_tensor(inputs):
-            return super().forward(inputs)
-        x, position_ids, attention_mask = inputs
-        return super().forward(x, position_ids, attention_mask), position_ids, attention_mask
-
-
-class _PipeHead(Head):
-    def forward(self, inputs):
-        return super().forward(inputs if torch.is_tensor(inputs) else inputs[0])
-
-
-_PIPE_LAYERS = {Embedding: _PipeEmbedding, Block: _PipeBlock, Head: _PipeHead}
-
-
 def _zero3_partitioned(cfg: Config, ds_config: dict):
     """Under ZeRO-3 every parameter is partitioned over the data-parallel group as soon as its layer
     is built, so no rank ever holds the whole model; (context for building, context in which one
@@ -283,46 +229,22 @@ def build_model(cfg: Config, objective: Objective, tokenizer, ds_config: dict) -
     except ValueError as e:
         raise ConfigError(str(e)) from None
     mp = megatron_config(tp)
-    if cfg.model.type == "vljepa":
-        building, materialize = _zero3_partitioned(cfg, ds_config)
-        jepa = cfg.training.jepa
-        with building:
+    if pp > 1:
+        return build_pipeline(cfg, objective, vocab, mp)
+    building, materialize = _zero3_partitioned(cfg, ds_config)
+    with building:
+        if cfg.model.type == "vljepa":
+            jepa = cfg.training.jepa
             model = VLJEPA(cfg.model, vocab, mp, jepa.embedding_dim, jepa.prediction_steps,
                            checkpoint_activations=cfg.parallel.activation_checkpointing, kernels=cfg.training.kernels)
-        for name, layer in model.named_children():
-            init_weights(layer, int(name), cfg.model, cfg.run.seed, materialize)
+        else:
+            model = GPT(cfg.model, vocab, mp, checkpoint_activations=cfg.parallel.activation_checkpointing,
+                        kernels=cfg.training.kernels)
+    for name, layer in model.named_children():
+        init_weights(layer, int(name), cfg.model, cfg.run.seed, materialize)
+        if cfg.model.type == "vljepa":
             layer.requires_grad_(objective.trains(model.modules_of[name]))
-        return TrainModule(model, objective)
-    if pp == 1:
-        building, materialize = _zero3_partitioned(cfg, ds_config)
-        with building:
-            gpt = GPT(cfg.model, vocab, mp, checkpoint_activations=cfg.parallel.activation_checkpointing,
-                      kernels=cfg.training.kernels)
-        for i, layer in enumerate(gpt.children()):
-            init_weights(layer, i, cfg.model, cfg.run.seed, materialize)
-        return TrainModule(gpt, objective)
-    dp = dist.get_world_size() // (tp * pp)
-    pipe = PipelineModule(
-        layers=[LayerSpec(_PIPE_LAYERS[cls], *args) for cls, args in layer_specs(cfg.model, vocab, mp)],
-        loss_fn=PipelineLoss(objective, cfg.training.kernels),
-        topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp),
-        partition_method=cfg.parallel.partition_method,
-        activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
-        # Blocks only: the head returns its weight, which a (reentrant) checkpoint cannot pass through
-        # (its backward recurses forever), and the embedding's integer input gets no gradient anyway.
-        checkpointable_layers=[_PipeBlock.__name__],
-        dynamic_shape=objective.dynamic_shape,
-    )
-    # The two libraries build their own groups; they must be the same sets of ranks.
-    for axis, group in (("data", parallel_state.get_data_parallel_group()),
-                        ("model", parallel_state.get_tensor_model_parallel_group())):
-        mine = dist.get_process_group_ranks(group)
-        if mine not in pipe._topo.get_axis_comm_lists(axis):
-            raise RuntimeError(f"DeepSpeed's {axis} groups {pipe._topo.get_axis_comm_lists(axis)} do not contain "
-                               f"megatron-core's group {mine}")
-    for offset, layer in enumerate(pipe.forward_funcs):
-        init_weights(layer, pipe._local_start + offset, cfg.model, cfg.run.seed)
-    return pipe
+    return TrainModule(model, objective)
 
 
 def build_engine(cfg: Config, objective: Objective, tokenizer):
@@ -343,10 +265,14 @@ def build_engine(cfg: Config, objective: Objective, tokenizer):
     return engine
 
 
+def model_of(engine) -> nn.Module:
+    """The model the objective sees: the whole one, or this rank's pipeline stage."""
+    return engine.module if isinstance(engine, deepspeed.PipelineEngine) else engine.module.model
+
+
 def setup_objective(engine, objective: Objective) -> None:
     """Once the engine's weights are final (initialised, or loaded from run.init_from)."""
-    if not isinstance(engine, deepspeed.PipelineEngine):
-        objective.setup(engine.module.model, whole_parameters(engine), engine.device)
+    objective.setup(model_of(engine), whole_parameters(engine), engine.device)
 
 
 def whole_parameters(engine):
@@ -423,8 +349,8 @@ def train_step(engine, objective: Objective, micro_batches: list) -> StepResult:
         if grad_norm is None:
             grad_norm = engine.get_global_grad_norm()
     skipped = engine.skipped_steps > skipped_before
-    if not skipped and not isinstance(engine, deepspeed.PipelineEngine):
-        objective.after_step(engine.module.model, whole_parameters(engine), engine.global_steps)
+    if not skipped:
+        objective.after_step(model_of(engine), whole_parameters(engine), engine.global_steps)
     return StepResult(_means(objective, sums, counts), float("nan") if grad_norm is None else float(grad_norm), skipped)
 
 

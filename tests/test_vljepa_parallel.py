@@ -1,7 +1,8 @@
 """The VL-JEPA under parallelism, in real multi-process runs (deepspeed launcher, gloo, CPU): the full
 model with images gives the hybrid loss, its components and the gradient norm of one process with
-TP=2 and with ZeRO-3 on 2 ranks; the EMA target update is exact there (m * before + (1 - m) * the
-gathered online weights, bit for bit) and the same on every data-parallel rank. Then the trainer:
+TP=2, with ZeRO-3 on 2 ranks and with PP=2 (the target activations travelling beside the online ones);
+the EMA target update is exact there (m * before + (1 - m) * the online weights, gathered under
+ZeRO-3, each stage's own layers under PP, bit for bit) and the same on every data-parallel rank. Then the trainer:
 a mixed batch (rows with and without an image) trains, the collapse monitor can stop a run, and the
 curriculum hands weights from stage to stage and skips finished stages.
 
@@ -78,6 +79,7 @@ def test_one_process_trains_every_component_and_moves_the_ema(baseline):
 @pytest.mark.parametrize("name,nproc,more", [
     ("tp2", 2, ["parallel.tensor=2", "parallel.zero_stage=1"]),
     ("zero3", 2, ["parallel.zero_stage=3"]),
+    ("pp2", 2, ["parallel.pipeline=2", "parallel.zero_stage=1"]),
 ])
 def test_parallel_layouts_match_one_process(vl_data, baseline, tmp_path, zero3_json, name, nproc, more):
     if name == "zero3":

@@ -13,9 +13,12 @@ Adding an objective is one more module here and one entry in `build_objective`, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from data.tokenizer import PAD_ID, load_hf_tokenizer, load_tokenizer, predictor_token, predictor_token_id
+from model.loss import lm_loss
 from pretrain.config import Config, ConfigError
 
 
@@ -52,6 +55,12 @@ class Objective:
         """[K] loss sums from the final hidden states; head.lm_loss(hidden, labels, reduction)."""
         raise NotImplementedError
 
+    def pipeline_sums(self, outputs, targets, stage) -> torch.Tensor:
+        """[K] loss sums on the last pipeline stage from its last layer's outputs; `stage` has the
+        stage's `layers` and `kernels`. GPT's last layer gives (hidden states, output weight)."""
+        hidden, weight = outputs
+        return self.stage_sums(OutputWeight(weight, stage.kernels), hidden, targets)
+
     def total(self, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         weights = torch.tensor(self.weights, dtype=sums.dtype, device=sums.device)
         return (weights * sums / counts.to(sums).clamp(min=1)).sum()
@@ -77,6 +86,18 @@ class Objective:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+@dataclass
+class OutputWeight:
+    """The last pipeline stage's output projection: its weight arrives as a layer output (no ZeRO-3
+    with a pipeline, so it is whole)."""
+
+    weight: torch.Tensor
+    kernels: str
+
+    def lm_loss(self, hidden, labels, reduction="mean"):
+        return lm_loss(hidden, self.weight, labels, self.kernels, reduction)
 
 
 class Collated:

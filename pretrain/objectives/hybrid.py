@@ -21,6 +21,7 @@ Every rank then applies the same update to the same values, so targets cannot dr
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -34,7 +35,8 @@ from model.gpt import megatron_config
 from model.jepa import collapse_stats, ema_update, momentum, span_means, target_embeddings
 from model.kernels import masked_mse
 from model.vit import select
-from model.vljepa import VLJEPA
+from model.jepa import Projections, TextPredictor, VisionPredictor
+from model.vljepa import VLJEPA, OutputHead
 from pretrain.config import Config, ConfigError
 from pretrain.objectives import Collated, Objective
 
@@ -51,6 +53,25 @@ def responses(input_ids: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
     last = torch.where(marker > 0, positions, 0).cummax(1).values
     return marker.gather(1, last) == 1
+
+
+class StageHeads:
+    """The heads among a last pipeline stage's layers, as `_sums` calls them on a VLJEPA."""
+
+    def __init__(self, layers: list, kernels: str):
+        def find(cls):
+            layer = next(layer for layer in layers if isinstance(layer, cls))
+            # As a pipeline layer its forward passes the stage's slots on; its maths is the class's own.
+            return layer, functools.partial(cls.forward, layer)
+
+        self.output, self.kernels = find(OutputHead)[0], kernels
+        (projections, self.projections), (_, self.vision_predictor), (_, self.text_predictor) = (
+            find(Projections), find(VisionPredictor), find(TextPredictor))
+        twin = getattr(projections, "target", None)
+        self.target_projections = twin[0] if twin else None
+
+    def lm_loss(self, hidden, labels, reduction="mean"):
+        return self.output.proj(hidden, labels, self.kernels, reduction)
 
 
 @dataclass
@@ -73,6 +94,7 @@ class HybridBatch:
 
 class HybridJEPA(Objective):
     components = ("lm", "jepa_text", "jepa_vision")
+    dynamic_shape = True  # images, masks and predictions vary in number from micro batch to micro batch
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -80,9 +102,6 @@ class HybridJEPA(Objective):
         self.weights = (self.hybrid.beta, self.hybrid.alpha, self.hybrid.alpha)
         self.target: VLJEPA | None = None
         self.monitor: dict[str, torch.Tensor] = {}  # the last micro batch's predictions and targets
-        if cfg.parallel.pipeline > 1:
-            raise ConfigError("training.objective=hybrid does not run under parallel.pipeline > 1 yet: use "
-                              "parallel.tensor and ZeRO for the VL-JEPA")
 
     @property
     def uses_jepa(self) -> bool:
@@ -175,20 +194,48 @@ class HybridJEPA(Objective):
         bf16 = model.projections.text.weight.dtype == torch.bfloat16  # the loader's pixels are fp32
         patches = b.patches.to(torch.bfloat16 if bf16 else torch.float32)
         vision, hidden = model(b.input_ids, patches, b.image_rows, b.context)
+        target_vision = target_text = None
+        if self.uses_jepa:
+            # The fp32 target computes in bf16 when the online model does: its weights stay exact averages.
+            with torch.no_grad(), torch.autocast(patches.device.type, torch.bfloat16, enabled=bf16):
+                target_vision, target_text = self.target(b.input_ids, patches, b.image_rows)
+        return self._sums(model, None if self.target is None else self.target.projections, vision, hidden,
+                          target_vision, target_text, b)
+
+    def pipeline_batch(self, b: HybridBatch) -> tuple:
+        """(first stage's inputs, last stage's labels); the context is every patch without JEPA."""
+        keep = b.context
+        if keep is None:
+            keep = torch.arange(b.patches.shape[1]).expand(len(b.patches), -1)
+        none = torch.zeros(0, dtype=torch.long)
+        labels = (b.labels, *(none if t is None else t for t in (b.targets, b.pair_rows, b.pair_context,
+                                                                  b.pair_start, b.pair_end, b.pair_step)))
+        return (b.patches, b.input_ids, b.image_rows, keep), labels
+
+    def pipeline_sums(self, outputs, targets, stage) -> torch.Tensor:
+        """The last pipeline stage: its last layer gives (hidden, ViT tokens, their target twins, the
+        context), the labels the LM labels and JEPA indices; the heads are the stage's layers."""
+        hidden, vision, target_vision, target_text, keep = outputs
+        labels, *jepa = targets
+        b = HybridBatch(None, labels, None, None, keep, *(jepa if self.uses_jepa else [None] * 6))
+        heads = StageHeads(stage.layers, stage.kernels)
+        return self._sums(heads, heads.target_projections, vision, hidden, target_vision, target_text, b)
+
+    def _sums(self, heads, target_projections, vision, hidden, target_vision, target_text, b) -> torch.Tensor:
+        """[lm, jepa_text, jepa_vision] loss sums from the encoders' outputs (online and target).
+        heads: lm_loss, projections, vision_predictor, text_predictor."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.hybrid.beta > 0):
-            lm = model.lm_loss(hidden, b.labels, reduction="sum")
+            lm = heads.lm_loss(hidden, b.labels, reduction="sum")
         if not self.uses_jepa:
             return torch.stack([lm, lm.new_zeros(()), lm.new_zeros(())])
-        # The fp32 target computes in bf16 when the online model does: its weights stay exact averages.
-        with torch.no_grad(), torch.autocast(patches.device.type, torch.bfloat16, enabled=bf16):
-            target_vision, target_text = self.target(b.input_ids, patches, b.image_rows)
+        with torch.no_grad():
             target_vision = select(target_vision, b.targets.flatten(1))
-            target_vision, target_text = self.target.projections(target_vision, target_text)
+            target_vision, target_text = target_projections(target_vision, target_text)
             target_vision = target_embeddings(target_vision).flatten(0, 1)
             target_text = span_means(target_embeddings(target_text), b.pair_rows, b.pair_start, b.pair_end)
-        online_vision, online_text = model.projections(vision, hidden[b.pair_rows, b.pair_context])
-        predicted_vision = model.vision_predictor(online_vision, b.context, b.targets).flatten(0, 2)
-        predicted_text = model.text_predictor(online_text, b.pair_step)
+        online_vision, online_text = heads.projections(vision, hidden[b.pair_rows, b.pair_context])
+        predicted_vision = heads.vision_predictor(online_vision, b.context, b.targets).flatten(0, 2)
+        predicted_text = heads.text_predictor(online_text, b.pair_step)
         self.monitor = {"predicted": torch.cat([predicted_vision, predicted_text]).detach(),
                         "target": torch.cat([target_vision, target_text]).detach()}
         weights = torch.tensor(self.jepa.step_weights, device=predicted_text.device)[b.pair_step]
@@ -219,17 +266,23 @@ class HybridJEPA(Objective):
 
     # -- the EMA target --------------------------------------------------------------------------------
 
-    def setup(self, model: VLJEPA, whole, device) -> None:
+    def setup(self, model, whole, device) -> None:
+        """The target starts as the online model (I-JEPA). On a pipeline stage it holds the targets of
+        the stage's own layers, and each layer gets its twin to run beside itself (pretrain/pipeline.py)."""
         if not self.uses_jepa:
             return
         cfg = self.cfg
+        stage = None if isinstance(model, VLJEPA) else {
+            name for name, layer in model.named_children() if getattr(layer, "has_target", False)}
         vocab = cfg.model.padded_vocab_size(cfg.training.lm.vocab_size, cfg.parallel.tensor)
         self.target = VLJEPA(cfg.model, vocab, megatron_config(cfg.parallel.tensor), self.jepa.embedding_dim,
-                             self.jepa.prediction_steps, kernels=cfg.training.kernels, target=True)
+                             self.jepa.prediction_steps, kernels=cfg.training.kernels, target=True, only=stage)
         self.target.requires_grad_(False).to(device=device, dtype=torch.float32)
         for p in self.target.parameters():
             p.zero_()  # megatron's layers leave their weights uninitialised, and 0 x NaN is NaN
-        self._ema(model, whole, 0.0)  # the target starts as the online model (I-JEPA)
+        self._ema(model, whole, 0.0)
+        for name in stage or ():
+            model.get_submodule(name).target = [self.target.get_submodule(name)]
 
     def after_step(self, model: VLJEPA, whole, step: int) -> None:
         if self.target is not None:

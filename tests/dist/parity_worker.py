@@ -17,8 +17,8 @@ from megatron.core import parallel_state
 from pretrain.config import load_config
 from pretrain.objectives import build_objective, load_run_tokenizer
 from model.jepa import momentum
-from pretrain.parallel import (build_engine, eval_losses, init_distributed, setup_objective, shutdown, train_step,
-                               whole_parameters)
+from pretrain.parallel import (build_engine, eval_losses, init_distributed, model_of, setup_objective, shutdown,
+                               train_step, whole_parameters)
 from pretrain.trainer import seed_everything
 
 
@@ -53,7 +53,7 @@ def ema_check(engine, objective, before: dict, cfg) -> dict:
     online weights gathered whole under ZeRO-3), and whether all ranks hold the same targets."""
     start, end = cfg.training.jepa.momentum
     m = momentum(engine.global_steps, cfg.train_steps(), start, end)
-    online = dict(engine.module.model.named_parameters())
+    online = dict(model_of(engine).named_parameters())
     exact = True
     for name, p in objective.target.named_parameters():
         with whole_parameters(engine)([online[name]]):

@@ -1,0 +1,312 @@
+"""Models as DeepSpeed pipeline stages: the layers of GPT or the VL-JEPA as a PipelineModule, and the
+last stage's loss function.
+
+A pipeline layer gets only the previous layer's output, so everything a later layer needs travels
+through every stage as a tuple of tensors. DeepSpeed sends a gradient back for every floating-point
+tensor of that tuple, so:
+- GPT: (x, position_ids, attention_mask); x is the only float.
+- VL-JEPA: the fixed slots of `SLOTS`. The online text states, vision tokens and projected vision
+  tokens are floats (with gradients). The EMA target's activations travel beside them bit-cast to
+  integers: data that carries no gradient, which DeepSpeed would otherwise expect for any float. A
+  slot not filled yet, or no longer needed, holds a one-byte placeholder, never a float without a
+  gradient. Each layer with an EMA target runs its own target copy (`target` below, set by the
+  objective's setup) on the target slots, so each stage owns and updates the targets of its layers.
+  The heads (output projection, JEPA projections and predictors) are pass-through layers on the last
+  stage, where the loss function calls them with the labels and JEPA indices.
+Subclasses, not wrappers, keep the parameter names of the one-process models' layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from megatron.core import parallel_state
+from megatron.core.model_parallel_config import ModelParallelConfig
+
+from model.fusion import CrossBlock, Projector
+from model.gpt import Block, Embedding, Head, init_weights, layer_specs
+from model.jepa import Projections, TextPredictor, VisionPredictor
+from model.vit import PatchEmbed, VisionBlock, VisionNorm
+from model import vljepa
+from model.vljepa import FinalNorm, OutputHead
+from pretrain.config import Config, ConfigError
+from pretrain.objectives import Objective
+
+
+class PipelineLoss:
+    """The last pipeline stage's loss_fn: the objective's sums from the last layer's outputs, combined
+    with the step's normalisers. The engine returns only a loss, so the sums are kept for the log.
+    `layers`: this stage's layers (the objective may call the heads among them)."""
+
+    def __init__(self, objective: Objective, kernels: str):
+        self.objective, self.kernels = objective, kernels
+        self.counts, self.scale = None, 1.0
+        self.sums = None
+        self.layers = []
+
+    def __call__(self, outputs, targets):
+        sums = self.objective.pipeline_sums(outputs, targets, self)
+        self.sums = sums.detach() if self.sums is None else self.sums + sums.detach()
+        return self.objective.total(sums, self.counts) * self.scale
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        """The sums since the last take; zeros on stages that computed no loss."""
+        sums, self.sums = self.sums, None
+        return torch.zeros_like(like) if sums is None else sums.to(like)
+
+
+# -- GPT -------------------------------------------------------------------------------------------------
+
+
+class _PipeEmbedding(Embedding):
+    def forward(self, inputs):
+        if torch.is_tensor(inputs):
+            return super().forward(inputs)
+        input_ids, position_ids, attention_mask = inputs
+        return super().forward(input_ids), position_ids, attention_mask
+
+
+class _PipeBlock(Block):
+    def forward(self, inputs):
+        if torch.is_tensor(inputs):
+            return super().forward(inputs)
+        x, position_ids, attention_mask = inputs
+        return super().forward(x, position_ids, attention_mask), position_ids, attention_mask
+
+
+class _PipeHead(Head):
+    """Returns the normalised states with this rank's output weight shard (whole: no ZeRO-3 with a
+    pipeline), for the objective's loss."""
+
+    def forward(self, inputs):
+        return super().forward(inputs if torch.is_tensor(inputs) else inputs[0])
+
+
+_GPT_LAYERS = {Embedding: _PipeEmbedding, Block: _PipeBlock, Head: _PipeHead}
+
+
+# -- VL-JEPA -----------------------------------------------------------------------------------------------
+
+SLOTS = ("x", "v", "ctx", "t_x", "t_v", "t_ctx", "patches", "input_ids", "image_rows", "keep")
+_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
+_FLOATS = {v: k for k, v in _BITS.items()}
+
+
+def placeholder(like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int8, device=like.device)
+
+
+def absent(t: torch.Tensor) -> bool:
+    return t.dtype == torch.int8
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(_BITS[t.dtype])
+
+
+def unbits(t: torch.Tensor) -> torch.Tensor | None:
+    return None if absent(t) else t.view(_FLOATS[t.dtype])
+
+
+def first_slots(patches, input_ids, image_rows, keep) -> tuple:
+    """The slots from the objective's first-stage inputs: the batch, every activation a placeholder."""
+    s = dict.fromkeys(SLOTS[:6], placeholder(input_ids))
+    s.update(patches=patches, input_ids=input_ids, image_rows=image_rows, keep=keep)
+    return tuple(s[k] for k in SLOTS)
+
+
+class _Stage:
+    """Mixin of every VL-JEPA pipeline layer: forward(slots) -> slots through `step(s)` on a dict."""
+
+    has_target = True
+    target: list  # [the layer's EMA copy] once the objective's setup made it; [] without JEPA
+
+    def forward(self, inputs):
+        s = dict(zip(SLOTS, inputs))
+        self.step(s)
+        for name in ("x", "v", "ctx"):
+            # An activation computed from frozen layers only: a leaf that needs no gradient, which the
+            # engine's backward through this stage's outputs would refuse.
+            if s[name].is_floating_point() and not s[name].requires_grad:
+                s[name].requires_grad_()
+        return tuple(s[k] for k in SLOTS)
+
+    def on_target(self, fn, like: torch.Tensor):
+        """fn(the target copy) bit-cast for the trip, or a placeholder without a target."""
+        if not getattr(self, "target", None):
+            return placeholder(like)
+        bf16 = like.is_floating_point() and like.dtype == torch.bfloat16
+        with torch.no_grad(), torch.autocast(like.device.type, torch.bfloat16, enabled=bf16):
+            return bits(fn(self.target[0]))
+
+
+class _VLPatchEmbed(_Stage, PatchEmbed):
+    def forward(self, inputs):
+        return super().forward(first_slots(*inputs))
+
+    def step(self, s):
+        online = s["patches"].to(self.proj.weight.dtype)
+        s["t_v"] = self.on_target(lambda t: PatchEmbed.forward(t, s["patches"].float()), online)
+        s["v"] = PatchEmbed.forward(self, online, s["keep"])
+        s["patches"] = placeholder(s["input_ids"])
+
+
+class _VLVisionBlock(_Stage, VisionBlock):
+    def step(self, s):
+        s["t_v"] = self.on_target(lambda t: VisionBlock.forward(t, unbits(s["t_v"])), s["v"])
+        s["v"] = VisionBlock.forward(self, s["v"])
+
+
+class _VLVisionNorm(_Stage, VisionNorm):
+    def step(self, s):
+        s["t_v"] = self.on_target(lambda t: VisionNorm.forward(t, unbits(s["t_v"])), s["v"])
+        s["v"] = VisionNorm.forward(self, s["v"])
+
+
+class _VLProjector(_Stage, Projector):
+    keep_vision = True  # False: nothing after this layer reads the ViT's tokens (no JEPA)
+    fusion_follows = True
+
+    def step(self, s):
+        s["t_ctx"] = self.on_target(lambda t: Projector.forward(t, unbits(s["t_v"])), s["v"])
+        s["ctx"] = Projector.forward(self, s["v"])
+        if not self.keep_vision:
+            s["v"] = s["t_v"] = placeholder(s["input_ids"])
+        if not self.fusion_follows:
+            s["ctx"] = s["t_ctx"] = placeholder(s["input_ids"])
+
+
+class _VLEmbedding(_Stage, Embedding):
+    def step(self, s):
+        s["x"] = Embedding.forward(self, s["input_ids"])
+        s["t_x"] = self.on_target(lambda t: Embedding.forward(t, s["input_ids"]), s["x"])
+
+
+class _VLBlock(_Stage, Block):
+    def step(self, s):
+        s["t_x"] = self.on_target(lambda t: Block.forward(t, unbits(s["t_x"])), s["x"])
+        s["x"] = Block.forward(self, s["x"])
+
+
+class _VLCrossBlock(_Stage, CrossBlock):
+    last = False  # the last fusion block: nothing after it reads the projected vision tokens
+
+    def step(self, s):
+        s["t_x"] = self.on_target(lambda t: CrossBlock.forward(t, unbits(s["t_x"]), unbits(s["t_ctx"]),
+                                                               s["image_rows"]), s["x"])
+        s["x"] = CrossBlock.forward(self, s["x"], s["ctx"], s["image_rows"])
+        if self.last:
+            s["ctx"] = s["t_ctx"] = placeholder(s["input_ids"])
+
+
+class _VLFinalNorm(_Stage, FinalNorm):
+    def step(self, s):
+        s["t_x"] = self.on_target(lambda t: FinalNorm.forward(t, unbits(s["t_x"])), s["x"])
+        s["x"] = FinalNorm.forward(self, s["x"])
+
+
+class _Head:
+    """A head on the last stage: the slots pass through; the loss function calls the module."""
+
+    has_target = False
+
+    def forward(self, inputs):
+        return inputs
+
+
+class _VLOutputHead(_Head, OutputHead):
+    pass
+
+
+class _VLProjections(_Head, Projections):
+    has_target = True  # its EMA copy maps the target's activations (the loss function calls it)
+
+
+class _VLVisionPredictor(_Head, VisionPredictor):
+    pass
+
+
+class _VLTextPredictor(_Head, TextPredictor):
+    def forward(self, inputs):
+        """The last layer: what the objective's pipeline_sums reads, the target activations as floats."""
+        s = dict(zip(SLOTS, inputs))
+        return s["x"], None if absent(s["v"]) else s["v"], unbits(s["t_v"]), unbits(s["t_x"]), s["keep"]
+
+
+_VL_LAYERS = {PatchEmbed: _VLPatchEmbed, VisionBlock: _VLVisionBlock, VisionNorm: _VLVisionNorm,
+              Projector: _VLProjector, Embedding: _VLEmbedding, Block: _VLBlock, CrossBlock: _VLCrossBlock,
+              FinalNorm: _VLFinalNorm, OutputHead: _VLOutputHead, Projections: _VLProjections,
+              VisionPredictor: _VLVisionPredictor, TextPredictor: _VLTextPredictor}
+_VL_BLOCKS = (_VLVisionBlock, _VLBlock, _VLCrossBlock)
+_VL_HEADS = (_VLOutputHead, _VLProjections, _VLVisionPredictor, _VLTextPredictor)
+
+
+def _vljepa_specs(cfg: Config, objective: Objective, vocab: int, mp: ModelParallelConfig):
+    """(seed module, LayerSpec) of every VL-JEPA pipeline layer, with the flags that say which slots
+    a layer is the last to read."""
+    jepa = cfg.training.jepa
+    specs = vljepa.layer_specs(cfg.model, vocab, mp, jepa.embedding_dim, jepa.prediction_steps)
+    fusion = [i for i, (_, _, cls, _) in enumerate(specs) if cls is CrossBlock]
+    out = []
+    for i, (module, _, cls, args) in enumerate(specs):
+        spec = LayerSpec(_VL_LAYERS[cls], *args)
+        flags = {}
+        if cls is Projector:
+            flags = {"keep_vision": objective.uses_jepa, "fusion_follows": bool(fusion)}
+        if fusion and i == fusion[-1]:
+            flags = {"last": True}
+        out.append((module, spec, flags))
+    return out
+
+
+# -- building ------------------------------------------------------------------------------------------
+
+
+def build_pipeline(cfg: Config, objective: Objective, vocab: int, mp: ModelParallelConfig) -> PipelineModule:
+    """This rank's stage of the model as a PipelineModule ending in the objective's loss, initialised
+    like the one-process model."""
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    dp = dist.get_world_size() // (tp * pp)
+    loss_fn = PipelineLoss(objective, cfg.training.kernels)
+    partition = cfg.parallel.partition_method
+    if cfg.model.type == "vljepa":
+        specs = _vljepa_specs(cfg, objective, vocab, mp)
+        layers, checkpointable = [spec for _, spec, _ in specs], [c.__name__ for c in _VL_BLOCKS]
+        if partition == "parameters":
+            # Blocks counted, not parameters: the heads, which are weights but no work, then all fall
+            # on the last stage, where the loss function calls them.
+            partition = "type:^(" + "|".join(checkpointable) + ")$"
+    else:
+        layers = [LayerSpec(_GPT_LAYERS[cls], *args) for cls, args in layer_specs(cfg.model, vocab, mp)]
+        # Blocks only: the head returns its weight, which a (reentrant) checkpoint cannot pass through
+        # (its backward recurses forever), and the embedding's integer input gets no gradient anyway.
+        checkpointable = [_PipeBlock.__name__]
+    pipe = PipelineModule(
+        layers=layers, loss_fn=loss_fn, topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp),
+        partition_method=partition, activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
+        checkpointable_layers=checkpointable, dynamic_shape=objective.dynamic_shape,
+    )
+    # The two libraries build their own groups; they must be the same sets of ranks.
+    for axis, group in (("data", parallel_state.get_data_parallel_group()),
+                        ("model", parallel_state.get_tensor_model_parallel_group())):
+        mine = dist.get_process_group_ranks(group)
+        if mine not in pipe._topo.get_axis_comm_lists(axis):
+            raise RuntimeError(f"DeepSpeed's {axis} groups {pipe._topo.get_axis_comm_lists(axis)} do not contain "
+                               f"megatron-core's group {mine}")
+    for offset, layer in enumerate(pipe.forward_funcs):
+        index = pipe._local_start + offset
+        init_weights(layer, index, cfg.model, cfg.run.seed)
+        if cfg.model.type == "vljepa":
+            module, _, flags = specs[index]
+            for name, value in flags.items():
+                setattr(layer, name, value)
+            layer.requires_grad_(objective.trains(module))
+    if cfg.model.type == "vljepa":
+        heads = [i for i, (_, spec, _) in enumerate(specs) if spec.typename in _VL_HEADS]
+        if any(not pipe.parts[-2] <= i < pipe.parts[-1] for i in heads):
+            raise ConfigError(f"parallel.partition_method {partition!r} puts a VL-JEPA head (layers {heads}) before "
+                              f"the last pipeline stage (stage bounds {pipe.parts}); leave it at 'parameters'")
+    loss_fn.layers = list(pipe.forward_funcs)
+    return pipe
