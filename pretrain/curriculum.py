@@ -149,9 +149,10 @@ def main(argv=None) -> None:
     if rank0:
         png = Path(curriculum.output_dir) / "loss_curve.png"
         plot(configs, png)
-        print(f"\ncurriculum finished: {len(configs)} stages\n  runs:       "
-              + "\n              ".join(str(c.run.output_dir) for c in configs)
-              + f"\n  loss curve: {png}", flush=True)
+        lines = [f"  {c.run.name}: logs {Path(c.run.output_dir) / 'metrics.jsonl'} (TensorBoard beside it), "
+                 f"checkpoint {checkpoint.newest_complete(c.checkpoint_dir)[0]}" for c in configs]
+        print(f"\ncurriculum finished: {len(configs)} stages\n" + "\n".join(lines)
+              + f"\n  loss curve over all stages: {png}", flush=True)
 
 
 if __name__ == "__main__":
