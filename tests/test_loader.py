@@ -12,6 +12,7 @@ import torch
 
 from data.loader import Plan, TokenBatches, rank_positions
 from data.mixture import Interleave, SourceOrder, integer_weights, key_of, permute
+from data.multimodal import JEPASamples
 from data.shards import Location, SampleError, ShardError, read_corpus, shard_name
 from data.tokenizer import IGNORE, PAD_ID
 from test_shards import image_bytes
@@ -421,6 +422,25 @@ def test_sample_fn_gets_each_sample_its_image_and_global_position(mixed):
     assert any(images) and None in images and any(ids[0] == 7 and image is None for ids, image, _ in got.values())
     for dp_size, workers, micro in ((2, 0, 3), (2, 1, 2), (1, 1, 6)):
         assert seen(mixed, 6, dp_size=dp_size, workers=workers, micro=micro) == got
+
+
+def test_jepa_masks_are_the_same_after_a_resume_on_another_layout(mixed):
+    """The masks come from (seed, global position) in the workers: a resumed run, here with other
+    workers and micro batches, draws the same masks for the same samples."""
+    masks = JEPASamples(seed=5, pad_id=PAD_ID, image_size=32, patch_size=16, masks=True, span_length=3)
+
+    def units(batches):
+        return [e["units"].tolist() for _, _, extras in batches for e in extras]
+
+    first = loader(mixed, weights={"a": 1}, sample_fn=masks)
+    list(islice(first, 4))  # one step of 12 samples
+    state = first.state_dict()
+    expected = units(islice(first, 8))
+    first.close()
+    resumed = loader(mixed, weights={"a": 1}, sample_fn=masks, micro=2, workers=1)
+    resumed.load_state_dict(state)
+    assert units(islice(resumed, 12)) == expected and any(expected)
+    resumed.close()
 
 
 def test_padding_of_image_samples_is_not_trained_on(mixed):
