@@ -9,6 +9,8 @@ step_weights[k-1]. Both terms are normalised over the whole step, all micro batc
 
 One step costs one online pass (the ViT reads only the context patches, and the causal language pass
 serves both losses), one forward of the EMA target encoder on the unmasked input, and the predictors.
+So in a JEPA step the text reads the image's context patches only, as the ViT does (a masked-image
+view, as in MAE-style training); with alpha = 0 both read every patch.
 alpha = 0 skips the target and the predictors, and freezes the JEPA head: pure LM. beta = 0 still
 reports the LM loss but trains no output projection: pure JEPA.
 
