@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from data.loader import TokenBatches
+from data.shards import Location
 from data.tokenizer import PAD_ID, load_hf_tokenizer, load_tokenizer, predictor_token, predictor_token_id
 from model.loss import lm_loss
 from pretrain.config import Config, ConfigError
@@ -125,6 +127,30 @@ class Collated:
     def skipped_samples(self) -> int:
         """Samples this rank's loader left out as unreadable (data.on_error: skip)."""
         return self.loader.skipped_samples
+
+
+def token_batches(cfg: Config, split: str, dp_rank: int, dp_size: int, sample_fn=None):
+    """The run's token-shard loader for `split` ("train": data.shards in data.mixture, stepping the
+    global batch; "valid": data.valid_shards one micro batch at a time), checked against the config."""
+    d, lm, micro = cfg.data, cfg.training.lm, cfg.training.micro_batch_size
+    shards = d.shards if split == "train" else d.valid_shards
+    if shards is None:
+        raise ConfigError("validation.every_steps > 0 needs held-out shards: set data.valid_shards")
+    location = Location(shards, d.cache_dir, d.remote_retries, d.remote_backoff_s,
+                        None if d.cache_limit_gb is None else int(d.cache_limit_gb * 1e9))
+    loader = TokenBatches(
+        location, weights=d.mixture if split == "train" else None, vocab_size=lm.vocab_size,
+        global_batch=cfg.training.batch_size if split == "train" else micro * dp_size,
+        micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size, seed=d.seed,
+        num_workers=d.num_workers if split == "train" else 0, shuffle_window=d.shuffle_window,
+        on_error=d.on_error, sample_fn=sample_fn)
+    if loader.context_length != lm.context_length:
+        raise ConfigError(f"{shards}: shards hold sequences of context length {loader.context_length} but "
+                          f"training.lm.context_length is {lm.context_length}")
+    if loader.manifest.vocab_size > lm.vocab_size:
+        raise ConfigError(f"{shards}: tokenizer vocab {loader.manifest.vocab_size} exceeds "
+                          f"training.lm.vocab_size {lm.vocab_size}")
+    return loader
 
 
 def load_run_tokenizer(cfg: Config):

@@ -29,9 +29,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from data.loader import TokenBatches
 from data.multimodal import JEPASamples
-from data.shards import Location
 from data.tokenizer import ASSISTANT, END, EOS_ID, IGNORE, PAD_ID, special_id
 from model.gpt import megatron_config
 from model.jepa import collapse_stats, ema_update, momentum, span_means, target_embeddings
@@ -39,8 +37,8 @@ from model.kernels import masked_mse
 from model.vit import select
 from model.jepa import Projections, TextPredictor, VisionPredictor
 from model.vljepa import VLJEPA, OutputHead
-from pretrain.config import Config, ConfigError
-from pretrain.objectives import Collated, Objective
+from pretrain.config import Config
+from pretrain.objectives import Collated, Objective, token_batches
 
 
 ASSISTANT_ID, END_ID = special_id(ASSISTANT), special_id(END)
@@ -124,29 +122,13 @@ class HybridJEPA(Objective):
     # -- data ------------------------------------------------------------------------------------------
 
     def batches(self, split: str, dp_rank: int, dp_size: int):
-        d, lm, v = self.cfg.data, self.cfg.training.lm, self.cfg.model.vision
-        shards = d.shards if split == "train" else d.valid_shards
-        if shards is None:
-            raise ConfigError("validation.every_steps > 0 needs held-out shards: set data.valid_shards")
-        micro = self.cfg.training.micro_batch_size
-        mb = self.jepa.multiblock
+        v, mb = self.cfg.model.vision, self.jepa.multiblock
         samples = JEPASamples(
-            seed=d.seed, pad_id=PAD_ID, image_size=v.image_size, patch_size=v.patch_size, masks=self.uses_jepa,
-            ratio=self.jepa.mask_ratio, language=self.jepa.masking.language, joint=self.jepa.masking.joint,
-            vision=self.jepa.masking.vision, span_length=self.jepa.span_length,
+            seed=self.cfg.data.seed, pad_id=PAD_ID, image_size=v.image_size, patch_size=v.patch_size,
+            masks=self.uses_jepa, ratio=self.jepa.mask_ratio, language=self.jepa.masking.language,
+            joint=self.jepa.masking.joint, vision=self.jepa.masking.vision, span_length=self.jepa.span_length,
             multiblock=(mb.num_targets, tuple(mb.scale), tuple(mb.aspect), tuple(mb.context_scale)))
-        location = Location(shards, d.cache_dir, d.remote_retries, d.remote_backoff_s,
-                            None if d.cache_limit_gb is None else int(d.cache_limit_gb * 1e9))
-        loader = TokenBatches(
-            location, weights=d.mixture if split == "train" else None, vocab_size=lm.vocab_size,
-            global_batch=self.cfg.training.batch_size if split == "train" else micro * dp_size,
-            micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size, seed=d.seed,
-            num_workers=d.num_workers if split == "train" else 0, shuffle_window=d.shuffle_window,
-            on_error=d.on_error, sample_fn=samples)
-        if loader.context_length != lm.context_length:
-            raise ConfigError(f"{shards}: shards hold sequences of context length {loader.context_length} but "
-                              f"training.lm.context_length is {lm.context_length}")
-        return Collated(loader, self.collate)
+        return Collated(token_batches(self.cfg, split, dp_rank, dp_size, samples), self.collate)
 
     def collate(self, batch) -> HybridBatch:
         input_ids, labels, extras = batch
