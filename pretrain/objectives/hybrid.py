@@ -16,9 +16,10 @@ reports the LM loss but trains no output projection: pure JEPA.
 
 The target encoder lives here, beside the model, not in it: DeepSpeed would cast it to bf16, hand it
 to the optimizer and partition it under ZeRO-3. It is fp32 and whole (per tensor-parallel shard) on
-every rank. pretrain/parallel.py calls `setup` once the engine exists and `after_step` after each
-optimizer step, with `whole(params)`, a context in which ZeRO-3-partitioned parameters are gathered.
-Every rank then applies the same update to the same values, so targets cannot drift between ranks.
+every rank; on a pipeline stage it holds the targets of that stage's layers. pretrain/parallel.py
+calls `setup` once the engine's weights are final and `after_step` after each optimizer step, with
+`whole(params)`, a context in which ZeRO-3-partitioned parameters are gathered. Every rank then
+applies the same update to the same values, so targets cannot drift between ranks.
 """
 
 from __future__ import annotations
@@ -32,14 +33,13 @@ import torch
 from data.multimodal import JEPASamples
 from data.tokenizer import ASSISTANT, END, EOS_ID, IGNORE, PAD_ID, special_id
 from model.gpt import megatron_config
-from model.jepa import collapse_stats, ema_update, momentum, span_means, target_embeddings
+from model.jepa import (Projections, TextPredictor, VisionPredictor, collapse_stats, ema_update, momentum, span_means,
+                        target_embeddings)
 from model.kernels import masked_mse
 from model.vit import select
-from model.jepa import Projections, TextPredictor, VisionPredictor
 from model.vljepa import VLJEPA, OutputHead
 from pretrain.config import Config
 from pretrain.objectives import Collated, Objective, token_batches
-
 
 ASSISTANT_ID, END_ID = special_id(ASSISTANT), special_id(END)
 
