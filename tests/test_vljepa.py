@@ -66,11 +66,11 @@ def png(seed: int, size: int = 64) -> bytes:
     return out.getvalue()
 
 
-def batch(objective, cfg, rows, images, first_position=0):
+def batch(objective, cfg, rows, images, first_position=0, vision="block"):
     """Collate rows [b, s+1] of ids with images (bytes or None) the way the loader's workers do."""
     v = cfg.model.vision
     fn = JEPASamples(seed=7, pad_id=PAD_ID, image_size=v.image_size, patch_size=v.patch_size,
-                     masks=objective.uses_jepa, ratio=0.15, language="random", joint="span", vision="block",
+                     masks=objective.uses_jepa, ratio=0.15, language="random", joint="span", vision=vision,
                      span_length=cfg.training.jepa.span_length)
     rows = torch.as_tensor(rows)
     extras = [fn(first_position + i, r.numpy(), img, f"sample {i}") for i, (r, img) in enumerate(zip(rows, images))]
@@ -146,6 +146,23 @@ def test_vision_predictions_never_read_the_patches_they_predict():
     # The context patches, by contrast, do reach the predictions.
     b.patches[:, b.context[0, 0]] += 1.0
     assert not torch.allclose(predictions(model, objective, b)[1], vision)
+
+
+def test_multiblock_targets_are_hidden_from_the_predictions_too():
+    cfg = config("model.vision.image_size=128")  # an 8 x 8 grid: room for I-JEPA's 4 target blocks
+    model, objective = build(cfg)
+    b = batch(objective, cfg, ids(7), [png(1, 128), None, png(2, 128)], vision="multiblock")
+    assert b.targets.shape[:2] == (2, 4) and b.context.shape[0] == 2
+    for context, targets in zip(b.context, b.targets):
+        assert not set(context.tolist()) & set(targets.flatten().tolist())  # context disjoint from every block
+    _, vision, _, target = predictions(model, objective, b)
+    assert vision.shape == (2, 4, b.targets.shape[2], 64)
+    b.patches = b.patches.clone()
+    for i in range(len(b.patches)):
+        b.patches[i, b.targets[i].flatten()] = torch.randn_like(b.patches[i, b.targets[i].flatten()])
+    _, vision2, _, target2 = predictions(model, objective, b)
+    torch.testing.assert_close(vision2, vision, rtol=0, atol=0)
+    assert (target2 - target).abs().amax(dim=1).min() > 1e-3
 
 
 def test_text_only_rows_compute_the_language_model_exactly():
