@@ -236,18 +236,15 @@ def init_source(source: Path, cfg) -> Path:
     why = "no complete checkpoint in it" if tag_dir is None else problem(tag_dir)
     if why:
         raise CheckpointError(f"run.init_from {source}: {why}")
-    saved = read_marker(tag_dir)["config"]
-    current = json.loads(json.dumps(cfg.model_dump()))
-    differ = [k for k in sorted(set(_flat(saved["model"])) | set(_flat(current["model"])))
-              if _flat(saved["model"]).get(k) != _flat(current["model"]).get(k)]
-    for key in ("training.lm.vocab_size", "training.jepa.embedding_dim", "training.jepa.prediction_steps",
-                "parallel.tensor", "parallel.pipeline"):
-        section, *rest = key.split(".")
-        if _flat(saved[section]).get(".".join(rest)) != _flat(current[section]).get(".".join(rest)):
-            differ.append(key)
+    saved = _flat(read_marker(tag_dir)["config"])
+    current = _flat(json.loads(json.dumps(cfg.model_dump())))
+    shape = ("training.lm.vocab_size", "training.jepa.embedding_dim", "training.jepa.prediction_steps",
+             "parallel.tensor", "parallel.pipeline")
+    differ = [k for k in sorted(saved.keys() | current.keys())
+              if (k.startswith("model.") or k in shape) and saved.get(k) != current.get(k)]
     if differ:
         raise CheckpointError(f"run.init_from {tag_dir} holds another model: {', '.join(differ)} differ")
-    if 3 in (saved["parallel"]["zero_stage"], cfg.parallel.zero_stage):
+    if 3 in (saved["parallel.zero_stage"], cfg.parallel.zero_stage):
         raise CheckpointError(f"run.init_from {tag_dir}: ZeRO-3 keeps the weights in its optimizer partitions, "
                               "which a module-only load does not read; hand off between stages at ZeRO 0-2")
     return tag_dir
@@ -305,8 +302,8 @@ def load(engine, tag_dir: Path) -> dict:
 
 # What a resumed run may change. Anything else (the model, vocabulary, tokenizer, TP/PP, ZeRO stage,
 # precision, objective) would not match the saved tensors or would silently train another model.
-_MAY_CHANGE = ("run.init_from", "training.optimizers.lr", "training.scheduler.", "training.train_tokens", "training.train_steps",
-               "training.max_nonfinite_steps", "training.kernels", "parallel.activation_checkpointing", "logging.",
+_MAY_CHANGE = ("run.init_from", "training.optimizers.lr", "training.scheduler.", "training.train_tokens",
+               "training.train_steps", "training.max_nonfinite_steps", "training.kernels", "parallel.activation_checkpointing", "logging.",
                "checkpoint.", "validation.", "run.name", "run.output_dir", "data.valid_shards", "data.valid_chats",
                "data.num_workers", "data.on_error", "data.cache_dir", "data.remote_", "training.micro_batch_size",
                "training.gradient_accumulation_steps", "data-parallel size")

@@ -137,8 +137,7 @@ class _Stage:
         """fn(the target copy) bit-cast for the trip, or a placeholder without a target."""
         if not getattr(self, "target", None):
             return placeholder(like)
-        bf16 = like.is_floating_point() and like.dtype == torch.bfloat16
-        with torch.no_grad(), torch.autocast(like.device.type, torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), torch.autocast(like.device.type, torch.bfloat16, enabled=like.dtype == torch.bfloat16):
             return bits(fn(self.target[0]))
 
 

@@ -67,9 +67,11 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
     _, _, accum, dp_size = cfg.batch_sizes(world)
     tag_dir, changes = _from_rank0(lambda: _resume_point(cfg, dp_size)) if resume else (None, [])
     engine = build_engine(cfg, objective, tokenizer)
-    if cfg.run.init_from and not tag_dir:
-        source = _from_rank0(lambda: checkpoint.init_source(Path(cfg.run.init_from), cfg))
-        checkpoint.load_weights(engine, source)
+    # A new stage starts from another run's weights; a resumed one from its own checkpoint, below.
+    init = _from_rank0(lambda: checkpoint.init_source(Path(cfg.run.init_from), cfg)) \
+        if cfg.run.init_from and not tag_dir else None
+    if init:
+        checkpoint.load_weights(engine, init)
     setup_objective(engine, objective)
     dp_rank = parallel_state.get_data_parallel_rank()
     data = objective.batches("train", dp_rank, dp_size)
@@ -86,8 +88,8 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
     total = cfg.train_steps()
     stop_at = min(total, stop_after or total)
     log = MetricsLog(cfg, total, state["step"]) if dist.get_rank() == 0 else None
-    if log and cfg.run.init_from and not tag_dir:
-        log.note(f"started from the weights of {source} (a fresh optimizer, schedule and data order)")
+    if log and init:
+        log.note(f"started from the weights of {init} (a fresh optimizer, schedule and data order)")
     if log and tag_dir:
         log.note(f"resumed from {tag_dir} (step {state['step']})"
                  + ("; changed: " + "; ".join(changes) if changes else "; config unchanged"))
