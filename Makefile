@@ -40,7 +40,9 @@ train: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(PORT) pretrain/curriculum.py \
 		--curriculum $(CURRICULUM)
 
+# The C++ export reader (tools/cpp/, standard library only) is built first: the tests run it.
 test: setup
+	$(MAKE) -s -C tools/cpp
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra tests
 
 bench: setup

@@ -56,9 +56,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def safe_load(path: Path, map_location=None):
+def safe_load(path: Path, map_location=None, mmap: bool = False):
     """torch.load that never runs pickled code: a file holding anything but tensors, containers and
-    plain values is refused, naming the file."""
+    plain values is refused, naming the file. mmap: tensors read from the file only when touched."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -67,7 +67,7 @@ def safe_load(path: Path, map_location=None):
     allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: refused to load, it holds pickled objects that would run code ({first})") from None

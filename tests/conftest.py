@@ -84,3 +84,78 @@ def tiny_overrides(tiny_data: dict, out_dir: Path) -> list[str]:
         f"run.output_dir={out_dir}",
     ]
     return [arg for s in sets for arg in ("--set", s)]
+
+
+@pytest.fixture(scope="session")
+def zero3_json(tmp_path_factory):
+    """ds_configs/zero3.json with no parameter kept whole, so that every tensor of the tiny model
+    (all below the default persistence threshold) is really partitioned."""
+    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path_factory.mktemp("ds") / "zero3_partition_all.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
+# The VL-JEPA (vision encoder, fusion, language model, both heads) at test size, trained by the
+# hybrid objective on text and generated image -> code pairs.
+VL = [
+    "model.type=vljepa", "training.objective=hybrid", "model.hidden_size=64", "model.num_layers=2",
+    "model.num_heads=4", "model.ffn_hidden_size=128", "model.vision.image_size=64", "model.vision.hidden_size=64",
+    "model.vision.num_layers=2", "model.vision.num_heads=4", "model.vision.ffn_hidden_size=128",
+    "model.fusion.every=1", "model.predictor.num_layers=1", "model.predictor.num_heads=4",
+    "training.lm.context_length=64", "training.lm.vocab_size=600", "training.jepa.embedding_dim=64",
+    "training.jepa.span_length=8", "training.scheduler.warmup_tokens=1024", "training.batch_size=8",
+    "training.micro_batch_size=2", "logging.log_every=1", "logging.tensorboard=false", "data.num_workers=0",
+    "data.mixture={stdlib_code: 1, vision_text: 1}", "training.jepa.collapse.every_steps=1",
+]
+
+
+@pytest.fixture(scope="session")
+def vl_data(tiny_data, tmp_path_factory):
+    """The session's tokenizer, its stdlib text and 40 generated image -> code pairs, in one corpus (and
+    the pairs alone as held-out shards)."""
+    root = tmp_path_factory.mktemp("vl_data")
+    data = Path(tiny_data["tokenizer"]).parent
+    run([PYTHON, "tools/make_vision_pairs.py", "--output", str(root / "pairs"), "--count", "40",
+         "--samples-per-shard", "20"])
+    run([PYTHON, "tools/build_shards.py", "--input", str(data / "train.jsonl"), "--source",
+         f"vision_text={root / 'pairs'}", "--tokenizer", tiny_data["tokenizer"], "--context-length", "64",
+         "--samples-per-shard", "32", "--output", str(root / "shards"), "--workers", "2"])
+    # Held out: the image pairs alone, so that a few validation micro batches surely hold images.
+    run([PYTHON, "tools/build_shards.py", "--source", f"vision_text={root / 'pairs'}", "--tokenizer",
+         tiny_data["tokenizer"], "--context-length", "64", "--samples-per-shard", "32", "--output",
+         str(root / "valid_shards"), "--workers", "1"])
+    return {"tokenizer": tiny_data["tokenizer"], "shards": str(root / "shards"), "valid_shards": str(root / "valid_shards")}
+
+
+def vl_sets(vl_data, out, *more):
+    return [a for s in [*VL, f"data.tokenizer={vl_data['tokenizer']}", f"data.shards={vl_data['shards']}",
+                        f"run.output_dir={out}", *more] for a in ("--set", s)]
+
+
+VL_STEPS = 3
+
+
+def vl_parity_run(vl_data, root: Path, name: str, nproc: int, *more, steps: int = VL_STEPS, load=None) -> dict:
+    """parity_worker.py on the VL-JEPA: {"result": its JSON, "checkpoint": the global_step folder it saved}."""
+    out = root / f"{name}.json"
+    extra = ["--load", str(load)] if load else ["--save", str(root / name / "checkpoints")]
+    launch("tests/dist/parity_worker.py", ["--config", "pretrain/configs/tiny.yaml", *vl_sets(vl_data, root / name, *more),
+                                           "--steps", str(steps), "--out", str(out), *extra], nproc)
+    return {"result": json.loads(out.read_text()), "checkpoint": None if load else root / name / "checkpoints" / f"global_step{steps}"}
+
+
+@pytest.fixture(scope="session")
+def vl_layouts(vl_data, zero3_json, tmp_path_factory):
+    """The same VL-JEPA, init and global batches trained 3 steps on one process and in each parallel
+    layout, each saving a checkpoint: what the parity tests compare and checkpoint conversion reads."""
+    root = tmp_path_factory.mktemp("vl_layouts")
+    layouts = {
+        "single": (1, ["parallel.zero_stage=0"]),
+        "tp2": (2, ["parallel.tensor=2", "parallel.zero_stage=1"]),
+        "zero3": (2, ["parallel.zero_stage=3", f"parallel.ds_config={zero3_json}"]),
+        "pp2": (2, ["parallel.pipeline=2", "parallel.zero_stage=1"]),
+        "tp2pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2", "parallel.zero_stage=1"]),
+    }
+    return {name: vl_parity_run(vl_data, root, name, nproc, *more) for name, (nproc, more) in layouts.items()}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, launch, tiny_overrides
+from conftest import launch, tiny_overrides
 
 STEPS = 3
 RTOL = 1e-4
@@ -40,17 +40,6 @@ def _assert_same(result, baseline):
     assert result["eval"] == pytest.approx(baseline["eval"], rel=RTOL)
     # Training moves the loss, so equal losses are not equal constants.
     assert abs(result["losses"][-1]["loss"] - result["losses"][0]["loss"]) > 1e-3
-
-
-@pytest.fixture(scope="module")
-def zero3_json(tmp_path_factory):
-    """ds_configs/zero3.json with no parameter kept whole, so that every tensor of the tiny model
-    (all below the default persistence threshold) is really partitioned."""
-    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path_factory.mktemp("ds") / "zero3_partition_all.json"
-    path.write_text(json.dumps(ds))
-    return str(path)
 
 
 LM = VOCAB + ["training.batch_size=8", "training.micro_batch_size=2"]

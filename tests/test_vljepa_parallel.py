@@ -1,6 +1,6 @@
 """The VL-JEPA under parallelism, in real multi-process runs (deepspeed launcher, gloo, CPU): the full
 model with images gives the hybrid loss, its components and the gradient norm of one process with
-TP=2, with ZeRO-3 on 2 ranks and with PP=2 (the target activations travelling beside the online ones);
+TP=2, with ZeRO-3 on 2 ranks, with PP=2 and with TP=2 x PP=2 on 4 ranks (the target activations travelling beside the online ones);
 the EMA target update is exact there (m * before + (1 - m) * the online weights, gathered under
 ZeRO-3, each stage's own layers under PP, bit for bit) and the same on every data-parallel rank. Then the trainer:
 a mixed batch (rows with and without an image) trains, the collapse monitor can stop a run, and the
@@ -10,81 +10,25 @@ Tolerance as in test_parallel_parity.py: 1e-4 relative over 3 steps (fp32, other
 """
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, launch, run
-from test_parallel_parity import _assert_same, zero3_json  # noqa: F401 (a fixture)
+from conftest import VL, launch, vl_sets as sets
+from test_parallel_parity import _assert_same
 
-STEPS = 3
-VL = [
-    "model.type=vljepa", "training.objective=hybrid", "model.hidden_size=64", "model.num_layers=2",
-    "model.num_heads=4", "model.ffn_hidden_size=128", "model.vision.image_size=64", "model.vision.hidden_size=64",
-    "model.vision.num_layers=2", "model.vision.num_heads=4", "model.vision.ffn_hidden_size=128",
-    "model.fusion.every=1", "model.predictor.num_layers=1", "model.predictor.num_heads=4",
-    "training.lm.context_length=64", "training.lm.vocab_size=600", "training.jepa.embedding_dim=64",
-    "training.jepa.span_length=8", "training.scheduler.warmup_tokens=1024", "training.batch_size=8",
-    "training.micro_batch_size=2", "logging.log_every=1", "logging.tensorboard=false", "data.num_workers=0",
-    "data.mixture={stdlib_code: 1, vision_text: 1}", "training.jepa.collapse.every_steps=1",
-]
-
-
-@pytest.fixture(scope="module")
-def vl_data(tiny_data, tmp_path_factory):
-    """The session's tokenizer, its stdlib text and 40 generated image -> code pairs, in one corpus (and
-    the pairs alone as held-out shards)."""
-    root = tmp_path_factory.mktemp("vl_data")
-    data = Path(tiny_data["tokenizer"]).parent
-    run([PYTHON, "tools/make_vision_pairs.py", "--output", str(root / "pairs"), "--count", "40",
-         "--samples-per-shard", "20"])
-    run([PYTHON, "tools/build_shards.py", "--input", str(data / "train.jsonl"), "--source",
-         f"vision_text={root / 'pairs'}", "--tokenizer", tiny_data["tokenizer"], "--context-length", "64",
-         "--samples-per-shard", "32", "--output", str(root / "shards"), "--workers", "2"])
-    # Held out: the image pairs alone, so that a few validation micro batches surely hold images.
-    run([PYTHON, "tools/build_shards.py", "--source", f"vision_text={root / 'pairs'}", "--tokenizer",
-         tiny_data["tokenizer"], "--context-length", "64", "--samples-per-shard", "32", "--output",
-         str(root / "valid_shards"), "--workers", "1"])
-    return {"tokenizer": tiny_data["tokenizer"], "shards": str(root / "shards"), "valid_shards": str(root / "valid_shards")}
-
-
-def sets(vl_data, out, *more):
-    return [a for s in [*VL, f"data.tokenizer={vl_data['tokenizer']}", f"data.shards={vl_data['shards']}",
-                        f"run.output_dir={out}", *more] for a in ("--set", s)]
-
-
-def parity_run(vl_data, tmp_path, name, nproc, *more):
-    out = tmp_path / f"{name}.json"
-    launch("tests/dist/parity_worker.py", ["--config", "pretrain/configs/tiny.yaml",
-                                           *sets(vl_data, tmp_path / name, *more), "--steps", str(STEPS),
-                                           "--out", str(out)], nproc)
-    return json.loads(out.read_text())
-
-
-@pytest.fixture(scope="module")
-def baseline(vl_data, tmp_path_factory):
-    return parity_run(vl_data, tmp_path_factory.mktemp("vl_baseline"), "single", 1, "parallel.zero_stage=0")
-
-
-def test_one_process_trains_every_component_and_moves_the_ema(baseline):
+def test_one_process_trains_every_component_and_moves_the_ema(vl_layouts):
+    baseline = vl_layouts["single"]["result"]
     first, last = baseline["losses"][0], baseline["losses"][-1]
     assert first["lm"] > 5.0 and first["jepa_text"] > 0 and first["jepa_vision"] > 0  # images really in the batch
     assert last["loss"] < first["loss"]
     assert baseline["ema_exact"] and baseline["ema_moved"]
 
 
-@pytest.mark.parametrize("name,nproc,more", [
-    ("tp2", 2, ["parallel.tensor=2", "parallel.zero_stage=1"]),
-    ("zero3", 2, ["parallel.zero_stage=3"]),
-    ("pp2", 2, ["parallel.pipeline=2", "parallel.zero_stage=1"]),
-])
-def test_parallel_layouts_match_one_process(vl_data, baseline, tmp_path, zero3_json, name, nproc, more):
-    if name == "zero3":
-        more = more + [f"parallel.ds_config={zero3_json}"]
-    result = parity_run(vl_data, tmp_path, name, nproc, *more)
+@pytest.mark.parametrize("name", ["tp2", "zero3", "pp2", "tp2pp2"])
+def test_parallel_layouts_match_one_process(vl_layouts, name):
+    result, baseline = vl_layouts[name]["result"], vl_layouts["single"]["result"]
     _assert_same(result, baseline)
     for key in ("jepa_text", "jepa_vision", "lm"):
         assert [s[key] for s in result["losses"]] == pytest.approx([s[key] for s in baseline["losses"]], rel=1e-4)
@@ -127,7 +71,6 @@ def module_weights(tag_dir: Path) -> dict:
 
 
 def test_the_curriculum_hands_weights_on_and_skips_finished_stages(vl_data, tmp_path):
-    from pretrain.config import load_config
     from pretrain.curriculum import load_curriculum, stage_configs
     from pretrain.optim import lr_at
 

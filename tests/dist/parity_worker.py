@@ -9,11 +9,14 @@ per step: any difference in the losses is the parallelism's.
 
 import argparse
 import json
+import shutil
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from pretrain import checkpoint
 from pretrain.config import load_config
 from pretrain.objectives import build_objective, load_run_tokenizer
 from model.jepa import momentum
@@ -78,6 +81,8 @@ def main():
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", required=True)
+    p.add_argument("--load", help="a checkpoint folder (global_stepN) to start from, as --resume does")
+    p.add_argument("--save", help="a checkpoints folder to save the trained model into")
     p.add_argument("--local_rank", type=int, default=0)
     args = p.parse_args()
     cfg = load_config(args.config, args.set)
@@ -87,6 +92,10 @@ def main():
     objective = build_objective(cfg, tokenizer)
     engine = build_engine(cfg, objective, tokenizer)
     setup_objective(engine, objective)
+    if args.load:
+        checkpoint.load(engine, Path(args.load))
+        if objective.state_dict():
+            objective.load_state_dict(checkpoint.load_objective_state(Path(args.load)))
     param_bytes = torch.tensor(parameter_bytes(engine))
     dist.all_reduce(param_bytes, op=dist.ReduceOp.MAX)
     batches = dp_slices(cfg, tokenizer, world)
@@ -97,9 +106,16 @@ def main():
         result = train_step(engine, objective, [next(batches) for _ in range(accum)])
         losses.append(result.losses)
         norms.append(result.grad_norm)
-    ema = ema_check(engine, objective, target_before, cfg) if objective.state_dict() else {}
+    ema = ema_check(engine, objective, target_before, cfg) if objective.state_dict() and args.steps else {}
     again = dp_slices(cfg, tokenizer, world)
     evaluation = eval_losses(engine, objective, [next(again) for _ in range(accum)])
+    if args.save:
+        layout = {"world_size": world, "tp": cfg.parallel.tensor, "pp": cfg.parallel.pipeline,
+                  "dp": parallel_state.get_data_parallel_world_size()}
+        state = {"tokens_seen": 0, "epoch": {}, "config": cfg.model_dump(), "data": {}}
+        checkpoint.save(engine, Path(args.save), engine.global_steps, state,
+                        lambda tag_dir: shutil.copy(cfg.data.tokenizer, tag_dir / "tokenizer.json"), layout,
+                        objective_state=objective.state_dict())
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump({"losses": losses, "grad_norm": norms, "eval": evaluation,

@@ -1,0 +1,169 @@
+"""Convert a training checkpoint into formats other programs load, or an export back into a checkpoint.
+
+    python tools/convert_ckpt.py --checkpoint runs/x/checkpoints [--tag latest|global_stepN] \\
+        --out export/ --format cpp|safetensors|hf|gguf|all
+    python tools/convert_ckpt.py --to-deepspeed --checkpoint export/safetensors --out runs/y \\
+        --tp 2 --pp 1 [--zero 1] [--dp 1]
+
+Any layout reads: tensor x pipeline x data parallel, ZeRO 0-3 (tools/ds_checkpoint.py), into full
+fp32 tensors named by the seed's five modules (tools/export_tensors.py), one at a time, written in
+the formats of tools/export_formats.py. Beside the tensors every format gets config.json (the model,
+and the run's config), tokenizer.json and training_state.json (step, tokens seen, stage, the data
+loader's position). With `all`, each format goes to its own folder under --out.
+
+The output appears only when complete: it is written into a hidden folder beside --out and renamed
+at the end, so a failed or interrupted conversion leaves nothing that looks like an export.
+
+--to-deepspeed turns a `safetensors` export into a checkpoint of the trainer for another layout
+(tools/reshard.py, run on CPU processes); `pretrain/train.py --resume` continues from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pretrain.checkpoint import CheckpointError
+from tools.ds_checkpoint import DeepSpeedCheckpoint, dumps, find_tag
+from tools.export_formats import (FORMATS, CppWriter, GGUFWriter, HFWriter, WholeModelWriter, gguf_name, hf_name)
+from tools.export_tensors import cut, plan
+
+TARGET = "target."  # prefix of the EMA target encoder's tensors
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="a run's checkpoints folder or one global_stepN folder (--to-deepspeed: a safetensors export)")
+    p.add_argument("--tag", help="which checkpoint of the folder: latest (the newest complete one, default) or global_stepN")
+    p.add_argument("--out", required=True, type=Path, help="the folder to create")
+    p.add_argument("--format", choices=[*FORMATS, "all"], default="safetensors")
+    p.add_argument("--gguf-type", choices=["f32", "f16"], default="f32", help="GGUF matrices' type (norms stay f32)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
+    p.add_argument("--to-deepspeed", action="store_true", help="make a DeepSpeed checkpoint from a safetensors export")
+    p.add_argument("--tp", type=int, default=1, help="--to-deepspeed: tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="--to-deepspeed: pipeline-parallel size")
+    p.add_argument("--dp", type=int, default=1, help="--to-deepspeed: data-parallel size")
+    p.add_argument("--zero", type=int, choices=[0, 1, 2, 3], help="--to-deepspeed: ZeRO stage (default: the export's)")
+    return p.parse_args(argv)
+
+
+def export_config(cfg, ckpt: DeepSpeedCheckpoint) -> dict:
+    """What a reader of the export needs to rebuild the model (and the run's whole config)."""
+    m = cfg.model
+    return {
+        "model_type": m.type,
+        "language": {"hidden_size": m.hidden_size, "num_layers": m.num_layers, "num_heads": m.num_heads,
+                     "ffn_size": m.ffn_size, "norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
+                     "vocab_size": cfg.training.lm.vocab_size, "context_length": cfg.training.lm.context_length},
+        "padded_vocab_size": m.padded_vocab_size(cfg.training.lm.vocab_size),
+        # cross_modal_fusion.layers.<j> follows language_encoder.layers.<every * (j + 1) - 1>
+        "fusion_every": m.fusion.every if m.type == "vljepa" else None,
+        "source": {"checkpoint": str(ckpt.dir.resolve()), "layout": ckpt.layout, "zero_stage": ckpt.zero},
+        "run_config": cfg.model_dump(mode="json"),
+    }
+
+
+def training_summary(cfg, state: dict) -> dict:
+    keys = ("step", "tokens_seen", "epoch", "train_loss", "eval_metrics", "nonfinite_steps", "data_skipped_samples", "data")
+    return {"stage": cfg.run.name, "objective": cfg.training.objective, **{k: state.get(k) for k in keys}}
+
+
+def _writers(fmt: str, out: Path, entries: list, config: dict, tokenizer: str, gguf_type: str) -> list:
+    """[(writer, export name -> the writer's name or None)] for the requested formats."""
+    single = fmt != "all"
+
+    def folder(name):
+        return out if single else out / name
+
+    def only(rename):
+        return [(rename(n), s) for n, s in entries if rename(n)]
+
+    def keep(name):
+        return name
+
+    chosen = FORMATS if fmt == "all" else (fmt,)
+    writers = []
+    if "cpp" in chosen:
+        writers.append((CppWriter(folder("cpp"), entries), keep))
+    if "safetensors" in chosen:
+        writers.append((WholeModelWriter(folder("safetensors"), entries), keep))
+    if "hf" in chosen:
+        writers.append((HFWriter(folder("hf"), only(hf_name)), hf_name))
+    if "gguf" in chosen:
+        writers.append((GGUFWriter(folder("gguf"), only(gguf_name), config, tokenizer, gguf_type), gguf_name))
+    return writers
+
+
+def convert(args) -> Path:
+    tag_dir = find_tag(args.checkpoint, args.tag)
+    ckpt = DeepSpeedCheckpoint(tag_dir)
+    cfg = ckpt.config
+    jepa = cfg.training.jepa
+    try:
+        params = plan(cfg.model, cfg.training.lm.vocab_size, jepa.embedding_dim, jepa.prediction_steps)
+    except ValueError as e:
+        raise CheckpointError(f"{tag_dir}: {e}") from None
+    expected, found = {p.source for p in params}, ckpt.names()
+    if expected != found:
+        missing, extra = sorted(expected - found), sorted(found - expected)
+        raise CheckpointError(f"{tag_dir} does not hold the model its config describes: missing {missing[:5]}"
+                              f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}")
+    targets = [p for p in params if p.has_target and p.source in ckpt.names(target=True)]
+    tokenizer = (tag_dir / "tokenizer.json").read_text()
+    state = ckpt.training_state()
+    config = export_config(cfg, ckpt)
+    extra = {"tokenizer.json": tokenizer, "training_state.json": dumps(training_summary(cfg, state))}
+
+    entries = [(piece.name, piece.shape) for p in params for piece in p.pieces]
+    entries += [(TARGET + piece.name, piece.shape) for p in targets for piece in p.pieces]
+    work = args.out.parent / f".{args.out.name}.partial-{os.getpid()}"
+    try:
+        writers = _writers(args.format, work, entries, config, tokenizer, args.gguf_type)
+        total = sum(4 * torch.Size(shape).numel() for _, shape in entries)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"converting {tag_dir.name}", file=sys.stdout,
+                  mininterval=2) as bar:
+            for param, prefix in [(p, "") for p in params] + [(p, TARGET) for p in targets]:
+                full = ckpt.read(param, target=bool(prefix))
+                for piece in param.pieces:
+                    t = cut(full, piece).contiguous()
+                    for writer, rename in writers:
+                        name = rename(prefix + piece.name)
+                        if name:
+                            writer.write(name, t)
+                    bar.update(t.numel() * 4)
+                del full
+        for writer, _ in writers:
+            writer.close(config, extra)
+        if args.out.exists():
+            shutil.rmtree(args.out)
+        os.replace(work, args.out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return args.out
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.out.exists() and not args.overwrite:
+        sys.exit(f"error: --out {args.out} exists; remove it or pass --overwrite")
+    try:
+        if args.to_deepspeed:
+            from tools.reshard import reshard
+
+            out = reshard(args)
+        else:
+            out = convert(args)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
