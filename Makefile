@@ -11,7 +11,7 @@ NPROC ?= 2
 # other distributed job on the machine.
 PORT = $(shell python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
-.PHONY: setup train test bench clean
+.PHONY: setup train test bench clean llama-cpp
 
 setup: $(STAMP)
 
@@ -44,6 +44,11 @@ train: setup
 test: setup
 	$(MAKE) -s -C tools/cpp
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra tests
+
+# Optional: llama.cpp's Python binding, for the test that runs the GGUF export in llama.cpp. PyPI has
+# only its source; the build takes about 10 minutes on 2 cores (seconds from pip's cache afterwards).
+llama-cpp: setup
+	$(PY) -m pip install -q --disable-pip-version-check llama-cpp-python==0.3.36
 
 bench: setup
 	$(PY) bench/trainer_overhead.py

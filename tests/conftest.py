@@ -137,13 +137,13 @@ def vl_sets(vl_data, out, *more):
 VL_STEPS = 3
 
 
-def vl_parity_run(vl_data, root: Path, name: str, nproc: int, *more, steps: int = VL_STEPS, load=None) -> dict:
+def vl_parity_run(vl_data, root: Path, name: str, nproc: int, *more) -> dict:
     """parity_worker.py on the VL-JEPA: {"result": its JSON, "checkpoint": the global_step folder it saved}."""
     out = root / f"{name}.json"
-    extra = ["--load", str(load)] if load else ["--save", str(root / name / "checkpoints")]
     launch("tests/dist/parity_worker.py", ["--config", "pretrain/configs/tiny.yaml", *vl_sets(vl_data, root / name, *more),
-                                           "--steps", str(steps), "--out", str(out), *extra], nproc)
-    return {"result": json.loads(out.read_text()), "checkpoint": None if load else root / name / "checkpoints" / f"global_step{steps}"}
+                                           "--steps", str(VL_STEPS), "--out", str(out),
+                                           "--save", str(root / name / "checkpoints")], nproc)
+    return {"result": json.loads(out.read_text()), "checkpoint": root / name / "checkpoints" / f"global_step{VL_STEPS}"}
 
 
 @pytest.fixture(scope="session")

@@ -50,13 +50,13 @@ def baseline(tiny_data, tmp_path_factory):
     return _run(tiny_data, tmp_path_factory.mktemp("baseline"), "single", 1, ["parallel.zero_stage=0"], LM)
 
 
+# TP=2 alone and PP=2 alone are in tp2_pp2 and pp2_checkpointing here, and run again alone with the
+# VL-JEPA, whose language blocks are these (tests/test_vljepa_parallel.py).
 @pytest.mark.parametrize(
     "name,nproc,sets",
     [
         ("zero1", 2, ["parallel.zero_stage=1"]),
         ("zero2", 2, ["parallel.zero_stage=2"]),
-        ("tp2", 2, ["parallel.tensor=2", "parallel.zero_stage=1"]),
-        ("pp2", 2, ["parallel.pipeline=2", "parallel.zero_stage=1"]),
         ("tp2_pp2", 4, ["parallel.tensor=2", "parallel.pipeline=2", "parallel.zero_stage=1"]),
         ("checkpointing", 1, ["parallel.zero_stage=0", "parallel.activation_checkpointing=true"]),
         ("pp2_checkpointing", 2, ["parallel.pipeline=2", "parallel.zero_stage=1",

@@ -24,12 +24,14 @@ import argparse
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from pretrain.checkpoint import CheckpointError
+from pretrain.checkpoint import CheckpointError, read_marker
+from pretrain.config import Config
 from tools.ds_checkpoint import DeepSpeedCheckpoint, dumps, find_tag
 from tools.export_formats import (FORMATS, CppWriter, GGUFWriter, HFWriter, WholeModelWriter, gguf_name, hf_name)
 from tools.export_tensors import cut, plan
@@ -102,14 +104,15 @@ def _writers(fmt: str, out: Path, entries: list, config: dict, tokenizer: str, g
 
 
 def convert(args) -> Path:
+    start = time.perf_counter()
     tag_dir = find_tag(args.checkpoint, args.tag)
-    ckpt = DeepSpeedCheckpoint(tag_dir)
-    cfg = ckpt.config
+    cfg = Config.model_validate(read_marker(tag_dir)["config"])
     jepa = cfg.training.jepa
     try:
         params = plan(cfg.model, cfg.training.lm.vocab_size, jepa.embedding_dim, jepa.prediction_steps)
     except ValueError as e:
         raise CheckpointError(f"{tag_dir}: {e}") from None
+    ckpt = DeepSpeedCheckpoint(tag_dir)
     expected, found = {p.source for p in params}, ckpt.names()
     if expected != found:
         missing, extra = sorted(expected - found), sorted(found - expected)
@@ -141,12 +144,31 @@ def convert(args) -> Path:
                 del full
         for writer, _ in writers:
             writer.close(config, extra)
-        if args.out.exists():
-            shutil.rmtree(args.out)
-        os.replace(work, args.out)
+        publish(work, args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    print(f"converted {total / 1e6:.1f} MB of tensors in {seconds:.2f} s ({total / 1e6 / seconds:.1f} MB/s)")
     return args.out
+
+
+def publish(work: Path, out: Path) -> None:
+    """Rename the finished folder into place, its files on the storage first: a crash right after the
+    rename must not leave an export whose files are still in the page cache only."""
+    for path in sorted(work.rglob("*"), reverse=True):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(work, out)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def main(argv=None) -> None:

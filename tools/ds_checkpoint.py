@@ -9,10 +9,10 @@ Where a parameter's fp32 value lives depends on the layout (DeepSpeed 0.19):
   order of `param_shapes` (in the model states file), each followed by its alignment padding.
 - ZeRO-3: each parameter is cut into dp equal (padded) pieces; rank dp's pieces lie end to end in
   `fp32_flat_groups` of its optim file.
-That is the reconstruction DeepSpeed's own zero_to_fp32.py does. Unlike it, this reads only the
-slices of one parameter at a time from memory-mapped files and lets the mappings go every
-`budget` bytes, so memory stays near the largest tensor rather than the model; and every file is
-loaded with weights_only=True (pretrain.checkpoint.safe_load), so no pickled code ever runs.
+That is the reconstruction DeepSpeed's own zero_to_fp32.py does. Unlike it, this reads one parameter
+at a time from memory-mapped files, copying a few MB at a time into the full tensor and unmapping
+the pages it copied, so memory stays near the largest tensor rather than the model; and every file
+is loaded with weights_only=True (pretrain.checkpoint.safe_load), so no pickled code ever runs.
 
 Tensor-parallel shards are then joined along the dimension where a rank's shape differs from the
 full shape (which comes from the model code: tools/export_tensors.py).
@@ -20,8 +20,10 @@ full shape (which comes from the model code: tools/export_tensors.py).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import mmap
 import re
 from pathlib import Path
 
@@ -61,11 +63,10 @@ def find_tag(directory: Path, tag: str | None) -> Path:
 
 
 class _Mapped:
-    """Files loaded memory-mapped on first use and let go once `budget` bytes were read from them:
-    pages read through a mapping count in the process's memory until it is unmapped."""
+    """Files loaded memory-mapped, once: tensors are read from them only where touched."""
 
-    def __init__(self, budget: int):
-        self.budget, self.read, self.files = budget, 0, {}
+    def __init__(self):
+        self.files = {}
 
     def get(self, path: Path) -> dict:
         if path not in self.files:
@@ -79,22 +80,16 @@ class _Mapped:
                 raise CheckpointError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
         return self.files[path]
 
-    def count(self, nbytes: int) -> None:
-        self.read += nbytes
-        if self.read >= self.budget:
-            self.files.clear()
-            self.read = 0
-
 
 class DeepSpeedCheckpoint:
-    def __init__(self, tag_dir: Path, budget: int = 256 << 20):
+    def __init__(self, tag_dir: Path):
         self.dir = tag_dir
         marker = checkpoint.read_marker(tag_dir)
         self.config = Config.model_validate(marker["config"])
         self.layout = marker["layout"]
         self.tp, self.pp, self.dp = self.layout["tp"], self.layout["pp"], self.layout["dp"]
         self.zero = self.config.parallel.zero_stage
-        self.files = _Mapped(budget)
+        self.files = _Mapped()
         self._where: dict[str, list] = {}  # parameter name -> [(tp rank, shape, how to read its shard)]
         self._targets: dict[str, list] = {}  # the same for the EMA target's copy, when there is one
         for pp_rank in range(self.pp):
@@ -174,35 +169,29 @@ class DeepSpeedCheckpoint:
     def _flat(self, mp: int, dp: int, key: str) -> list[torch.Tensor]:
         return self.files.get(self._optim_file(dp, mp))["optimizer_state_dict"][key]
 
-    def _shard(self, how: tuple) -> torch.Tensor:
+    def _pieces(self, how: tuple) -> list[torch.Tensor]:
+        """One TP shard's elements in order, as flat views into the mapped files."""
         kind = how[0]
-        if kind == "module":
-            return self.files.get(how[1])["module"][how[2]].float()
-        if kind == "layer":
-            return self.files.get(how[1])[how[2]].float()
-        if kind == "target":
-            return self.files.get(how[1])["ema_target"][how[2]].float()
+        if kind in ("module", "layer", "target"):
+            state = self.files.get(how[1])
+            return [(state["module"] if kind == "module" else state.get("ema_target", state))[how[2]].view(-1)]
         if kind == "frozen":
             _, mp, name, numel = how
-            if self.zero != 3:
-                return self.files.get(self._model_file(mp))["frozen_param_fragments"][name].float().flatten()
-            pieces = [self.files.get(self._zero3_model_file(dp, mp))["frozen_param_fragments"][name].flatten()
-                      for dp in range(self.dp)]
-            return torch.cat(pieces)[:numel].float()
+            files = [self._model_file(mp)] if self.zero != 3 else [self._zero3_model_file(dp, mp) for dp in range(self.dp)]
+            flat = [self.files.get(f)["frozen_param_fragments"][name].view(-1) for f in files]
+            return _range(flat, 0, numel)
         if kind == "zero12":
             _, mp, group, offset, numel = how
-            parts = [self._flat(mp, dp, "single_partition_of_fp32_groups")[group] for dp in range(self.dp)]
-            return _slice_across(parts, offset, numel)
-        _, mp, offset, piece, numel = how  # zero3
-        chunks = []
-        for dp in range(self.dp):
-            groups = self._flat(mp, dp, "fp32_flat_groups")
-            chunks.append(_slice_across(groups, offset, piece))
-        return torch.cat(chunks)[:numel]
+            return _range([self._flat(mp, dp, "single_partition_of_fp32_groups")[group] for dp in range(self.dp)],
+                          offset, numel)
+        _, mp, offset, piece, numel = how  # zero3: each rank's piece of it, the last one padded
+        pieces = [p for dp in range(self.dp) for p in _range(self._flat(mp, dp, "fp32_flat_groups"), offset, piece)]
+        return _range(pieces, 0, numel)
 
     def _zero3_model_file(self, dp: int, mp: int) -> Path:
         return self.dir / f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt"
 
+    @torch.no_grad()
     def read(self, param: Param, target: bool = False) -> torch.Tensor:
         """The full fp32 value of one parameter (or of its EMA target): its TP shards joined."""
         where = sorted((self._targets if target else self._where).get(param.source, []), key=lambda w: w[0])
@@ -218,12 +207,11 @@ class DeepSpeedCheckpoint:
         if len(local) != len(param.shape) or len(split) > 1 or (split and local[split[0]] * self.tp != param.shape[split[0]]):
             raise CheckpointError(f"{self.dir}: parameter {param.source} has shape {list(local)} on each of "
                                   f"{self.tp} tensor-parallel ranks; the model's is {list(param.shape)}")
-        shards = []
-        for _, shape, how in (where if split else where[:1]):
-            t = self._shard(how).detach().reshape(shape)
-            self.files.count(t.numel() * 4)
-            shards.append(t)
-        return torch.cat(shards, dim=split[0]) if split else shards[0].clone()
+        out = torch.empty(param.shape)
+        for tp_rank, shape, how in where if split else where[:1]:
+            dst = out.narrow(split[0], tp_rank * shape[split[0]], shape[split[0]]) if split else out
+            _copy_released(dst, self._pieces(how))
+        return out
 
     def training_state(self) -> dict:
         """What the trainer saved beside the weights (step, tokens seen, loader position, config...)."""
@@ -240,8 +228,8 @@ def _tensors(state_dict: dict):
     return [(k, v) for k, v in state_dict.items() if v is not None and not k.endswith("._extra_state")]
 
 
-def _slice_across(parts: list[torch.Tensor], offset: int, numel: int) -> torch.Tensor:
-    """Elements [offset, offset + numel) of the concatenation of flat tensors `parts`."""
+def _range(parts: list[torch.Tensor], offset: int, numel: int) -> list[torch.Tensor]:
+    """Elements [offset, offset + numel) of the concatenation of flat tensors `parts`, as views."""
     out, start = [], 0
     for part in parts:
         end = start + part.numel()
@@ -251,7 +239,54 @@ def _slice_across(parts: list[torch.Tensor], offset: int, numel: int) -> torch.T
         start = end
     if sum(t.numel() for t in out) != numel:
         raise CheckpointError(f"a ZeRO partition holds {start} elements, too few for [{offset}, {offset + numel})")
-    return torch.cat(out).float() if len(out) > 1 else out[0].float().clone()
+    return out
+
+
+_CHUNK = 16 << 20  # bytes copied between releases of the source pages
+
+
+def _copy_released(dst: torch.Tensor, pieces: list[torch.Tensor]) -> None:
+    """Fill dst (any strides) from flat views into mapped files, in row blocks of a few MB, letting each
+    block's pages go once copied: a page read through a mapping stays in the process's memory until it
+    is unmapped, so without this reading a tensor would cost its size twice."""
+    if dst.dim() == 1:
+        rows = dst.view(1, -1)
+    elif dst.is_contiguous():
+        rows = dst.view(dst.shape[0], -1)
+    elif dst.dim() == 2:  # a row-parallel shard: columns of the full matrix
+        rows = dst
+    else:
+        raise ValueError(f"cannot fill a {dst.dim()}-dimensional tensor split along a later dimension")
+    width = rows.shape[1]
+    step = max(1, _CHUNK // (4 * width))
+    flat = iter(pieces)
+    current, used = next(flat), 0
+    for r in range(0, rows.shape[0], step):
+        need, parts = min(step, rows.shape[0] - r) * width, []
+        while need:
+            if used == current.numel():
+                current, used = next(flat), 0
+            take = min(need, current.numel() - used)
+            parts.append(current[used:used + take])
+            used, need = used + take, need - take
+        block = rows[r:r + step]
+        block.copy_((parts[0] if len(parts) == 1 else torch.cat(parts)).view(block.shape))
+        for part in parts:
+            _release(part)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+
+
+def _release(t: torch.Tensor) -> None:
+    """Unmap the whole pages under t (a view into a file mapped copy-on-write and never written: they
+    are read again from the file if touched again)."""
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    lo, hi = -(-start // _PAGE) * _PAGE, end // _PAGE * _PAGE
+    if hi > lo:
+        _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 
 def json_safe(value):

@@ -44,6 +44,7 @@ def _export_files(export: Path) -> dict:
 def reshard(args) -> Path:
     """Parent side: check, write the new run config, launch the workers, rename into place."""
     from pretrain.config import Config
+    from tools.convert_ckpt import publish
 
     files = _export_files(args.checkpoint)
     config = json.loads(files["config.json"].read_text())
@@ -72,9 +73,7 @@ def reshard(args) -> Path:
         proc = subprocess.run(cmd, env=env, cwd=REPO)
         if proc.returncode != 0:
             raise CheckpointError(f"resharding into tp={args.tp} pp={args.pp} dp={args.dp} failed (exit {proc.returncode})")
-        if args.out.exists():
-            shutil.rmtree(args.out)
-        os.replace(work, args.out)
+        publish(work, args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"continue with: deepspeed --num_gpus {args.tp * args.pp * args.dp} pretrain/train.py "
@@ -100,12 +99,20 @@ def _set(engine, param: torch.nn.Parameter, value: torch.Tensor) -> None:
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param
 
-    if hasattr(param, "ds_id"):  # ZeRO-3: partitioned
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            param.data.copy_(value)
-    else:
+    if not hasattr(param, "ds_id"):
         param.data.copy_(value)
-    safe_set_full_fp32_param(param, value.to(param.device))
+        safe_set_full_fp32_param(param, value)
+        return
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):  # ZeRO-3: partitioned
+        param.data.copy_(value)
+    if param.requires_grad:
+        # DeepSpeed's safe_set_full_fp32_param cuts this rank's piece without the padding a last
+        # rank's piece may have (it fails for a parameter with fewer elements than ranks): its cut, padded.
+        optimizer = engine.optimizer
+        piece, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+        start = piece.numel() * optimizer._get_param_partition_rank(param)
+        flat = torch.nn.functional.pad(value.flatten().float(), (0, max(0, start + piece.numel() - value.numel())))
+        piece.data.copy_(flat.narrow(0, start, piece.numel()))
 
 
 def worker(argv=None) -> None:

@@ -81,7 +81,6 @@ def main():
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", required=True)
-    p.add_argument("--load", help="a checkpoint folder (global_stepN) to start from, as --resume does")
     p.add_argument("--save", help="a checkpoints folder to save the trained model into")
     p.add_argument("--local_rank", type=int, default=0)
     args = p.parse_args()
@@ -92,10 +91,6 @@ def main():
     objective = build_objective(cfg, tokenizer)
     engine = build_engine(cfg, objective, tokenizer)
     setup_objective(engine, objective)
-    if args.load:
-        checkpoint.load(engine, Path(args.load))
-        if objective.state_dict():
-            objective.load_state_dict(checkpoint.load_objective_state(Path(args.load)))
     param_bytes = torch.tensor(parameter_bytes(engine))
     dist.all_reduce(param_bytes, op=dist.ReduceOp.MAX)
     batches = dp_slices(cfg, tokenizer, world)
@@ -106,7 +101,7 @@ def main():
         result = train_step(engine, objective, [next(batches) for _ in range(accum)])
         losses.append(result.losses)
         norms.append(result.grad_norm)
-    ema = ema_check(engine, objective, target_before, cfg) if objective.state_dict() and args.steps else {}
+    ema = ema_check(engine, objective, target_before, cfg) if objective.state_dict() else {}
     again = dp_slices(cfg, tokenizer, world)
     evaluation = eval_losses(engine, objective, [next(again) for _ in range(accum)])
     if args.save:
