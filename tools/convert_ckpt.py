@@ -31,8 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pretrain.checkpoint import CheckpointError, read_marker
-from pretrain.config import Config
+from pretrain.checkpoint import CheckpointError
 from tools.ds_checkpoint import DeepSpeedCheckpoint, dumps, find_tag
 from tools.export_formats import (FORMATS, CppWriter, GGUFWriter, HFWriter, WholeModelWriter, gguf_name, hf_name)
 from tools.export_tensors import cut, plan
@@ -118,13 +117,13 @@ def convert(args) -> Path:
     start = time.perf_counter()
     _unmap_freed_tensors()
     tag_dir = find_tag(args.checkpoint, args.tag)
-    cfg = Config.model_validate(read_marker(tag_dir)["config"])
+    ckpt = DeepSpeedCheckpoint(tag_dir)
+    cfg = ckpt.config
     jepa = cfg.training.jepa
     try:
         params = plan(cfg.model, cfg.training.lm.vocab_size, jepa.embedding_dim, jepa.prediction_steps)
     except ValueError as e:
         raise CheckpointError(f"{tag_dir}: {e}") from None
-    ckpt = DeepSpeedCheckpoint(tag_dir)
     expected, found = {p.source for p in params}, ckpt.names()
     if expected != found:
         missing, extra = sorted(expected - found), sorted(found - expected)

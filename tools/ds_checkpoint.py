@@ -32,7 +32,7 @@ import torch
 from pretrain import checkpoint
 from pretrain.checkpoint import CheckpointError, safe_load
 from pretrain.config import Config
-from tools.export_tensors import Param
+from tools.export_tensors import Param, split_dim
 
 
 def find_tag(directory: Path, tag: str | None) -> Path:
@@ -203,13 +203,16 @@ class DeepSpeedCheckpoint:
             raise CheckpointError(f"{self.dir}: parameter {param.source} has different shapes on the tensor-parallel "
                                   f"ranks: {[w[1] for w in where]}")
         local = where[0][1]
-        split = [d for d, (a, b) in enumerate(zip(local, param.shape)) if a != b]
-        if len(local) != len(param.shape) or len(split) > 1 or (split and local[split[0]] * self.tp != param.shape[split[0]]):
+        split = split_dim(local, param.shape)
+        expected = list(param.shape)
+        if split is not None:
+            expected[split] = local[split]
+        if list(local) != expected or (split is not None and local[split] * self.tp != param.shape[split]):
             raise CheckpointError(f"{self.dir}: parameter {param.source} has shape {list(local)} on each of "
                                   f"{self.tp} tensor-parallel ranks; the model's is {list(param.shape)}")
         out = torch.empty(param.shape)
-        for tp_rank, shape, how in where if split else where[:1]:
-            dst = out.narrow(split[0], tp_rank * shape[split[0]], shape[split[0]]) if split else out
+        for tp_rank, shape, how in where if split is not None else where[:1]:
+            dst = out if split is None else out.narrow(split, tp_rank * shape[split], shape[split])
             _copy_released(dst, self._pieces(how))
         return out
 

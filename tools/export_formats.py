@@ -121,20 +121,19 @@ _GGUF_TOP = {"language_encoder.embedding.weight": "token_embd.weight",
              "language_encoder.norm.weight": "output_norm.weight", "autoregressive_head.weight": "output.weight"}
 
 
-def hf_name(name: str) -> str | None:
-    m = _LAYER.fullmatch(name)
-    if m:
-        leaf = _HF_LAYER.get(m.group(2))
-        return leaf and f"model.layers.{m.group(1)}.{leaf}"
-    return _HF_TOP.get(name)
+def _renamer(layer: dict, top: dict, layer_prefix: str):
+    """export name -> the format's name (None: not on the language path)."""
+    def rename(name: str) -> str | None:
+        m = _LAYER.fullmatch(name)
+        if m:
+            leaf = layer.get(m.group(2))
+            return leaf and f"{layer_prefix}.{m.group(1)}.{leaf}"
+        return top.get(name)
+    return rename
 
 
-def gguf_name(name: str) -> str | None:
-    m = _LAYER.fullmatch(name)
-    if m:
-        leaf = _GGUF_LAYER.get(m.group(2))
-        return leaf and f"blk.{m.group(1)}.{leaf}"
-    return _GGUF_TOP.get(name)
+hf_name = _renamer(_HF_LAYER, _HF_TOP, "model.layers")
+gguf_name = _renamer(_GGUF_LAYER, _GGUF_TOP, "blk")
 
 
 def language(config: dict) -> dict:

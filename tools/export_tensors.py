@@ -114,7 +114,7 @@ def plan(cfg: ModelConfig, vocab_size: int, embedding_dim: int, prediction_steps
         heads = _heads(layer)
         for leaf, p in layer.named_parameters():
             module, prefix = _place(kind, leaf)
-            name = _RENAME.get((kind, leaf)) or _RENAME.get((OutputHead if kind is Head else kind, leaf)) or leaf
+            name = _RENAME.get((OutputHead if kind is Head else kind, leaf), leaf)
             out.append(Param(f"{index}.{leaf}", tuple(p.shape),
                              _pieces(f"{module}.{prefix.format(j=j)}{name}", name, leaf, tuple(p.shape), heads,
                                      vocab_size, module),
@@ -148,6 +148,12 @@ def _pieces(name: str, renamed: str, leaf: str, shape: tuple, heads: dict, vocab
             return [Piece(f"{stem}{renamed[: -len(fused)]}{part}.weight", (shape[0] // len(parts), *shape[1:]),
                           k, len(parts), unit) for k, part in enumerate(parts)]
     return [Piece(name, shape)]
+
+
+def split_dim(local: tuple, full: tuple) -> int | None:
+    """The dimension a tensor-parallel shard of shape `local` cuts from `full` (None: replicated)."""
+    split = [d for d, (a, b) in enumerate(zip(local, full)) if a != b]
+    return split[0] if split else None
 
 
 def cut(full: torch.Tensor, piece: Piece) -> torch.Tensor:

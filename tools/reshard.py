@@ -86,11 +86,10 @@ def reshard(args) -> Path:
 
 def _shard(full: torch.Tensor, local: torch.Size, tp_rank: int) -> torch.Tensor:
     """This tensor-parallel rank's part of a full parameter: split where the shapes differ."""
-    split = [d for d, (a, b) in enumerate(zip(local, full.shape)) if a != b]
-    if not split:
-        return full
-    d = split[0]
-    return full.narrow(d, tp_rank * local[d], local[d])
+    from tools.export_tensors import split_dim
+
+    d = split_dim(local, full.shape)
+    return full if d is None else full.narrow(d, tp_rank * local[d], local[d])
 
 
 def _set(engine, param: torch.nn.Parameter, value: torch.Tensor) -> None:
