@@ -6,7 +6,10 @@ own engine on one CPU process with ZeRO-1 and saved as the trainer saves, so the
 fp32 master weights from the ZeRO partition file, the path a real run's checkpoint takes. Then, in
 rounds with the order rotated every round (bench/timing.py):
 - the converter, `tools/convert_ckpt.py --format safetensors`, in its own process: its time is the
-  one it reports (from opening the checkpoint to the rename), not the interpreter's start;
+  one it reports (from opening the checkpoint to the rename), not the interpreter's start. Here every
+  tensor's bytes are stretches of the ZeRO partition file, which it has the kernel copy;
+- the same with `--through-memory`, every tensor read into memory and written from there: the path
+  GGUF and row-parallel joins take, reported beside (not the headline);
 - a plain copy (shutil.copyfile, then fsync) of the checkpoint's module-weights file, which holds the
   same model bytes in fp32, timed inside its own new process too.
 Throughput ratio: the median over rounds of (copy seconds / convert seconds) x (converted bytes /
@@ -17,8 +20,9 @@ synced too): without that, whichever of them crossed the kernel's dirty-page lim
 throttled for the other's writes.
 
 Memory: the converter process's peak RSS (ru_maxrss at its exit) minus its peak RSS converting a
-model of a few MB (the constant: interpreter, libraries, the plan), over the largest tensor's bytes.
-Target: at most 2.
+model of a few MB (the constant: interpreter, libraries, the plan), over the largest tensor's bytes;
+the headline is the larger of the two paths' (the through-memory one: the kernel copy holds no
+tensor). Target: at most 2.
 
   python bench/convert.py [--hidden 1536 --layers 8 --vocab 32000 --rounds 5]
 """
@@ -89,9 +93,9 @@ shutdown()
     return root / "run" / "checkpoints" / "global_step0"
 
 
-def convert(tag_dir: Path, out: Path) -> tuple[float, float, int]:
+def convert(tag_dir: Path, out: Path, *flags: str) -> tuple[float, float, int]:
     """(seconds the converter reports, MB converted, its peak RSS in bytes)."""
-    argv = ["tools/convert_ckpt.py", "--checkpoint", str(tag_dir), "--out", str(out), "--format", "safetensors"]
+    argv = ["tools/convert_ckpt.py", "--checkpoint", str(tag_dir), "--out", str(out), "--format", "safetensors", *flags]
     stdout = _python(PEAK.format(argv=argv, body="runpy.run_path('tools/convert_ckpt.py', run_name='__main__')"))
     _delete(out)
     line = next(x for x in stdout.splitlines() if x.startswith("converted "))
@@ -139,34 +143,41 @@ def main() -> None:
         tag_dir = build_checkpoint(root / "big", args)
         # The constant: the converter's peak on a model of a few MB, the same code path.
         tiny = build_checkpoint(root / "tiny", argparse.Namespace(hidden=128, layers=2, vocab=512, ffn=352))
-        constant = convert(tiny, root / "tiny_export")[2]
+        constant = max(convert(tiny, root / "tiny_export", *flags)[2] for flags in ([], ["--through-memory"]))
         weights = tag_dir / "mp_rank_00_model_states.pt"
 
-        results = {"convert": [], "copy": []}
-        peaks, converted_mb = [], None
+        results = {"convert": [], "through_memory": [], "copy": []}
+        peaks, converted_mb = {"convert": [], "through_memory": []}, None
         for r in range(args.rounds):
-            for kind in rotated(["convert", "copy"], r):
-                if kind == "convert":
-                    seconds, converted_mb, peak = convert(tag_dir, root / "export")
-                    peaks.append(peak)
-                else:
+            for kind in rotated(list(results), r):
+                if kind == "copy":
                     seconds = copy(weights, root / "copy.pt")
+                else:
+                    flags = ["--through-memory"] if kind == "through_memory" else []
+                    seconds, converted_mb, peak = convert(tag_dir, root / "export", *flags)
+                    peaks[kind].append(peak)
                 results[kind].append(seconds)
         copied_mb = weights.stat().st_size / 1e6
-        ratios = [(c / copied_mb) / (v / converted_mb) for v, c in zip(results["convert"], results["copy"])]
+
+        def ratios(kind):
+            return [(c / copied_mb) / (v / converted_mb) for v, c in zip(results[kind], results["copy"])]
+
         largest = max(4 * math.prod(piece.shape) for p in plan(ModelConfig(
             hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 128, ffn_hidden_size=args.ffn),
             args.vocab, 128, 3) for piece in p.pieces)
-        peak = max(peaks)
-        memory_ratio = (peak - constant) / largest
-        throughput = statistics.median(ratios)
+        memory = {kind: (max(p) - constant) / largest for kind, p in peaks.items()}
+        memory_ratio = max(memory.values())
+        throughput = statistics.median(ratios("convert"))
         report = {
             "machine": info, "model": {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
                                        "fp32_bytes": int(converted_mb * 1e6), "largest_tensor_bytes": largest},
-            "convert_seconds": results["convert"], "copy_seconds": results["copy"],
-            "convert_mb_per_s": [converted_mb / s for s in results["convert"]],
-            "copy_mb_per_s": [copied_mb / s for s in results["copy"]], "throughput_ratios": ratios,
+            "seconds": results, "convert_mb_per_s": [converted_mb / s for s in results["convert"]],
+            "through_memory_mb_per_s": [converted_mb / s for s in results["through_memory"]],
+            "copy_mb_per_s": [copied_mb / s for s in results["copy"]], "throughput_ratios": ratios("convert"),
+            "through_memory_throughput_ratios": ratios("through_memory"),
+            "through_memory_vs_copy_throughput": statistics.median(ratios("through_memory")),
             "converter_peak_rss_bytes": peaks, "constant_rss_bytes": constant,
+            "peak_rss_over_largest_tensor": memory,
             "convert_vs_copy_throughput": throughput, "convert_peak_rss_over_largest_tensor": memory_ratio,
             "load_average_at_end": os.getloadavg(),
         }
@@ -174,9 +185,11 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     out = ROOT / "bench" / "results" / "convert.json"
     out.write_text(json.dumps(report, indent=1))
+    median = {k: statistics.median(report[f"{k}_mb_per_s"]) for k in ("convert", "through_memory", "copy")}
     print(f"model {converted_mb / 1e3:.2f} GB fp32, largest tensor {largest / 1e6:.0f} MB; converter "
-          f"{statistics.median(report['convert_mb_per_s']):.0f} MB/s, copy {statistics.median(report['copy_mb_per_s']):.0f} MB/s; "
-          f"peak RSS {max(peaks) / 1e6:.0f} MB, of which {constant / 1e6:.0f} MB the interpreter and libraries")
+          f"{median['convert']:.0f} MB/s ({median['through_memory']:.0f} MB/s through memory), copy {median['copy']:.0f} MB/s; "
+          f"peak RSS over the largest tensor {memory['convert']:.2f} ({memory['through_memory']:.2f} through memory) "
+          f"beside {constant / 1e6:.0f} MB for the interpreter and libraries")
     print(f"wrote {out}")
     print(f"RESULT convert_vs_copy_throughput {throughput:.3f}")
     print(f"RESULT convert_peak_rss_over_largest_tensor {memory_ratio:.3f}")

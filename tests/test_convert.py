@@ -28,7 +28,7 @@ from conftest import PYTHON, REPO, launch, run, vl_sets
 from pretrain.checkpoint import _sha256, safe_load
 from pretrain.config import Config
 from tools import convert_ckpt
-from tools.export_tensors import join, plan
+from tools.export_tensors import cut, join, plan
 
 CPP = REPO / "tools" / "cpp" / "build" / "cromwell_infer"
 TOKENS = [5, 17, 300, 42, 42, 9, 511, 120, 64, 3]
@@ -157,6 +157,33 @@ def test_every_layout_converts_to_the_one_process_weights(exports, layout):
     # Training moved the weights away from init, so agreement is not two copies of the init.
     moved = load_file(exports / "single" / "safetensors" / "model.safetensors")["language_encoder.layers.0.mlp_norm.weight"]
     assert (moved - 1).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("layout", ["single", "tp2", "zero3", "tp2pp2"])
+def test_the_kernel_copied_stretches_hold_the_tensors_bytes(vl_layouts, layout, tmp_path):
+    """convert_ckpt copies a tensor file to file when its bytes are stretches of the checkpoint's files
+    (DeepSpeedCheckpoint.runs); those bytes must be what reading and cutting the parameter gives."""
+    from tools.ds_checkpoint import DeepSpeedCheckpoint
+
+    ckpt = DeepSpeedCheckpoint(vl_layouts[layout]["checkpoint"])
+    cfg = ckpt.config
+    copied, out = 0, tmp_path / "bytes"
+    try:
+        for param in plan(cfg.model, cfg.training.lm.vocab_size, cfg.training.jepa.embedding_dim,
+                          cfg.training.jepa.prediction_steps):
+            for piece in param.pieces:
+                runs = ckpt.runs(param, piece)
+                if runs is None:
+                    continue
+                with out.open("wb") as f:
+                    ckpt.send(runs, f.fileno())
+                want = cut(ckpt.read(param), piece).contiguous()
+                assert out.read_bytes() == want.numpy().tobytes(), piece.name
+                copied += 1
+    finally:
+        ckpt.close()
+    # Every piece but the row-parallel joins (attention output and MLP down projections under TP).
+    assert copied >= (60 if layout in ("single", "zero3") else 40)
 
 
 # -- programs that load the exports ----------------------------------------------------------------------

@@ -14,6 +14,10 @@ loader's position). With `all`, each format goes to its own folder under --out.
 The output appears only when complete: it is written into a hidden folder beside --out and renamed
 at the end, so a failed or interrupted conversion leaves nothing that looks like an export.
 
+A tensor whose bytes already lie in the checkpoint's files (most of them; not GGUF's, which are
+permuted or converted, nor a row-parallel join's) is copied file to file by the kernel and never
+enters this process's memory: measured 2.7x faster than reading and writing it (bench/convert.py).
+
 --to-deepspeed turns a `safetensors` export into a checkpoint of the trainer for another layout
 (tools/reshard.py, run on CPU processes); `pretrain/train.py --resume` continues from it.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import math
 import os
 import shutil
 import sys
@@ -48,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--format", choices=[*FORMATS, "all"], default="safetensors")
     p.add_argument("--gguf-type", choices=["f32", "f16"], default="f32", help="GGUF matrices' type (norms stay f32)")
     p.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
+    p.add_argument("--through-memory", action="store_true",
+                   help="read every tensor into memory and write it from there, instead of having the kernel copy "
+                        "the stretches of the checkpoint's files that already are a tensor's bytes")
     p.add_argument("--to-deepspeed", action="store_true", help="make a DeepSpeed checkpoint from a safetensors export")
     p.add_argument("--tp", type=int, default=1, help="--to-deepspeed: tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="--to-deepspeed: pipeline-parallel size")
@@ -144,19 +152,28 @@ def convert(args) -> Path:
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"converting {tag_dir.name}", file=sys.stdout,
                   mininterval=2) as bar:
             for param, prefix in [(p, "") for p in params] + [(p, TARGET) for p in targets]:
-                full = ckpt.read(param, target=bool(prefix))
+                full = None
                 for piece in param.pieces:
-                    t = cut(full, piece).contiguous()
+                    runs = None if args.through_memory else ckpt.runs(param, piece, target=bool(prefix))
+                    t = None
                     for writer, rename in writers:
                         name = rename(prefix + piece.name)
-                        if name:
-                            writer.write(name, t)
-                    bar.update(t.numel() * 4)
+                        if not name:
+                            continue
+                        if runs is not None and hasattr(writer, "send"):
+                            writer.send(name, piece.shape, lambda fd: ckpt.send(runs, fd))
+                            continue
+                        if t is None:  # GGUF (which converts), or bytes that are not the files' own
+                            full = ckpt.read(param, target=bool(prefix)) if full is None else full
+                            t = cut(full, piece).contiguous()
+                        writer.write(name, t)
+                    bar.update(4 * math.prod(piece.shape))
                 del full
         for writer, _ in writers:
             writer.close(config, extra)
         publish(work, args.out)
     finally:
+        ckpt.close()
         shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - start
     print(f"converted {total / 1e6:.1f} MB of tensors in {seconds:.2f} s ({total / 1e6 / seconds:.1f} MB/s)")

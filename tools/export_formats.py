@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -37,9 +38,17 @@ class CppWriter:
         self.metadata = {}
 
     def write(self, name: str, t: torch.Tensor) -> None:
+        self.send(name, tuple(t.shape), lambda fd: _write_all(fd, t.numpy().astype("<f4", copy=False)))
+
+    def send(self, name: str, shape: tuple, fill) -> None:
+        """A tensor whose float32 bytes fill(fd) writes to the open file fd."""
         path = self.out / f"{name}.bin"
-        t.numpy().astype("<f4", copy=False).tofile(path)
-        self.metadata[name] = {"path": path.name, "shape": list(t.shape), "dtype": "float32"}
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fill(fd)
+        finally:
+            os.close(fd)
+        self.metadata[name] = {"path": path.name, "shape": list(shape), "dtype": "float32"}
 
     def close(self, config: dict, extra: dict) -> None:
         (self.out / "metadata.json").write_text(json.dumps(self.metadata, indent=2))
@@ -62,28 +71,31 @@ class SafetensorsWriter:
         self.path, self.order, self.next = path, [name for name, _ in entries], 0
         self.shapes = dict(entries)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("wb", buffering=0)
-        _write_all(self.file, struct.pack("<Q", len(raw)) + raw)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        _write_all(self.fd, struct.pack("<Q", len(raw)) + raw)
 
     def write(self, name: str, t: torch.Tensor) -> None:
+        self.send(name, tuple(t.shape), lambda fd: _write_all(fd, t.numpy().astype("<f4", copy=False)))
+
+    def send(self, name: str, shape: tuple, fill) -> None:
+        """The next tensor, whose float32 bytes fill(fd) appends to the file."""
         expected = self.order[self.next] if self.next < len(self.order) else None
-        if name != expected or tuple(t.shape) != tuple(self.shapes[name]):
-            raise RuntimeError(f"{self.path}: got {name} {list(t.shape)}, expected {expected} {self.shapes.get(expected)}")
-        _write_all(self.file, t.numpy().astype("<f4", copy=False))
+        if name != expected or tuple(shape) != tuple(self.shapes[name]):
+            raise RuntimeError(f"{self.path}: got {name} {list(shape)}, expected {expected} {self.shapes.get(expected)}")
+        fill(self.fd)
         self.next += 1
 
     def close(self, *_):
         if self.next != len(self.order):
             raise RuntimeError(f"{self.path}: {len(self.order) - self.next} tensors were never written")
-        self.file.close()
+        os.close(self.fd)
 
 
-def _write_all(raw_file, data) -> None:
-    """All of data's bytes, no copy. An unbuffered file: a buffered one takes several times longer
-    over a numpy array's buffer than over bytes."""
+def _write_all(fd: int, data) -> None:
+    """All of data's bytes, no copy."""
     view = memoryview(data).cast("B")
     while view:
-        view = view[raw_file.write(view):]
+        view = view[os.write(fd, view):]
 
 
 class WholeModelWriter(SafetensorsWriter):
