@@ -31,8 +31,10 @@ extras {}), counted in skipped_samples and logged, and training goes on with the
 unchanged.
 """
 
+import ctypes
 import logging
 import signal
+import sys
 import weakref
 import zlib
 from pathlib import Path
@@ -57,12 +59,18 @@ SampleFn = Callable[[int, np.ndarray, bytes | None, str], dict[str, np.ndarray]]
 _PLAN_AHEAD = 64
 
 
+_PR_SET_PDEATHSIG = 1
+
+
 def _leave_signals_to_trainer(worker_id: int) -> None:
     """Slurm signals every process of a job, DataLoader workers too. A worker that died of it would
     take its rank down before the rank's graceful stop could checkpoint; the rank stops the workers
-    itself, and they exit on their own if the rank dies."""
+    itself. If the rank dies (a node failure, SIGKILL) the kernel kills its workers at once: an orphaned
+    worker holds the job step's output open, and Slurm then waits a minute before ending the step."""
     for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
 
 
 def _as_is(batch):

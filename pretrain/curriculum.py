@@ -60,17 +60,22 @@ def load_curriculum(path: Path) -> Curriculum:
         raise ConfigError(f"{path}: invalid curriculum: {e}") from None
 
 
+def stage_args(curriculum: Curriculum, overrides: list[str]) -> list[tuple[str, str, list[str]]]:
+    """(name, run config, overrides) of every stage, each starting from the previous stage's checkpoints."""
+    out, previous = [], None
+    for stage in curriculum.stages:
+        sets = [*curriculum.set, *stage.set, *overrides, f"run.name={stage.name}",
+                f"run.output_dir={Path(curriculum.output_dir) / stage.name}",
+                f"training.train_tokens={int(stage.tokens * curriculum.total_tokens)}"]
+        cfg = load_config(stage.config, sets + ([f"run.init_from={previous}"] if previous else []))
+        out.append((stage.name, stage.config, sets + ([f"run.init_from={previous}"] if previous else [])))
+        previous = cfg.checkpoint_dir
+    return out
+
+
 def stage_configs(curriculum: Curriculum, overrides: list[str]) -> list[Config]:
     """Every stage's run config, each starting from the previous stage's checkpoints."""
-    configs, previous = [], None
-    for stage in curriculum.stages:
-        out = Path(curriculum.output_dir) / stage.name
-        sets = [*curriculum.set, *stage.set, *overrides, f"run.name={stage.name}", f"run.output_dir={out}",
-                f"training.train_tokens={int(stage.tokens * curriculum.total_tokens)}"]
-        cfg = load_config(stage.config, sets + ([f"run.init_from={previous.checkpoint_dir}"] if previous else []))
-        configs.append(cfg)
-        previous = cfg
-    return configs
+    return [load_config(config, sets) for _, config, sets in stage_args(curriculum, overrides)]
 
 
 def progress(cfg: Config) -> int:
@@ -117,8 +122,18 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--curriculum", required=True, type=Path)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of every stage")
+    p.add_argument("--stages", action="store_true",
+                   help="print each stage as a line `STAGE<tab>name<tab>run config<tab>override...` (for "
+                        "slurm/submit_curriculum.sh), and exit")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.stages:
+        try:
+            for name, config, sets in stage_args(load_curriculum(args.curriculum), args.set):
+                print("\t".join(["STAGE", name, config, *sets]))
+        except ConfigError as e:
+            sys.exit(f"error: {e}")
+        return
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(message)s")
     rank0 = os.environ.get("RANK", "0") == "0"

@@ -97,12 +97,36 @@ def init_distributed(cfg: Config) -> int:
     join_process_group()
     world = dist.get_world_size()
     cfg.batch_sizes(world)  # fail before building anything if the numbers disagree
+    _log_hosts()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=cfg.parallel.tensor,
             pipeline_model_parallel_size=cfg.parallel.pipeline,
         )
     return world
+
+
+def _log_hosts() -> None:
+    """Which host each rank runs on, one line from rank 0: in a multi-node job's log, the proof that
+    the ranks are where the allocation put them."""
+    hosts = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    if dist.get_rank() == 0 and len(hosts) > 1:
+        ranks: dict[str, list[int]] = {}
+        for rank, host in enumerate(hosts):
+            ranks.setdefault(host, []).append(rank)
+        print(f"{len(hosts)} ranks on {len(ranks)} hosts: "
+              + "; ".join(f"{host}: ranks {_spans(r)}" for host, r in ranks.items()), flush=True)
+
+
+def _spans(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    out, start = [], ranks[0]
+    for a, b in zip(ranks, ranks[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}-{a}" if a > start else f"{a}")
+            start = b
+    return ",".join(out)
 
 
 def shutdown() -> None:

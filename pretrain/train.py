@@ -19,7 +19,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="run config (YAML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=[True, "auto"],
+                   help="continue from the newest complete checkpoint; `--resume auto`: when there is one, else "
+                        "start afresh (what a requeued Slurm job does)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a run directory that holds a run (deletes its checkpoints and logs)")
     p.add_argument(

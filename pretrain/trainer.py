@@ -47,14 +47,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # every device's generator too
 
 
-def train(cfg: Config, resume: bool = False, stop_after: int | None = None, overwrite: bool = False):
+def train(cfg: Config, resume: bool | str = False, stop_after: int | None = None, overwrite: bool = False):
     """Train to the run's last step (or `stop_after` steps, or a stop signal, then checkpoint). Returns
-    the DeepSpeed engine: `engine.module.model` is the trained model, for callers that go on in-process."""
+    the DeepSpeed engine: `engine.module.model` is the trained model, for callers that go on in-process.
+    resume "auto": resume when the run has a complete checkpoint, else start afresh over what an attempt
+    that never reached one left behind (its logs)."""
     stopper = GracefulStop()
     with contextlib.ExitStack() as cleanup:
         stopper.install(launched="RANK" in os.environ)
         cleanup.callback(stopper.uninstall)
         init_distributed(cfg)
+        if resume == "auto":
+            resume = _from_rank0(lambda: checkpoint.newest_complete(cfg.checkpoint_dir)[0] is not None)
+            overwrite = overwrite or not resume
         cleanup.callback(run_dir.release, _from_rank0(lambda: _claim(cfg, resume, overwrite)))
         return _train(cfg, resume, stop_after, stopper, cleanup)
 
@@ -144,7 +149,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
     return engine
 
 
-def run(cfg, resume: bool = False, stop_after: int | None = None, overwrite: bool = False) -> None:
+def run(cfg, resume: bool | str = False, stop_after: int | None = None, overwrite: bool = False) -> None:
     """train() for a command line: bad input (config, data, checkpoint, run directory) is one error
     line and a non-zero exit, and the process group is left cleanly."""
     try:

@@ -1,0 +1,34 @@
+# What srun starts once per node (slurm/common.sh's launch): this node's environment, then torchrun,
+# which starts the node's ranks and joins the first node's rendezvous.
+#   bash slurm/node.sh SCRIPT ARGS...
+
+set -uo pipefail
+
+# The interface that reaches the first node: gloo (CPU) and NCCL's bootstrap bind to it. On the first
+# node the route to its own address is the loopback; its interface is the one holding the address.
+iface=
+if command -v ip >/dev/null; then
+    iface=$(ip -o route get "$MASTER_ADDR" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p')
+    [[ $iface == lo ]] && iface=$(ip -o addr show to "$MASTER_ADDR" | awk '{print $2; exit}')
+fi
+
+if [[ -n ${SLURM_GPUS_ON_NODE:-} && ${SLURM_GPUS_ON_NODE} != 0 ]]; then
+    nproc=${NPROC_PER_NODE:-$SLURM_GPUS_ON_NODE}
+    [[ -n $iface ]] && export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$iface}
+    # A hung collective raises an error (and the job requeues) instead of waiting forever.
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+    export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+    # Megatron's tensor-parallel overlap relies on kernels being issued in order.
+    export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+else
+    nproc=${NPROC_PER_NODE:-1}
+    [[ -n $iface ]] && export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$iface}
+fi
+cpus=${SLURM_CPUS_ON_NODE:-$(nproc)}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / nproc > 0 ? cpus / nproc : 1 ))}
+export PYTHONUNBUFFERED=1
+
+echo "[$(date +%FT%T)] node $SLURM_NODEID of $SLURM_NNODES ($(hostname)): $nproc rank(s), interface ${iface:-default}"
+exec "$PYTHON" -m torch.distributed.run --nnodes="$SLURM_NNODES" --node-rank="$SLURM_NODEID" \
+    --nproc-per-node="$nproc" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" --max-restarts=0 \
+    --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="$STOP_GRACE_S" "$@"
