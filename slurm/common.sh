@@ -10,7 +10,9 @@
 #   RUN_DIR          run.output_dir: checkpoints, metrics, TensorBoard (default: runs/<job name>/<job id>,
 #                    the same folder for a requeued job, which resumes from it)
 #   NPROC_PER_NODE   ranks per node (default: the node's allocated GPUs; 1 on a CPU node)
-#   MASTER_PORT      the rendezvous port on the first node (default: 20000 + job id % 20000)
+#   RDZV_PORT        the rendezvous port on the first node (default: 20000 + job id % 20000); the
+#                    address is always the first node's: a MASTER_ADDR exported from the submitting
+#                    shell (sbatch passes the environment on) must not send the ranks elsewhere
 #   INIT_FROM        run.init_from: start from another run's checkpoint (a curriculum's previous stage)
 #   STOP_GRACE_S     how long the launcher waits for the ranks' checkpoint after a stop signal (default 600)
 #   MAX_REQUEUES     how many times a failed job requeues itself (default 3)
@@ -40,19 +42,22 @@ export PYTHONPATH=$CROMWELL_DIR${PYTHONPATH:+:$PYTHONPATH}
 RUN_DIR=${RUN_DIR:-runs/$SLURM_JOB_NAME/$SLURM_JOB_ID}
 MAX_REQUEUES=${MAX_REQUEUES:-3}
 export PYTHON STOP_GRACE_S=${STOP_GRACE_S:-600}
-export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+export MASTER_PORT=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 # The node's address as Slurm reaches it (NodeAddr; the node name itself where none is configured).
-export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show node "$first_node" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')}
+MASTER_ADDR=$(scontrol show node "$first_node" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
+export MASTER_ADDR=${MASTER_ADDR:-$first_node}
 
-_stopping=0
+_stopped_by=
 _srun=
 
 # On the warning signal (--signal=B:USR1@N before the time limit, or `scancel --signal=USR1 --batch`
-# to preempt), ask every rank to checkpoint and stop; srun forwards the signal to torchrun on each
-# node, and torchrun to its ranks. SIGTERM (scancel, preemption) does the same.
+# to preempt), ask every rank to checkpoint and stop, then requeue: srun forwards the signal to
+# torchrun on each node, and torchrun to its ranks. SIGTERM (scancel, or Slurm's own preemption,
+# which requeues by itself where the cluster's PreemptMode says so) checkpoints the same way but
+# never requeues: a job its user cancelled stays cancelled.
 _stop() {
-    _stopping=1
+    _stopped_by=$1
     echo "[$(date +%FT%T)] job $SLURM_JOB_ID: $1: asking the ranks to checkpoint and stop"
     [[ -n $_srun ]] && kill -"$1" "$_srun" 2>/dev/null
 }
@@ -77,9 +82,9 @@ launch() {
     wait "$_srun"
     local code=$?
     local restarts=${SLURM_RESTART_COUNT:-0}
-    if (( _stopping )); then
-        _requeue "stopped by a signal (the ranks' exit: $code)"
-    elif (( code != 0 )) && (( restarts < MAX_REQUEUES )); then
+    if [[ $_stopped_by == USR1 ]]; then
+        _requeue "stopped by USR1 (the ranks' exit: $code)"
+    elif [[ -z $_stopped_by ]] && (( code != 0 )) && (( restarts < MAX_REQUEUES )); then
         _requeue "failed with exit code $code (requeue $((restarts + 1)) of $MAX_REQUEUES)"
     fi
     echo "[$(date +%FT%T)] job $SLURM_JOB_ID: finished with exit code $code"

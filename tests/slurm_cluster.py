@@ -42,6 +42,9 @@ def install() -> None:
     """slurm-wlm and munge from Debian's packages, when not installed."""
     if os.geteuid() != 0:
         raise Unavailable("not root: a Slurm cluster with network namespaces needs root")
+    missing = [p for p in ("ip", "unshare", "runuser") if not shutil.which(p)]
+    if missing:
+        raise Unavailable(f"{', '.join(missing)} not found (iproute2, util-linux)")
     if all(shutil.which(p) for p in ("slurmctld", "slurmd", "sbatch", "munged")):
         return
     if not shutil.which("apt-get"):
@@ -129,7 +132,10 @@ class Cluster:
         raise Unavailable(f"munged did not start: {(self.root / 'munged.log').read_text()[-500:]}")
 
     def _network(self) -> None:
-        _sh("ip", "link", "add", self.bridge, "type", "bridge")
+        try:
+            _sh("ip", "link", "add", self.bridge, "type", "bridge")
+        except RuntimeError as e:  # e.g. a container without CAP_NET_ADMIN
+            raise Unavailable(f"cannot make a network bridge here: {e}") from None
         _sh("ip", "addr", "add", f"{self.net}.254/24", "dev", self.bridge)
         _sh("ip", "link", "set", self.bridge, "up")
         for i, (name, ns) in enumerate(self.netns.items()):
@@ -203,7 +209,7 @@ PartitionName=test Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
         while time.monotonic() < deadline:
             for proc in self.daemons:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"a Slurm daemon exited ({proc.args[-len(proc.args) + 9:]}): {self.logs()}")
+                    raise RuntimeError(f"a Slurm daemon exited ({' '.join(proc.args[10:])}): {self.logs()}")
             states = self.scontrol_nodes()
             if states and all(s.lower() == "idle" for s in states.values()):
                 return
@@ -216,9 +222,9 @@ PartitionName=test Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
     # -- using it ---------------------------------------------------------------------------------
 
     def slurm(self, *cmd: str, check: bool = True, cwd: Path | None = None, env: dict | None = None):
-        """A Slurm command against this cluster."""
-        proc = subprocess.run(cmd, env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True,
-                              timeout=120)
+        """A Slurm command against this cluster, in environment `env` (default: this process's)."""
+        proc = subprocess.run(cmd, env={**(os.environ if env is None else env), "SLURM_CONF": str(self.conf)},
+                              cwd=cwd, capture_output=True, text=True, timeout=120)
         if check and proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)}: exit {proc.returncode}: {proc.stdout[-1000:]} {proc.stderr[-2000:]}")
         return proc
