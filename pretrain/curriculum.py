@@ -60,22 +60,24 @@ def load_curriculum(path: Path) -> Curriculum:
         raise ConfigError(f"{path}: invalid curriculum: {e}") from None
 
 
-def stage_args(curriculum: Curriculum, overrides: list[str]) -> list[tuple[str, str, list[str]]]:
-    """(name, run config, overrides) of every stage, each starting from the previous stage's checkpoints."""
+def stage_args(curriculum: Curriculum, overrides: list[str]) -> list[tuple[str, str, list[str], Config]]:
+    """(name, run config file, overrides, the loaded config) of every stage, each starting from the
+    previous stage's checkpoints."""
     out, previous = [], None
     for stage in curriculum.stages:
         sets = [*curriculum.set, *stage.set, *overrides, f"run.name={stage.name}",
                 f"run.output_dir={Path(curriculum.output_dir) / stage.name}",
                 f"training.train_tokens={int(stage.tokens * curriculum.total_tokens)}"]
-        cfg = load_config(stage.config, sets + ([f"run.init_from={previous}"] if previous else []))
-        out.append((stage.name, stage.config, sets + ([f"run.init_from={previous}"] if previous else [])))
-        previous = cfg.checkpoint_dir
+        if previous:
+            sets.append(f"run.init_from={previous.checkpoint_dir}")
+        previous = load_config(stage.config, sets)
+        out.append((stage.name, stage.config, sets, previous))
     return out
 
 
 def stage_configs(curriculum: Curriculum, overrides: list[str]) -> list[Config]:
     """Every stage's run config, each starting from the previous stage's checkpoints."""
-    return [load_config(config, sets) for _, config, sets in stage_args(curriculum, overrides)]
+    return [cfg for *_, cfg in stage_args(curriculum, overrides)]
 
 
 def progress(cfg: Config) -> int:
@@ -129,7 +131,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.stages:
         try:
-            for name, config, sets in stage_args(load_curriculum(args.curriculum), args.set):
+            for name, config, sets, _ in stage_args(load_curriculum(args.curriculum), args.set):
                 print("\t".join(["STAGE", name, config, *sets]))
         except ConfigError as e:
             sys.exit(f"error: {e}")

@@ -38,7 +38,7 @@ class CppWriter:
         self.metadata = {}
 
     def write(self, name: str, t: torch.Tensor) -> None:
-        self.send(name, tuple(t.shape), lambda fd: _write_all(fd, t.numpy().astype("<f4", copy=False)))
+        self.send(name, tuple(t.shape), _from_memory(t))
 
     def send(self, name: str, shape: tuple, fill) -> None:
         """A tensor whose float32 bytes fill(fd) writes to the open file fd."""
@@ -75,7 +75,7 @@ class SafetensorsWriter:
         _write_all(self.fd, struct.pack("<Q", len(raw)) + raw)
 
     def write(self, name: str, t: torch.Tensor) -> None:
-        self.send(name, tuple(t.shape), lambda fd: _write_all(fd, t.numpy().astype("<f4", copy=False)))
+        self.send(name, tuple(t.shape), _from_memory(t))
 
     def send(self, name: str, shape: tuple, fill) -> None:
         """The next tensor, whose float32 bytes fill(fd) appends to the file."""
@@ -89,6 +89,11 @@ class SafetensorsWriter:
         if self.next != len(self.order):
             raise RuntimeError(f"{self.path}: {len(self.order) - self.next} tensors were never written")
         os.close(self.fd)
+
+
+def _from_memory(t: torch.Tensor):
+    """A writer's fill(fd) for a tensor in memory: its float32 little-endian bytes."""
+    return lambda fd: _write_all(fd, t.numpy().astype("<f4", copy=False))
 
 
 def _write_all(fd: int, data) -> None:
