@@ -20,64 +20,12 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-from pydantic import PositiveFloat, ValidationError, field_validator
-
-from model.config import Section
 from pretrain import checkpoint
-from pretrain.config import Config, ConfigError, load_config, parse_count
+from pretrain.config import Config, ConfigError, load_curriculum, stage_args, stage_configs
 from pretrain.parallel import shutdown
 from pretrain.trainer import train
 
 COMPONENTS = ("loss", "lm", "jepa_text", "jepa_vision")
-
-
-class Stage(Section):
-    name: str
-    config: str
-    tokens: PositiveFloat  # share of the curriculum's total_tokens
-    set: list[str] = []
-
-
-class Curriculum(Section):
-    output_dir: str
-    total_tokens: int
-    stages: list[Stage]
-    set: list[str] = []  # overrides for every stage
-
-    @field_validator("total_tokens", mode="before")
-    @classmethod
-    def _count(cls, v):
-        return parse_count(v)
-
-
-def load_curriculum(path: Path) -> Curriculum:
-    if not path.is_file():
-        raise ConfigError(f"curriculum file not found: {path}")
-    try:
-        return Curriculum.model_validate(yaml.safe_load(path.read_text()))
-    except (yaml.YAMLError, ValidationError) as e:
-        raise ConfigError(f"{path}: invalid curriculum: {e}") from None
-
-
-def stage_args(curriculum: Curriculum, overrides: list[str]) -> list[tuple[str, str, list[str], Config]]:
-    """(name, run config file, overrides, the loaded config) of every stage, each starting from the
-    previous stage's checkpoints."""
-    out, previous = [], None
-    for stage in curriculum.stages:
-        sets = [*curriculum.set, *stage.set, *overrides, f"run.name={stage.name}",
-                f"run.output_dir={Path(curriculum.output_dir) / stage.name}",
-                f"training.train_tokens={int(stage.tokens * curriculum.total_tokens)}"]
-        if previous:
-            sets.append(f"run.init_from={previous.checkpoint_dir}")
-        previous = load_config(stage.config, sets)
-        out.append((stage.name, stage.config, sets, previous))
-    return out
-
-
-def stage_configs(curriculum: Curriculum, overrides: list[str]) -> list[Config]:
-    """Every stage's run config, each starting from the previous stage's checkpoints."""
-    return [cfg for *_, cfg in stage_args(curriculum, overrides)]
 
 
 def progress(cfg: Config) -> int:

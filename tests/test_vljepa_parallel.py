@@ -71,7 +71,7 @@ def module_weights(tag_dir: Path) -> dict:
 
 
 def test_the_curriculum_hands_weights_on_and_skips_finished_stages(vl_data, tmp_path):
-    from pretrain.curriculum import load_curriculum, stage_configs
+    from pretrain.config import load_curriculum, stage_configs
     from pretrain.optim import lr_at
 
     path = curriculum_file(vl_data, tmp_path)
