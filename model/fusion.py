@@ -66,13 +66,20 @@ class CrossAttention(nn.Module):
         self.out = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, config=mp, init_method=_no_init, bias=False,
                                      input_is_parallel=True, skip_bias_add=False)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, cache=None) -> torch.Tensor:
+        """cache (generation): `cache.fixed` holds the image tokens' keys and values once computed, so
+        that later tokens do not recompute them (context may then be None)."""
         b, s, _ = x.shape
         q, _ = self.q(x)
-        kv, _ = self.kv(context)
-        k, v = kv.view(b, context.shape[1], self.local_heads, 2, self.head_dim).unbind(dim=3)
-        q = q.view(b, s, self.local_heads, self.head_dim)
-        y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+        if cache is not None and cache.fixed is not None:
+            k, v = cache.fixed
+        else:
+            kv, _ = self.kv(context)
+            k, v = (t.transpose(1, 2) for t in kv.view(b, context.shape[1], self.local_heads, 2, self.head_dim).unbind(3))
+            if cache is not None:
+                cache.fixed = (k, v)
+        q = q.view(b, s, self.local_heads, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v)
         y, _ = self.out(y.transpose(1, 2).reshape(b, s, self.local_heads * self.head_dim))
         return y
 
@@ -89,11 +96,11 @@ class CrossBlock(nn.Module):
         self.mlp = SwiGLU(cfg, mp)
         self.mlp_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, vision: torch.Tensor, image_rows: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, vision: torch.Tensor | None, image_rows: torch.Tensor, cache=None) -> torch.Tensor:
         """x [b, s, hidden]; vision [bi, k, hidden], the projected tokens of the images of rows
         image_rows [bi] (bi may be 0: the blocks still run, on no row, so that every parameter gets a
-        gradient, zero, as data-parallel and ZeRO reductions expect)."""
+        gradient, zero, as data-parallel and ZeRO reductions expect). cache: see CrossAttention."""
         xi = x.index_select(0, image_rows)
-        xi = xi + torch.tanh(self.attn_gate) * self.attn(self.attn_norm(xi), vision)
+        xi = xi + torch.tanh(self.attn_gate) * self.attn(self.attn_norm(xi), vision, cache)
         xi = xi + torch.tanh(self.mlp_gate) * self.mlp(self.mlp_norm(xi))
         return x.index_copy(0, image_rows, xi)

@@ -108,7 +108,9 @@ class Attention(nn.Module):
             input_is_parallel=True, skip_bias_add=False,
         )
 
-    def forward(self, x, position_ids, attention_mask):
+    def forward(self, x, position_ids, attention_mask, cache=None):
+        """cache (generation): this layer's keys and values so far; `cache.update(k, v)` appends the new
+        tokens' and returns all of them. With a cache, attention_mask says which keys each query sees."""
         b, s, _ = x.shape
         qkv, _ = self.qkv(x)
         q, k, v = qkv.view(b, s, self.local_heads, 3, self.head_dim).unbind(dim=3)
@@ -118,6 +120,8 @@ class Attention(nn.Module):
             cos, sin = rope_tables(position_ids, self.head_dim, self.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, head_dim]
+        if cache is not None:
+            k, v = cache.update(k, v)
         if attention_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
@@ -159,8 +163,8 @@ class Block(nn.Module):
         self.mlp_norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, mp)
 
-    def forward(self, x, position_ids=None, attention_mask=None):
-        x = x + self.attn(self.attn_norm(x), position_ids, attention_mask)
+    def forward(self, x, position_ids=None, attention_mask=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), position_ids, attention_mask, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -214,17 +218,18 @@ class GPT(nn.Module):
         self.checkpoint_activations = checkpoint_activations
         self.kernels = kernels
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
-        """The final, normalised hidden states [b, s, hidden]."""
-        *layers, head = self.children()
-        x = layers[0](input_ids)
-        for block in layers[1:]:
+    def forward(self, input_ids, position_ids=None, attention_mask=None, cache=None) -> torch.Tensor:
+        """The final, normalised hidden states [b, s, hidden]. cache (generation): `cache.layer(name)`
+        is block `name`'s keys and values so far (model/generate.py)."""
+        *layers, head = self.named_children()
+        x = layers[0][1](input_ids)
+        for name, block in layers[1:]:
             if self.checkpoint_activations and torch.is_grad_enabled():
                 # Non-reentrant: works with inputs that need no grad and with ZeRO-3's parameter hooks.
                 x = checkpoint(block, x, position_ids, attention_mask, use_reentrant=False)
             else:
-                x = block(x, position_ids, attention_mask)
-        return head.norm(x)
+                x = block(x, position_ids, attention_mask, None if cache is None else cache.layer(name))
+        return head[1].norm(x)
 
     def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy of the output projection of `hidden` [..., H] against `labels` [...]."""

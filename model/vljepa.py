@@ -97,29 +97,35 @@ class VLJEPA(nn.Module):
         return self._of(TextPredictor)
 
     def forward(self, input_ids: torch.Tensor, patches: torch.Tensor, image_rows: torch.Tensor,
-                keep: torch.Tensor | None = None, position_ids=None, attention_mask=None):
+                keep: torch.Tensor | None = None, position_ids=None, attention_mask=None, cache=None):
         """(ViT tokens [bi, k, vision hidden] of the kept patches, final hidden states [b, s, hidden]).
 
         input_ids [b, s]; patches [bi, n, 3*p*p] of the images of rows image_rows [bi] (bi may be 0);
         keep [bi, k]: the patches the ViT reads (None: all), which are also all the text sees.
+        patches None (generation): no row has an image, and the fusion blocks are skipped (running them on
+        no row changes nothing). cache (generation, model/generate.py): `cache.layer(name)` holds layer
+        `name`'s keys and values; once the fusion blocks hold the image's, the vision encoder does not run
+        again (and the ViT tokens returned are None).
         """
         v = ctx = x = None
-        for layer in self.children():
+        images = patches is not None
+        vision = images and (cache is None or not cache.has_image())
+        for name, layer in self.named_children():
             kind = type(layer)
-            if kind is PatchEmbed:
+            if kind is PatchEmbed and vision:
                 v = layer(patches, keep)
-            elif kind is VisionBlock:
+            elif kind is VisionBlock and vision:
                 v = self._run(layer, v)
-            elif kind is VisionNorm:
+            elif kind is VisionNorm and vision:
                 v = layer(v)
-            elif kind is Projector:
+            elif kind is Projector and vision:
                 ctx = layer(v)
             elif kind is Embedding:
                 x = layer(input_ids)
             elif kind is Block:
-                x = self._run(layer, x, position_ids, attention_mask)
-            elif kind is CrossBlock:
-                x = layer(x, ctx, image_rows)
+                x = self._run(layer, x, position_ids, attention_mask, None if cache is None else cache.layer(name))
+            elif kind is CrossBlock and images:
+                x = layer(x, ctx, image_rows, None if cache is None else cache.layer(name))
             elif kind is FinalNorm:
                 return v, layer(x)
         raise AssertionError("a VLJEPA ends its encoders with a FinalNorm")
@@ -129,6 +135,10 @@ class VLJEPA(nn.Module):
             # Non-reentrant: works with inputs that need no grad and with ZeRO-3's parameter hooks.
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self._of(OutputHead).proj.weight
 
     def lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         return self._of(OutputHead).proj(hidden, labels, self.kernels, reduction)

@@ -156,6 +156,12 @@ def split_dim(local: tuple, full: tuple) -> int | None:
     return split[0] if split else None
 
 
+def tp_shard(full: torch.Tensor, local: torch.Size, tp_rank: int) -> torch.Tensor:
+    """A tensor-parallel rank's part of a full parameter: split where the shapes differ."""
+    d = split_dim(tuple(local), tuple(full.shape))
+    return full if d is None else full.narrow(d, tp_rank * local[d], local[d])
+
+
 def cut(full: torch.Tensor, piece: Piece) -> torch.Tensor:
     """The piece's rows of a full parameter."""
     if piece.parts > 1:

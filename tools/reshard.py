@@ -84,14 +84,6 @@ def reshard(args) -> Path:
 # -- worker side (one process per rank) -------------------------------------------------------------------
 
 
-def _shard(full: torch.Tensor, local: torch.Size, tp_rank: int) -> torch.Tensor:
-    """This tensor-parallel rank's part of a full parameter: split where the shapes differ."""
-    from tools.export_tensors import split_dim
-
-    d = split_dim(local, full.shape)
-    return full if d is None else full.narrow(d, tp_rank * local[d], local[d])
-
-
 def _set(engine, param: torch.nn.Parameter, value: torch.Tensor) -> None:
     """A parameter's value everywhere DeepSpeed keeps one: the module's (low-precision) weight and, under
     ZeRO or bf16, the optimizer's fp32 copy."""
@@ -122,7 +114,7 @@ def worker(argv=None) -> None:
     from pretrain.config import load_config
     from pretrain.objectives import build_objective, load_run_tokenizer
     from pretrain.parallel import build_engine, init_distributed, model_of, setup_objective, shutdown
-    from tools.export_tensors import join, plan
+    from tools.export_tensors import join, plan, tp_shard
 
     p = argparse.ArgumentParser()
     p.add_argument("--export", type=Path, required=True)
@@ -147,13 +139,13 @@ def worker(argv=None) -> None:
         model = model_of(engine)
         for name, param in model.named_parameters():
             name = name.removeprefix("model.")
-            _set(engine, param, _shard(full(name), _local_shape(param), tp_rank).to(param.dtype))
+            _set(engine, param, tp_shard(full(name), _local_shape(param), tp_rank).to(param.dtype))
         setup_objective(engine, objective)
         target = getattr(objective, "target", None)
         if target is not None:
             with torch.no_grad():
                 for name, t in target.named_parameters():
-                    t.copy_(_shard(full(name, "target."), t.shape, tp_rank))
+                    t.copy_(tp_shard(full(name, "target."), t.shape, tp_rank))
     state = json.loads((args.export / "training_state.json").read_text())
     step = state["step"]
     global_batch = cfg.batch_sizes(torch.distributed.get_world_size())[0]

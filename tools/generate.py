@@ -1,0 +1,124 @@
+"""Generate text from a trained model: a trainer checkpoint of any layout, a safetensors export, or a
+Hugging Face model directory (tools/load_model.py), with the KV cache (model/generate.py).
+
+    python tools/generate.py --checkpoint runs/x/checkpoints --prompt "def fibonacci(n):" --max-new-tokens 64
+    python tools/generate.py --checkpoint export/safetensors --image chart.png --chat "Write the matplotlib code that draws this chart."
+    deepspeed --num_gpus 2 tools/generate.py --tp 2 --checkpoint runs/x/checkpoints --prompt-file prompts.txt
+
+--prompt may be given several times (one batch); --prompt-file reads one prompt per line (\\n escapes
+allowed). --chat wraps each prompt as a user turn of the project's chat format (what stage 4 trains on).
+With --image (a VL-JEPA), every prompt reads the image. Under the launcher the tensor-parallel ranks
+decode together; rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from data.images import ImageError, patchify, preprocess
+from data.tokenizer import ASSISTANT, END, USER, special_id
+from model.generate import HFDecoder, ModelDecoder, Sampling, generate
+from pretrain.checkpoint import CheckpointError
+from pretrain.parallel import device_type, join_process_group
+from tools.load_model import Loaded, load
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--tag", help="global_stepN of a checkpoints folder (default: the newest complete one)")
+    p.add_argument("--prompt", action="append", default=[])
+    p.add_argument("--prompt-file", type=Path)
+    p.add_argument("--chat", action="store_true", help="each prompt is a user turn; the answer is generated")
+    p.add_argument("--image", type=Path, help="an image every prompt reads (a VL-JEPA)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (several allowed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (the launcher's world size)")
+    p.add_argument("--no-cache", action="store_true", help="run the whole sequence at every step (a reference)")
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def setup(tp: int) -> None:
+    """This process's group and the tensor-parallel groups (every rank one tensor-parallel group)."""
+    join_process_group()
+    world = dist.get_world_size()
+    if world != tp:
+        raise ValueError(f"--tp {tp} needs {tp} processes (the launcher started {world})")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+
+
+def prompt_ids(loaded: Loaded, text: str, chat: bool) -> list[int]:
+    if not chat:
+        return loaded.encode(text)
+    if loaded.kind == "hf":
+        messages = [{"role": "user", "content": text}]
+        return loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    # As tools/build_shards.py encodes a chat: role markers are special tokens, the message is data.
+    return [special_id(USER), *loaded.encode(text), special_id(END), special_id(ASSISTANT)]
+
+
+def image_patches(loaded: Loaded, path: Path, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if loaded.cfg is None or loaded.cfg.model.type != "vljepa":
+        raise ValueError(f"--image {path}: the model at {loaded.source} reads no images (it is not a VL-JEPA)")
+    v = loaded.cfg.model.vision
+    pixels = preprocess(path.read_bytes(), str(path), v.image_size)
+    patches = patchify(torch.from_numpy(pixels)[None], v.patch_size)
+    return patches.expand(rows, -1, -1), torch.arange(rows)
+
+
+def decoder_for(loaded: Loaded, images=None):
+    if loaded.kind == "hf":
+        return HFDecoder(loaded.model, loaded.vocab)
+    return ModelDecoder(loaded.model, loaded.vocab, images)
+
+
+def end_ids(loaded: Loaded, chat: bool) -> set[int]:
+    """What ends an answer: the end of sequence, and in the project's chat format the turn's <|end|>."""
+    return {loaded.eos_id, special_id(END)} if chat and loaded.kind != "hf" else {loaded.eos_id}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    texts = list(args.prompt)
+    if args.prompt_file:
+        texts += [line.encode().decode("unicode_escape") for line in args.prompt_file.read_text().splitlines() if line]
+    if not texts:
+        sys.exit("error: give --prompt or --prompt-file")
+    try:
+        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, tuple(args.stop), args.seed)
+        setup(args.tp)
+        loaded = load(args.checkpoint, args.tag)
+        device = torch.device(device_type(), torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
+        loaded.model.to(device)
+        images = image_patches(loaded, args.image, len(texts)) if args.image else None
+        images = images and tuple(t.to(device) for t in images)
+        prompts = [prompt_ids(loaded, t, args.chat) for t in texts]
+    except (CheckpointError, ValueError, FileNotFoundError, ImageError) as e:
+        sys.exit(f"error: {e}")
+    start = time.perf_counter()
+    out = generate(decoder_for(loaded, images), prompts, sampling, end_ids(loaded, args.chat), loaded.pad_id,
+                   decode=loaded.decode, use_cache=not args.no_cache)
+    seconds = time.perf_counter() - start
+    if dist.get_rank() == 0:
+        for text, g in zip(texts, out):
+            print(f"### prompt\n{text}\n### generated ({len(g.tokens)} tokens, {g.finish})\n{g.text}\n")
+        tokens = sum(len(g.tokens) for g in out)
+        print(f"{tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tokens/s), "
+              f"{'no cache' if args.no_cache else 'KV cache'}, {loaded.kind} {loaded.source}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

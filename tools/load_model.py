@@ -1,0 +1,149 @@
+"""A trained model for inference from whatever holds it: a trainer checkpoint of any layout (TP x PP x DP,
+ZeRO 0-3), a safetensors export of tools/convert_ckpt.py, or a Hugging Face model directory.
+
+The project's models are built for this process's tensor-parallel rank (the groups must exist: TP=1 on one
+process, or the size the launcher gave) and each parameter takes its shard of the full tensor: the
+checkpoint's layout and the evaluation's need not match. A VL-JEPA's EMA target comes along when the
+checkpoint holds one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+from torch import nn
+
+from data.tokenizer import EOS_ID, PAD_ID, load_hf_tokenizer, load_tokenizer
+from model.gpt import GPT, megatron_config
+from model.vljepa import VLJEPA
+from pretrain import checkpoint
+from pretrain.checkpoint import CheckpointError
+from pretrain.config import Config
+from tools.ds_checkpoint import DeepSpeedCheckpoint, find_tag
+from tools.export_tensors import join, plan, tp_shard
+
+
+@dataclass
+class Loaded:
+    source: Path
+    kind: str  # "checkpoint", "export" or "hf"
+    cfg: Config | None  # the run config (None for a Hugging Face model)
+    model: nn.Module  # GPT, VLJEPA or model.hf.HFCausalLM, in eval mode
+    tokenizer: object  # a tokenizers.Tokenizer, or a Hugging Face tokenizer
+    target: VLJEPA | None = None  # the EMA target encoder
+    step: int | None = None
+
+    @property
+    def vocab(self) -> int:
+        """Rows of the vocabulary the tokenizer knows (the model's are padded beyond)."""
+        if self.kind == "hf":
+            return len(self.tokenizer)
+        return self.tokenizer.get_vocab_size()
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_token_id if self.kind == "hf" else EOS_ID
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.kind == "hf" else PAD_ID
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "hf":
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def load(path: Path, tag: str | None = None) -> Loaded:
+    """The model at `path`: a run's checkpoints folder (its newest complete checkpoint, or `tag`), one
+    global_stepN folder, a safetensors export, or a Hugging Face model directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"--checkpoint {path}: no such file or directory")
+    config = path / "config.json"
+    if config.is_file():  # an export of ours says so in its config.json; anything else is a Hugging Face model
+        return _from_export(path) if "run_config" in json.loads(config.read_text()) else _from_hf(path)
+    if (path / "checkpoints").is_dir() and not (path / checkpoint.MARKER).is_file():
+        path = path / "checkpoints"  # a run's output directory
+    return _from_checkpoint(find_tag(path, tag))
+
+
+def _build(cfg: Config, target: bool = False) -> nn.Module:
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    vocab = cfg.model.padded_vocab_size(cfg.training.lm.vocab_size, tp)
+    jepa = cfg.training.jepa
+    if cfg.model.type == "vljepa":
+        return VLJEPA(cfg.model, vocab, megatron_config(tp), jepa.embedding_dim, jepa.prediction_steps,
+                      kernels=cfg.training.kernels, target=target)
+    return GPT(cfg.model, vocab, megatron_config(tp), kernels=cfg.training.kernels)
+
+
+def _fill(module: nn.Module, full) -> None:
+    """Each parameter of `module` (this rank's shard) from full(name), the whole fp32 tensor."""
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(tp_shard(full(name), p.shape, rank))
+
+
+def _params(cfg: Config) -> dict:
+    jepa = cfg.training.jepa
+    return {q.source: q for q in plan(cfg.model, cfg.training.lm.vocab_size, jepa.embedding_dim, jepa.prediction_steps)}
+
+
+def _from_checkpoint(tag_dir: Path) -> Loaded:
+    checkpoint.verify_checksums(tag_dir)
+    ckpt = DeepSpeedCheckpoint(tag_dir)
+    cfg, params = ckpt.config, _params(ckpt.config)
+    try:
+        model = _build(cfg)
+        _fill(model, lambda name: ckpt.read(params[name]))
+        target = None
+        if ckpt.names(target=True):
+            target = _build(cfg, target=True)
+            _fill(target, lambda name: ckpt.read(params[name], target=True))
+    finally:
+        ckpt.close()
+    tokenizer = load_tokenizer(tag_dir / "tokenizer.json")
+    return Loaded(tag_dir, "checkpoint", cfg, model.eval(), tokenizer, target and target.eval(), checkpoint.step_of(tag_dir))
+
+
+def _from_export(export: Path) -> Loaded:
+    from safetensors import safe_open
+
+    info = json.loads((export / "config.json").read_text())
+    cfg = Config.model_validate(info["run_config"])
+    params = _params(cfg)
+    with safe_open(export / "model.safetensors", framework="pt") as f:
+        names = set(f.keys())
+
+        def full(name: str, prefix: str = "") -> torch.Tensor:
+            q = params[name]
+            missing = [prefix + piece.name for piece in q.pieces if prefix + piece.name not in names]
+            if missing:
+                raise CheckpointError(f"{export / 'model.safetensors'} lacks {', '.join(missing)}")
+            return join(q, {piece.name: f.get_tensor(prefix + piece.name) for piece in q.pieces})
+
+        model = _build(cfg)
+        _fill(model, full)
+        target = None
+        if any(n.startswith("target.") for n in names):
+            target = _build(cfg, target=True)
+            _fill(target, lambda name: full(name, "target."))
+    step = json.loads((export / "training_state.json").read_text()).get("step")
+    return Loaded(export, "export", cfg, model.eval(), load_tokenizer(export / "tokenizer.json"), target and target.eval(),
+                  step)
+
+
+def _from_hf(path: Path) -> Loaded:
+    from model import hf
+
+    tokenizer = load_hf_tokenizer(path)
+    return Loaded(path, "hf", None, hf.load_model(str(path), len(tokenizer)).eval(), tokenizer)
