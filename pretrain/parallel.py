@@ -328,14 +328,14 @@ class StepResult:
 
 def _means(objective: Objective, sums: torch.Tensor, counts: torch.Tensor) -> dict:
     sums = sums.detach().to(torch.float64)
-    for group in _loss_groups():
+    for group in loss_groups():
         dist.all_reduce(sums, group=group)
     means = sums / counts.clamp(min=1)
     total = float(objective.total(sums, counts))
     return {"loss": total, **{name: float(m) for name, m in zip(objective.components, means)}}
 
 
-def _loss_groups():
+def loss_groups():
     # Under a pipeline only the last stage computes losses; the other stages contribute zeros.
     groups = [parallel_state.get_data_parallel_group()]
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
@@ -381,17 +381,24 @@ def train_step(engine, objective: Objective, micro_batches: list) -> StepResult:
 @torch.no_grad()
 def eval_losses(engine, objective: Objective, micro_batches: list) -> dict:
     """The objective's token-weighted losses over every data-parallel rank's held-out micro batches."""
-    counts = _reduced_counts(objective, micro_batches, engine.device)
     engine.eval()
     try:
-        if isinstance(engine, deepspeed.PipelineEngine):
-            loss_fn = engine.module.loss_fn
-            loss_fn.counts, loss_fn.scale = counts, 1.0
-            engine.eval_batch(iter([to_device(objective.pipeline_batch(b), engine.device) for b in micro_batches]),
-                              num_micro_batches=len(micro_batches))
-            sums = loss_fn.take(counts)
-        else:
-            sums = sum(engine(to_device(b, engine.device)).to(counts) for b in micro_batches)
+        if not isinstance(engine, deepspeed.PipelineEngine):
+            return held_out_losses(objective, engine, micro_batches, engine.device)
+        counts = _reduced_counts(objective, micro_batches, engine.device)
+        loss_fn = engine.module.loss_fn
+        loss_fn.counts, loss_fn.scale = counts, 1.0
+        engine.eval_batch(iter([to_device(objective.pipeline_batch(b), engine.device) for b in micro_batches]),
+                          num_micro_batches=len(micro_batches))
+        return _means(objective, loss_fn.take(counts), counts)
     finally:
         engine.train()
+
+
+@torch.no_grad()
+def held_out_losses(objective: Objective, forward, micro_batches: list, device) -> dict:
+    """The same, through forward(batch) -> the objective's loss sums (an engine, or the objective on a plain
+    model, as tools/evaluate.py runs it)."""
+    counts = _reduced_counts(objective, micro_batches, device)
+    sums = sum(forward(to_device(b, device)).to(counts) for b in micro_batches)
     return _means(objective, sums, counts)

@@ -24,6 +24,7 @@ from model import hf
 from pretrain import checkpoint, run_dir
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError
+from pretrain.evaluation import held_out
 from pretrain.metrics import MetricsLog
 from pretrain.objectives import build_objective, load_run_tokenizer, vocab_size
 from pretrain.run_dir import RunDirError
@@ -161,13 +162,10 @@ def run(cfg, resume: bool | str = False, stop_after: int | None = None, overwrit
 
 
 def validate(cfg: Config, engine, objective, dp_rank: int, dp_size: int) -> dict:
-    """Held-out loss (and perplexity of the LM term) on the same micro batches every time."""
+    """Held-out losses, perplexity and JEPA scores (pretrain/evaluation.py) on the same micro batches every time."""
     valid = objective.batches("valid", dp_rank, dp_size)
-    losses = eval_losses(engine, objective, [next(valid) for _ in range(cfg.validation.micro_batches)])
-    metrics = {f"val_{k}": v for k, v in losses.items()}
-    if "lm" in losses:
-        metrics["val_ppl"] = math.exp(min(losses["lm"], 700.0))
-    return metrics
+    micro_batches = [next(valid) for _ in range(cfg.validation.micro_batches)]
+    return held_out(objective, lambda batches: eval_losses(engine, objective, batches), micro_batches)
 
 
 def _check_health(cfg: Config, objective, step: int, record: dict, log) -> bool:

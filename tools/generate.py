@@ -27,7 +27,7 @@ from data.tokenizer import ASSISTANT, END, USER, special_id
 from model.generate import HFDecoder, ModelDecoder, Sampling, generate
 from pretrain.checkpoint import CheckpointError
 from pretrain.parallel import device_type, join_process_group
-from tools.load_model import Loaded, load
+from tools.load_model import Loaded, load, locate
 
 
 def parse_args(argv=None):
@@ -98,8 +98,9 @@ def main(argv=None) -> None:
         sys.exit("error: give --prompt or --prompt-file")
     try:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, tuple(args.stop), args.seed)
+        source = locate(args.checkpoint, args.tag)
         setup(args.tp)
-        loaded = load(args.checkpoint, args.tag)
+        loaded = load(source)
         device = torch.device(device_type(), torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
         loaded.model.to(device)
         images = image_patches(loaded, args.image, len(texts)) if args.image else None

@@ -1,10 +1,10 @@
 """A trained model for inference from whatever holds it: a trainer checkpoint of any layout (TP x PP x DP,
 ZeRO 0-3), a safetensors export of tools/convert_ckpt.py, or a Hugging Face model directory.
 
-The project's models are built for this process's tensor-parallel rank (the groups must exist: TP=1 on one
-process, or the size the launcher gave) and each parameter takes its shard of the full tensor: the
-checkpoint's layout and the evaluation's need not match. A VL-JEPA's EMA target comes along when the
-checkpoint holds one.
+`locate` reads what a path holds and the model's full shapes (built at TP=1, so before any tensor-parallel
+group of size > 1 exists); `load` then builds the model for this process's tensor-parallel rank and gives
+each parameter its shard of the full tensor: the checkpoint's layout and the evaluation's need not match.
+A VL-JEPA's EMA target comes along when the checkpoint holds one.
 """
 
 from __future__ import annotations
@@ -61,18 +61,40 @@ class Loaded:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def load(path: Path, tag: str | None = None) -> Loaded:
-    """The model at `path`: a run's checkpoints folder (its newest complete checkpoint, or `tag`), one
-    global_stepN folder, a safetensors export, or a Hugging Face model directory."""
+@dataclass
+class Source:
+    """What is at a path, read before any tensor-parallel group exists (the plan of full shapes is built at
+    TP=1): `locate`, then `load` once the groups are made."""
+
+    path: Path
+    kind: str
+    cfg: Config | None = None
+    params: dict | None = None  # parameter name -> tools/export_tensors.Param (full shapes, exported pieces)
+
+
+def locate(path: Path, tag: str | None = None) -> Source:
+    """A run's checkpoints folder (its newest complete checkpoint, or `tag`), one global_stepN folder, a run
+    directory, a safetensors export, or a Hugging Face model directory."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"--checkpoint {path}: no such file or directory")
     config = path / "config.json"
     if config.is_file():  # an export of ours says so in its config.json; anything else is a Hugging Face model
-        return _from_export(path) if "run_config" in json.loads(config.read_text()) else _from_hf(path)
+        info = json.loads(config.read_text())
+        if "run_config" not in info:
+            return Source(path, "hf")
+        cfg = Config.model_validate(info["run_config"])
+        return Source(path, "export", cfg, _params(cfg))
     if (path / "checkpoints").is_dir() and not (path / checkpoint.MARKER).is_file():
         path = path / "checkpoints"  # a run's output directory
-    return _from_checkpoint(find_tag(path, tag))
+    tag_dir = find_tag(path, tag)
+    cfg = Config.model_validate(checkpoint.read_marker(tag_dir)["config"])
+    return Source(tag_dir, "checkpoint", cfg, _params(cfg))
+
+
+def load(source: Source) -> Loaded:
+    """The model of `source`, built for this process's tensor-parallel rank."""
+    return {"checkpoint": _from_checkpoint, "export": _from_export, "hf": _from_hf}[source.kind](source)
 
 
 def _build(cfg: Config, target: bool = False) -> nn.Module:
@@ -94,14 +116,16 @@ def _fill(module: nn.Module, full) -> None:
 
 
 def _params(cfg: Config) -> dict:
+    if cfg.model.type == "hf":
+        raise CheckpointError("a model.type=hf run saves a Hugging Face folder at its end: load that folder")
     jepa = cfg.training.jepa
     return {q.source: q for q in plan(cfg.model, cfg.training.lm.vocab_size, jepa.embedding_dim, jepa.prediction_steps)}
 
 
-def _from_checkpoint(tag_dir: Path) -> Loaded:
+def _from_checkpoint(source: Source) -> Loaded:
+    tag_dir, cfg, params = source.path, source.cfg, source.params
     checkpoint.verify_checksums(tag_dir)
     ckpt = DeepSpeedCheckpoint(tag_dir)
-    cfg, params = ckpt.config, _params(ckpt.config)
     try:
         model = _build(cfg)
         _fill(model, lambda name: ckpt.read(params[name]))
@@ -115,12 +139,10 @@ def _from_checkpoint(tag_dir: Path) -> Loaded:
     return Loaded(tag_dir, "checkpoint", cfg, model.eval(), tokenizer, target and target.eval(), checkpoint.step_of(tag_dir))
 
 
-def _from_export(export: Path) -> Loaded:
+def _from_export(source: Source) -> Loaded:
     from safetensors import safe_open
 
-    info = json.loads((export / "config.json").read_text())
-    cfg = Config.model_validate(info["run_config"])
-    params = _params(cfg)
+    export, cfg, params = source.path, source.cfg, source.params
     with safe_open(export / "model.safetensors", framework="pt") as f:
         names = set(f.keys())
 
@@ -142,8 +164,8 @@ def _from_export(export: Path) -> Loaded:
                   step)
 
 
-def _from_hf(path: Path) -> Loaded:
+def _from_hf(source: Source) -> Loaded:
     from model import hf
 
-    tokenizer = load_hf_tokenizer(path)
-    return Loaded(path, "hf", None, hf.load_model(str(path), len(tokenizer)).eval(), tokenizer)
+    tokenizer = load_hf_tokenizer(source.path)
+    return Loaded(source.path, "hf", None, hf.load_model(str(source.path), len(tokenizer)).eval(), tokenizer)

@@ -28,6 +28,9 @@ class Objective:
     components: tuple[str, ...] = ()
     weights: tuple[float, ...] = ()
     dynamic_shape = False  # micro batches differ in shape: a pipeline must send shapes with each one
+    predicts_embeddings = False  # a JEPA: held-out evaluation scores its predictions (pretrain/evaluation.py)
+    # While held-out evaluation runs: each micro batch's {"predicted", "target"} embeddings are appended
+    collected: list | None = None
 
     def batches(self, split: str, dp_rank: int, dp_size: int):
         """An endless, resumable (state_dict / load_state_dict) iterator of this rank's micro batches

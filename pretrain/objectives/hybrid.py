@@ -107,6 +107,10 @@ class HybridJEPA(Objective):
     def uses_jepa(self) -> bool:
         return self.hybrid.alpha > 0
 
+    @property
+    def predicts_embeddings(self) -> bool:
+        return self.uses_jepa
+
     def trains(self, module: str) -> bool:
         """Whether the seed module `module` gets an optimizer (model/vljepa.MODULES)."""
         if module == "jepa_head" and not self.uses_jepa or module == "autoregressive_head" and self.hybrid.beta == 0:
@@ -222,6 +226,8 @@ class HybridJEPA(Objective):
         predicted_text = heads.text_predictor(online_text, b.pair_step)
         self.monitor = {"predicted": torch.cat([predicted_vision, predicted_text]).detach(),
                         "target": torch.cat([target_vision, target_text]).detach()}
+        if self.collected is not None:
+            self.collected.append(self.monitor)
         weights = torch.tensor(self.jepa.step_weights, device=predicted_text.device)[b.pair_step]
         return torch.stack([lm, self._loss_sum(predicted_text, target_text, weights),
                             self._loss_sum(predicted_vision, target_vision, None)])

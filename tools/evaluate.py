@@ -1,0 +1,298 @@
+"""Score trained models side by side: held-out perplexity and JEPA prediction error, HumanEval pass@k in a
+sandbox, image-to-code accuracy, GSM8K and NL-RX.
+
+    python tools/evaluate.py --checkpoint runs/stage3/checkpoints --tasks perplexity,jepa_mse --out report.json
+    python tools/evaluate.py --checkpoint sft=runs/stage4/checkpoints --checkpoint base=/models/llama \\
+        --tasks humaneval,image_to_code,gsm8k --pairs held_out_pairs/ --limit 100 --out report.json
+    deepspeed --num_gpus 2 tools/evaluate.py --tp 2 --checkpoint runs/stage3/checkpoints --tasks perplexity
+
+A checkpoint is anything tools/load_model.py reads: a trainer checkpoint of any layout, a safetensors
+export, or a Hugging Face model directory (so a baseline is scored by the same code). Tasks:
+- perplexity: exp of the token-weighted mean next-token loss over the held-out shards (--valid-shards, or
+  the run's data.valid_shards): every sample once, the last partial micro batch left out. The trainer's
+  own validation computes it with the same functions (pretrain/evaluation.py).
+- jepa_mse (a VL-JEPA): on the same held-out samples with the run's masks, the mean squared error, cosine
+  similarity and effective rank of the predicted embeddings against the EMA target's (the online encoders'
+  when the checkpoint keeps no target), beside the objective's own JEPA losses.
+- humaneval: pass@1 of greedy completions, and with --samples n > 1 pass@k (k <= n, the unbiased estimator of
+  Chen et al. 2021) of sampled ones; every completion runs in its own sandboxed process (tools/sandbox.py).
+- image_to_code: held-out pairs of tools/make_vision_pairs.py (--pairs): the model answers each image's
+  instruction (stage 4's chat format) and tools/image_to_code.py scores the answer per kind (charts by
+  rendering the generated program, text by normalised exact match and character error rate).
+- gsm8k, nlrx: accuracy / exact match of greedy answers to ../shared/data's test sets.
+Writes --out (JSON) and a Markdown table beside it (.md), one column per checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data.chats import hf_chat_encoder, project_chat_encoder
+from data.images import patchify, preprocess
+from data.shards import ShardError
+from model.generate import Sampling, generate
+from pretrain.checkpoint import CheckpointError
+from pretrain.config import ConfigError
+from pretrain.evaluation import held_out
+from pretrain.objectives import build_objective
+from pretrain.parallel import device_type, held_out_losses
+from tools.generate import decoder_for, end_ids, prompt_ids, setup
+from tools.load_model import Loaded, load, locate
+
+TASKS = ("perplexity", "jepa_mse", "humaneval", "image_to_code", "gsm8k", "nlrx")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]DIR")
+    p.add_argument("--tag", help="global_stepN of each checkpoints folder (default: the newest complete one)")
+    p.add_argument("--tasks", default="perplexity,jepa_mse", help=f"comma-separated, some of {','.join(TASKS)}")
+    p.add_argument("--out", type=Path, required=True, help="the JSON report (a Markdown table goes beside it)")
+    p.add_argument("--valid-shards", help="held-out token shards (default: the run's data.valid_shards)")
+    p.add_argument("--max-batches", type=int, default=0, help="perplexity/jepa_mse: at most this many micro batches")
+    p.add_argument("--pairs", type=Path, help="image_to_code: held-out pairs of tools/make_vision_pairs.py")
+    p.add_argument("--humaneval", type=Path, default=SHARED / "humaneval" / "HumanEval.jsonl.gz")
+    p.add_argument("--gsm8k", type=Path, default=SHARED / "gsm8k" / "test.jsonl")
+    p.add_argument("--nlrx", type=Path, default=SHARED / "nlrx-synth" / "test.jsonl")
+    p.add_argument("--limit", type=int, default=0, help="first N problems / pairs / questions of each task (0: all)")
+    p.add_argument("--samples", type=int, default=1, help="humaneval: sampled completions per problem for pass@k")
+    p.add_argument("--temperature", type=float, default=0.8, help="humaneval: when sampling (--samples > 1)")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=384)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--workers", type=int, default=2, help="sandboxed programs run at once")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (the launcher's world size)")
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        sys.exit(f"error: --tasks {args.tasks!r}: unknown {unknown} (choose from {', '.join(TASKS)})")
+    runs = {}
+    for item in args.checkpoint:
+        name, _, path = item.rpartition("=")
+        runs[name or Path(path).name] = Path(path)
+    report = {}
+    try:
+        sources = {name: locate(path, args.tag) for name, path in runs.items()}
+        setup(args.tp)
+        for name, source in sources.items():
+            loaded = load(source)
+            loaded.model.to(_device())
+            say(f"== {name}: {loaded.kind} {loaded.source}" + (f" (step {loaded.step})" if loaded.step is not None else ""))
+            report[name] = {"checkpoint": str(loaded.source), "step": loaded.step}
+            for task in tasks:
+                start = time.perf_counter()
+                report[name][task] = TASK[task](loaded, args)
+                say(f"   {task}: {_summary(report[name][task])} ({time.perf_counter() - start:.1f} s)")
+            del loaded
+    except (CheckpointError, ConfigError, ShardError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    if dist.get_rank() == 0:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+        args.out.with_suffix(".md").write_text(markdown(report, tasks))
+        say(f"\n{markdown(report, tasks)}\nreport: {args.out} (and {args.out.with_suffix('.md')})")
+    dist.destroy_process_group()
+
+
+def say(text: str) -> None:
+    if dist.get_rank() == 0:
+        print(text, flush=True)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if device_type() == "cuda" else torch.device("cpu")
+
+
+# -- held-out losses --------------------------------------------------------------------------------------------
+
+
+def perplexity(loaded: Loaded, args) -> dict:
+    return _held_out(loaded, args, jepa=False)
+
+
+def jepa_mse(loaded: Loaded, args) -> dict:
+    if loaded.cfg is None or loaded.cfg.model.type != "vljepa":
+        return {"skipped": "the model predicts no embeddings (not a VL-JEPA)"}
+    return _held_out(loaded, args, jepa=True)
+
+
+def _held_out(loaded: Loaded, args, jepa: bool) -> dict:
+    if loaded.kind == "hf":
+        return {"skipped": "held-out shards are in the project's tokenizer, not this model's"}
+    cfg = loaded.cfg.model_copy(deep=True)
+    # The evaluation's layout, not the training run's: this process's tensor-parallel size, no pipeline.
+    cfg.parallel = cfg.parallel.model_copy(update={"tensor": args.tp, "pipeline": 1})
+    cfg.data.valid_shards = args.valid_shards or cfg.data.valid_shards
+    if not cfg.data.valid_shards:
+        raise ConfigError("perplexity and jepa_mse need held-out shards: --valid-shards, or data.valid_shards in the run")
+    cfg.data.num_workers = 0
+    if cfg.model.type == "vljepa":
+        # JEPA scores need masks and a target pass even for a stage that trained no JEPA (its head is there);
+        # perplexity needs neither. The loss weights do not enter the components reported.
+        cfg.training.hybrid = cfg.training.hybrid.model_copy(update={"alpha": 1.0 if jepa else 0.0})
+    objective = build_objective(cfg, loaded.tokenizer)
+    if jepa:
+        objective.setup(loaded.model, lambda params: torch.no_grad(), _device())  # the target starts as the online model
+        if loaded.target is not None:
+            objective.target.load_state_dict(loaded.target.state_dict())
+    valid = objective.batches("valid", 0, 1)
+    try:
+        samples = sum(m.num_samples for m in valid.loader.plan.manifests)
+        count = samples // cfg.training.micro_batch_size
+        if args.max_batches:
+            count = min(count, args.max_batches)
+        if count == 0:
+            raise ConfigError(f"{cfg.data.valid_shards}: {samples} held-out samples, fewer than one micro batch "
+                              f"({cfg.training.micro_batch_size})")
+        batches = [next(valid) for _ in range(count)]
+    finally:
+        valid.close()
+    model = loaded.model
+    metrics = held_out(objective, lambda mbs: held_out_losses(objective, lambda b: objective.forward(model, b), mbs,
+                                                              _device()), batches)
+    tokens = int(sum(objective.counts(b)[0] for b in batches))  # the LM term's labelled tokens
+    keys = ("val_jepa_mse", "val_jepa_cosine", "val_jepa_rank", "val_jepa_text", "val_jepa_vision") if jepa \
+        else ("val_ppl", "val_lm")
+    return {"samples": count * cfg.training.micro_batch_size, "tokens": tokens,
+            **{k.removeprefix("val_"): metrics[k] for k in keys if k in metrics}}
+
+
+# -- generation tasks ------------------------------------------------------------------------------------------
+
+
+def _generate(loaded: Loaded, args, prompts: list[list[int]], sampling: Sampling, chat: bool, images=None) -> list:
+    """Completions of every prompt, args.batch_size at a time (with images: each batch's own)."""
+    out, start = [], time.perf_counter()
+    for i in range(0, len(prompts), args.batch_size):
+        chunk = slice(i, i + args.batch_size)
+        batch_images = None
+        if images is not None:
+            patches = torch.stack(images[chunk]).to(_device())
+            batch_images = (patches, torch.arange(len(patches), device=_device()))
+        out += generate(decoder_for(loaded, batch_images), prompts[chunk], sampling, end_ids(loaded, chat),
+                        loaded.pad_id, decode=loaded.decode)
+        rate = len(out) / (time.perf_counter() - start)
+        say(f"   generated {len(out)}/{len(prompts)} ({rate:.2f}/s, ETA {(len(prompts) - len(out)) / rate:.0f} s)")
+    return out
+
+
+def humaneval(loaded: Loaded, args) -> dict:
+    from tools import humaneval as he
+
+    problems = he.load_problems(args.humaneval)[: args.limit or None]
+    prompts = [loaded.encode(p["prompt"]) for p in problems]
+    greedy = Sampling(args.max_new_tokens, stop=tuple(he.STOP_SEQUENCES))
+    completions = {p["task_id"]: [he.truncate(g.text)] for p, g in zip(problems, _generate(loaded, args, prompts, greedy, False))}
+    result = {"greedy": _humaneval_scores(he, problems, completions, (1,), args)}
+    if args.samples > 1:
+        sampled = {p["task_id"]: [] for p in problems}
+        for s in range(args.samples):
+            sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, tuple(he.STOP_SEQUENCES), seed=s)
+            for p, g in zip(problems, _generate(loaded, args, prompts, sampling, False)):
+                sampled[p["task_id"]].append(he.truncate(g.text))
+        ks = tuple(k for k in (1, 10, 100) if k <= args.samples)
+        result["sampled"] = _humaneval_scores(he, problems, sampled, ks, args)
+    return result
+
+
+def _humaneval_scores(he, problems, completions, ks, args) -> dict:
+    if dist.get_rank() != 0:  # every rank generated the same completions; one runs them
+        return {}
+    scores = he.evaluate(problems, completions, ks=ks, workers=args.workers)
+    return {k: v for k, v in scores.items() if k.startswith("pass@") or k in ("n", "problems")}
+
+
+def image_to_code(loaded: Loaded, args) -> dict:
+    from tools import image_to_code as i2c
+    from tools.make_instructions import QUESTIONS
+
+    if loaded.cfg is None or loaded.cfg.model.type != "vljepa":
+        return {"skipped": "the model reads no images (not a VL-JEPA)"}
+    if args.pairs is None:
+        raise ConfigError("image_to_code needs --pairs (held-out pairs of tools/make_vision_pairs.py)")
+    samples = i2c.read_pairs(args.pairs)[: args.limit or None]
+    v = loaded.cfg.model.vision
+    images = [patchify(torch.from_numpy(preprocess(s["png"], f"{args.pairs} pair {i}", v.image_size))[None],
+                       v.patch_size)[0] for i, s in enumerate(samples)]
+    prompts = [prompt_ids(loaded, QUESTIONS[s["kind"]], chat=True) for s in samples]
+    answers = _generate(loaded, args, prompts, Sampling(args.max_new_tokens), True, images)
+    if dist.get_rank() != 0:
+        return {}
+    results = i2c.score_many(samples, [g.text for g in answers], workers=args.workers)
+    return {**i2c.summarize(results), "examples": [{**r, "generated": g.text[:500]} for r, g in
+                                                   list(zip(results, answers))[:10]]}
+
+
+def reasoning(task: str):
+    def run(loaded: Loaded, args) -> dict:
+        from tools.eval_reasoning import gsm8k_correct, read_tasks, regex_match
+
+        path = args.gsm8k if task == "gsm8k" else args.nlrx
+        if not path.is_file():
+            return {"skipped": f"{path} not found"}
+        items = read_tasks(task, str(path), args.limit)
+        encoder = (hf_chat_encoder if loaded.kind == "hf" else project_chat_encoder)(loaded.tokenizer)
+        prompts = [encoder.encode(encoder.render_prompt(it["messages"][:-1])) for it in items]
+        answers = _generate(loaded, args, prompts, Sampling(args.max_new_tokens), True)
+        score = gsm8k_correct if task == "gsm8k" else regex_match
+        correct = [score(g.text, it["gold"]) for g, it in zip(answers, items)]
+        return {"accuracy" if task == "gsm8k" else "exact_match": sum(correct) / len(items), "n": len(items)}
+    return run
+
+
+TASK = {"perplexity": perplexity, "jepa_mse": jepa_mse, "humaneval": humaneval, "image_to_code": image_to_code,
+        "gsm8k": reasoning("gsm8k"), "nlrx": reasoning("nlrx")}
+
+
+# -- the report ---------------------------------------------------------------------------------------------------
+
+
+def _flat(result, prefix="") -> dict:
+    if not isinstance(result, dict):
+        return {prefix: result}
+    out = {}
+    for k, v in result.items():
+        if k != "examples":
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _summary(result: dict) -> str:
+    return ", ".join(f"{k} {_cell(v)}" for k, v in _flat(result).items() if not isinstance(v, list))
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def markdown(report: dict, tasks: list[str]) -> str:
+    """One row per metric, one column per checkpoint."""
+    names = list(report)
+    rows = []
+    for task in tasks:
+        keys = dict.fromkeys(k for n in names for k in _flat(report[n].get(task, {})))
+        rows += [(f"{task}.{k}", [_cell(_flat(report[n].get(task, {})).get(k, "")) for n in names]) for k in keys]
+    lines = ["| metric | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    lines += [f"| {metric} | " + " | ".join(cells) + " |" for metric, cells in rows]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
