@@ -187,7 +187,7 @@ def test_bad_model_dir_is_named(tmp_path):
 
 
 def test_answer_extraction():
-    from tools.eval_reasoning import extract_number, gsm8k_correct, regex_match
+    from tools.reasoning_tasks import extract_number, gsm8k_correct, regex_match
     assert extract_number("so 3 + 4 = 7\n#### 1,234") == 1234
     assert extract_number("first 12 then 7.5 apples") == 7.5
     assert extract_number("no digits") is None

@@ -96,6 +96,13 @@ def test_the_curriculum_hands_weights_on_and_skips_finished_stages(vl_data, tmp_
     # Evaluation during training: held-out perplexity and JEPA MSE, logged like the training metrics.
     first = json.loads((tmp_path / "curriculum" / "one" / "metrics.jsonl").read_text().splitlines()[-1])
     assert first["val_jepa_text"] > 0 and first["val_jepa_vision"] > 0 and first["val_ppl"] > 1
+    assert first["val_jepa_mse"] > 0 and -1 <= first["val_jepa_cosine"] <= 1 and first["val_jepa_rank"] >= 1
+    # Each stage's checkpoint evaluates (tools/evaluate.py), the LM stage's too though it saved no EMA target.
+    report = tmp_path / "report.json"
+    launch("tools/evaluate.py", ["--checkpoint", f"one={one.parent}", "--checkpoint", f"two={two.parent}", "--tasks",
+                                 "perplexity,jepa_mse", "--valid-shards", vl_data["valid_shards"], "--out", str(report)], 1)
+    scores = json.loads(report.read_text())
+    assert all(scores[n]["perplexity"]["ppl"] > 1 and scores[n]["jepa_mse"]["jepa_mse"] > 0 for n in ("one", "two"))
     # Rerun: both stages are finished, nothing is trained or rewritten.
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "curriculum").rglob("*") if p.is_file()
               and p.suffix != ".png"}

@@ -13,81 +13,19 @@ Per run (a local HF model directory or a LoRA adapter directory saved by pretrai
 """
 import argparse
 import json
-import re
 import sys
-import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from data.chats import hf_chat_encoder
 from data.step_jepa import lm_batch, packed_batch
-from data.tokenizer import load_hf_tokenizer, predictor_token
-from model import hf
-from tools.prepare_step_data import convert
-
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def extract_number(text: str) -> float | None:
-    """The final answer in a solution: after the last '####' if present, else the last number."""
-    tail = text.rpartition("####")[2] if "####" in text else text
-    found = NUMBER.findall(tail)
-    if not found:
-        return None
-    try:
-        return float(found[0 if "####" in text else -1].replace(",", ""))
-    except ValueError:
-        return None
-
-
-def gsm8k_correct(prediction: str, gold_answer: str) -> bool:
-    gold = extract_number("####" + gold_answer.rpartition("####")[2])
-    pred = extract_number(prediction)
-    return pred is not None and gold is not None and abs(pred - gold) < 1e-6
-
-
-def regex_match(prediction: str, reference: str) -> bool:
-    return prediction.strip() == reference.strip()
-
-
-def read_tasks(task: str, path: str, limit: int) -> list[dict]:
-    """[{'messages': [system, user, assistant (gold)], 'gold': ...}] from a GSM8K or NL-RX file."""
-    items = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            rec = json.loads(line)
-            try:
-                if task == "gsm8k":
-                    chat, _ = convert(rec, "gsm8k")
-                    items.append({"messages": chat["messages"], "gold": rec["answer"]})
-                else:
-                    items.append({"messages": rec["messages"], "gold": rec["messages"][-1]["content"]})
-            except (KeyError, ValueError, IndexError) as e:
-                sys.exit(f"{path}:{lineno}: not a {task} record ({e!r})")
-            if len(items) == limit:
-                break
-    return items
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy continuations, left-padded batches; progress with rate and ETA."""
-    out, t0 = [], time.time()
-    pad = tokenizer.pad_token_id
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        gen = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
-        done = len(out)
-        rate = done / (time.time() - t0)
-        print(f"  generated {done}/{len(prompts)} ({rate:.2f}/s, ETA {(len(prompts) - done) / rate:.0f}s)", flush=True)
-    return out
-
+from data.tokenizer import predictor_token
+from model.generate import Sampling
+from tools.evaluate import answers
+from tools.load_model import load, locate
+from tools.reasoning_tasks import gsm8k_correct, read_tasks, regex_match
 
 @torch.no_grad()
 def step_embeddings(model, tokenizer, chats: list[list[dict]], predictors: int, batch_size: int) -> dict:
@@ -158,11 +96,12 @@ def main(argv=None):
     for name, path in runs.items():
         print(f"{name}: {path}", flush=True)
         torch.manual_seed(0)
-        tokenizer = load_hf_tokenizer(path)
-        model = hf.load_model(path, len(tokenizer)).eval()
+        loaded = load(locate(Path(path)))
+        model, tokenizer = loaded.model, loaded.tokenizer
         encoder = hf_chat_encoder(tokenizer)
         prompts = [encoder.encode(encoder.render_prompt(it["messages"][:-1])) for it in items]
-        preds = generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+        # greedy, through the project's decoding loop (model/generate.py, KV-cached)
+        preds = [g.text for g in answers(loaded, prompts, Sampling(args.max_new_tokens), True, args.batch_size)]
         correct = [score(p, it["gold"]) for p, it in zip(preds, items)]
         report[name] = {"path": path, metric: sum(correct) / len(items), "n": len(items),
                         "examples": [{"prediction": p, "gold": it["gold"], "correct": c}

@@ -46,6 +46,7 @@ from pretrain.objectives import build_objective
 from pretrain.parallel import device_type, held_out_losses
 from tools.generate import decoder_for, end_ids, prompt_ids, setup
 from tools.load_model import Loaded, load, locate
+from tools.reasoning_tasks import gsm8k_correct, read_tasks, regex_match
 
 TASKS = ("perplexity", "jepa_mse", "humaneval", "image_to_code", "gsm8k", "nlrx")
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -110,7 +111,7 @@ def main(argv=None) -> None:
 
 
 def say(text: str) -> None:
-    if dist.get_rank() == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         print(text, flush=True)
 
 
@@ -175,11 +176,12 @@ def _held_out(loaded: Loaded, args, jepa: bool) -> dict:
 # -- generation tasks ------------------------------------------------------------------------------------------
 
 
-def _generate(loaded: Loaded, args, prompts: list[list[int]], sampling: Sampling, chat: bool, images=None) -> list:
-    """Completions of every prompt, args.batch_size at a time (with images: each batch's own)."""
+def answers(loaded: Loaded, prompts: list[list[int]], sampling: Sampling, chat: bool, batch_size: int,
+            images: list[torch.Tensor] | None = None) -> list:
+    """Generations for every prompt, batch_size at a time, with rate and ETA (with images: one per prompt)."""
     out, start = [], time.perf_counter()
-    for i in range(0, len(prompts), args.batch_size):
-        chunk = slice(i, i + args.batch_size)
+    for i in range(0, len(prompts), batch_size):
+        chunk = slice(i, i + batch_size)
         batch_images = None
         if images is not None:
             patches = torch.stack(images[chunk]).to(_device())
@@ -197,13 +199,13 @@ def humaneval(loaded: Loaded, args) -> dict:
     problems = he.load_problems(args.humaneval)[: args.limit or None]
     prompts = [loaded.encode(p["prompt"]) for p in problems]
     greedy = Sampling(args.max_new_tokens, stop=tuple(he.STOP_SEQUENCES))
-    completions = {p["task_id"]: [he.truncate(g.text)] for p, g in zip(problems, _generate(loaded, args, prompts, greedy, False))}
+    completions = {p["task_id"]: [he.truncate(g.text)] for p, g in zip(problems, answers(loaded, prompts, greedy, False, args.batch_size))}
     result = {"greedy": _humaneval_scores(he, problems, completions, (1,), args)}
     if args.samples > 1:
         sampled = {p["task_id"]: [] for p in problems}
         for s in range(args.samples):
             sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, tuple(he.STOP_SEQUENCES), seed=s)
-            for p, g in zip(problems, _generate(loaded, args, prompts, sampling, False)):
+            for p, g in zip(problems, answers(loaded, prompts, sampling, False, args.batch_size)):
                 sampled[p["task_id"]].append(he.truncate(g.text))
         ks = tuple(k for k in (1, 10, 100) if k <= args.samples)
         result["sampled"] = _humaneval_scores(he, problems, sampled, ks, args)
@@ -230,27 +232,25 @@ def image_to_code(loaded: Loaded, args) -> dict:
     images = [patchify(torch.from_numpy(preprocess(s["png"], f"{args.pairs} pair {i}", v.image_size))[None],
                        v.patch_size)[0] for i, s in enumerate(samples)]
     prompts = [prompt_ids(loaded, QUESTIONS[s["kind"]], chat=True) for s in samples]
-    answers = _generate(loaded, args, prompts, Sampling(args.max_new_tokens), True, images)
+    generated = answers(loaded, prompts, Sampling(args.max_new_tokens), True, args.batch_size, images)
     if dist.get_rank() != 0:
         return {}
-    results = i2c.score_many(samples, [g.text for g in answers], workers=args.workers)
+    results = i2c.score_many(samples, [g.text for g in generated], workers=args.workers)
     return {**i2c.summarize(results), "examples": [{**r, "generated": g.text[:500]} for r, g in
-                                                   list(zip(results, answers))[:10]]}
+                                                   list(zip(results, generated))[:10]]}
 
 
 def reasoning(task: str):
     def run(loaded: Loaded, args) -> dict:
-        from tools.eval_reasoning import gsm8k_correct, read_tasks, regex_match
-
         path = args.gsm8k if task == "gsm8k" else args.nlrx
         if not path.is_file():
             return {"skipped": f"{path} not found"}
         items = read_tasks(task, str(path), args.limit)
         encoder = (hf_chat_encoder if loaded.kind == "hf" else project_chat_encoder)(loaded.tokenizer)
         prompts = [encoder.encode(encoder.render_prompt(it["messages"][:-1])) for it in items]
-        answers = _generate(loaded, args, prompts, Sampling(args.max_new_tokens), True)
+        generated = answers(loaded, prompts, Sampling(args.max_new_tokens), True, args.batch_size)
         score = gsm8k_correct if task == "gsm8k" else regex_match
-        correct = [score(g.text, it["gold"]) for g, it in zip(answers, items)]
+        correct = [score(g.text, it["gold"]) for g, it in zip(generated, items)]
         return {"accuracy" if task == "gsm8k" else "exact_match": sum(correct) / len(items), "n": len(items)}
     return run
 

@@ -78,6 +78,8 @@ def locate(path: Path, tag: str | None = None) -> Source:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"--checkpoint {path}: no such file or directory")
+    if (path / "adapter_config.json").is_file():  # a LoRA adapter saved by pretrain/step_jepa.py
+        return Source(path, "hf")
     config = path / "config.json"
     if config.is_file():  # an export of ours says so in its config.json; anything else is a Hugging Face model
         info = json.loads(config.read_text())
