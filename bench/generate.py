@@ -7,7 +7,7 @@ the per-round ratios. On CPU torch runs one thread and time is the thread's CPU 
 shared). On a GPU, batch 1's cached rate is also given as a fraction of the HBM-bandwidth bound (every
 step reads every weight once: bandwidth / model bytes tokens/s).
 
-  python bench/generate.py                      # CPU defaults, a few minutes
+  python bench/generate.py                      # CPU defaults, about 10 minutes
   python bench/generate.py --hidden 1024 --layers 16 --vocab 32000   # on a GPU
 """
 
@@ -37,10 +37,11 @@ HBM = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIE": 2.0e12, "H100": 3.35e12,
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=4096)
+    # A small LM (13M parameters): in a tinier one both paths' steps are mostly Python overhead.
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens per row")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--batches", default="1,16")

@@ -14,7 +14,6 @@ gathered, and every rank draws the same token (same logits, same seeded generato
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -144,9 +143,9 @@ class HFDecoder:
         return out.logits.float()[..., :self.vocab]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(decoder, prompts: list[list[int]], sampling: Sampling, eos_id: int | set[int], pad_id: int, decode=None,
-             use_cache: bool = True, keep_logits: bool = False, progress: bool = False) -> list[Generation]:
+             use_cache: bool = True, keep_logits: bool = False) -> list[Generation]:
     """Continue each prompt (token ids) until an end token (`eos_id`: one or a set), a stop string (needs
     `decode`: ids -> text) or max_new_tokens."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -165,8 +164,7 @@ def generate(decoder, prompts: list[list[int]], sampling: Sampling, eos_id: int 
     out = [Generation([], None, "length") for _ in prompts]
     running = torch.ones(b, dtype=torch.bool, device=device)
     step_ids, step_positions = ids, positions
-    start = time.perf_counter()
-    for step in range(sampling.max_new_tokens):
+    for _ in range(sampling.max_new_tokens):
         logits = decoder.logits(step_ids, step_positions, keys, cache)[:, -1]
         token = _choose(logits, sampling, generator)
         for r in running.nonzero().flatten().tolist():
@@ -174,14 +172,14 @@ def generate(decoder, prompts: list[list[int]], sampling: Sampling, eos_id: int 
             running[r] = out[r].finish == "length"
         if not running.any():
             break
-        token = torch.where(running, token, pad_id)
-        next_positions = positions[:, -1:] + 1
-        ids, keys = torch.cat([ids, token[:, None]], 1), torch.cat([keys, running[:, None]], 1)
-        positions = torch.cat([positions, next_positions], 1)
-        step_ids, step_positions = (token[:, None], next_positions) if use_cache else (ids, positions)
-        if progress and (step + 1) % 32 == 0:
-            rate = (step + 1) * b / (time.perf_counter() - start)
-            print(f"  {step + 1}/{sampling.max_new_tokens} tokens per row, {rate:.1f} tokens/s", flush=True)
+        token = torch.where(running, token, pad_id)[:, None]
+        keys = torch.cat([keys, running[:, None]], 1)
+        step_positions = step_positions[:, -1:] + 1
+        if use_cache:  # the cache holds the past: run the new token alone
+            step_ids = token
+        else:
+            step_ids, positions = torch.cat([step_ids, token], 1), torch.cat([positions, step_positions], 1)
+            step_positions = positions
     if decode:
         for g in out:
             if g.text is None:
