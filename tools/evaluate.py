@@ -44,12 +44,13 @@ from pretrain.config import ConfigError
 from pretrain.evaluation import held_out
 from pretrain.objectives import build_objective
 from pretrain.parallel import device_type, held_out_losses
+from tools import humaneval as he
 from tools.generate import decoder_for, end_ids, prompt_ids, setup
 from tools.load_model import Loaded, load, locate
 from tools.reasoning_tasks import gsm8k_correct, read_tasks, regex_match
 
 TASKS = ("perplexity", "jepa_mse", "humaneval", "image_to_code", "gsm8k", "nlrx")
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = he.REPO.parent / "shared" / "data"
 
 
 def parse_args(argv=None):
@@ -61,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--valid-shards", help="held-out token shards (default: the run's data.valid_shards)")
     p.add_argument("--max-batches", type=int, default=0, help="perplexity/jepa_mse: at most this many micro batches")
     p.add_argument("--pairs", type=Path, help="image_to_code: held-out pairs of tools/make_vision_pairs.py")
-    p.add_argument("--humaneval", type=Path, default=SHARED / "humaneval" / "HumanEval.jsonl.gz")
+    p.add_argument("--humaneval", type=Path, default=he.DEFAULT_PATH)
     p.add_argument("--gsm8k", type=Path, default=SHARED / "gsm8k" / "test.jsonl")
     p.add_argument("--nlrx", type=Path, default=SHARED / "nlrx-synth" / "test.jsonl")
     p.add_argument("--limit", type=int, default=0, help="first N problems / pairs / questions of each task (0: all)")
@@ -194,13 +195,11 @@ def answers(loaded: Loaded, prompts: list[list[int]], sampling: Sampling, chat: 
 
 
 def humaneval(loaded: Loaded, args) -> dict:
-    from tools import humaneval as he
-
     problems = he.load_problems(args.humaneval)[: args.limit or None]
     prompts = [loaded.encode(p["prompt"]) for p in problems]
     greedy = Sampling(args.max_new_tokens, stop=tuple(he.STOP_SEQUENCES))
     completions = {p["task_id"]: [he.truncate(g.text)] for p, g in zip(problems, answers(loaded, prompts, greedy, False, args.batch_size))}
-    result = {"greedy": _humaneval_scores(he, problems, completions, (1,), args)}
+    result = {"greedy": _humaneval_scores(problems, completions, (1,), args)}
     if args.samples > 1:
         sampled = {p["task_id"]: [] for p in problems}
         for s in range(args.samples):
@@ -208,11 +207,11 @@ def humaneval(loaded: Loaded, args) -> dict:
             for p, g in zip(problems, answers(loaded, prompts, sampling, False, args.batch_size)):
                 sampled[p["task_id"]].append(he.truncate(g.text))
         ks = tuple(k for k in (1, 10, 100) if k <= args.samples)
-        result["sampled"] = _humaneval_scores(he, problems, sampled, ks, args)
+        result["sampled"] = _humaneval_scores(problems, sampled, ks, args)
     return result
 
 
-def _humaneval_scores(he, problems, completions, ks, args) -> dict:
+def _humaneval_scores(problems, completions, ks, args) -> dict:
     if dist.get_rank() != 0:  # every rank generated the same completions; one runs them
         return {}
     scores = he.evaluate(problems, completions, ks=ks, workers=args.workers)
