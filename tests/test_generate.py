@@ -4,6 +4,8 @@ prompt alone gives; sampling, stop strings and the end of sequence behave; a Hug
 through the same loop, as transformers' own generate does."""
 
 import json
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,6 +141,27 @@ def _vocab(path):
     return AutoConfig.from_pretrained(path).vocab_size
 
 
-def test_the_command_line_generates(tmp_path):
-    proc = run([PYTHON, "tools/generate.py", "--help"])
-    assert "--checkpoint" in proc.stdout
+def test_the_command_line_reads_a_checkpoint_and_its_export_alike(vl_layouts, vl_data, tmp_path):
+    """tools/generate.py on the VL-JEPA's one-process checkpoint, its TP=2 checkpoint read by one process, and
+    the safetensors export of the first, with an image and without: the same text every time."""
+    from tools import convert_ckpt
+
+    single = vl_layouts["single"]["checkpoint"]
+    convert_ckpt.main(["--checkpoint", str(single), "--out", str(tmp_path / "export"), "--format", "safetensors"])
+    pairs = sorted((Path(vl_data["shards"]).parent / "pairs").glob("*.tar"))
+    image = tmp_path / "image.png"
+    with tarfile.open(pairs[0]) as tar:
+        image.write_bytes(tar.extractfile(next(m for m in tar if m.name.endswith(".png"))).read())
+
+    def text(checkpoint, *more):
+        out = run([PYTHON, "tools/generate.py", "--checkpoint", str(checkpoint), "--prompt", "def main(", "--prompt",
+                   "import os", "--max-new-tokens", "12", *more]).stdout
+        assert "tokens/s" in out
+        return out.split("### generated")[1:]
+
+    plain, with_image = text(single), text(single, "--image", str(image))
+    assert plain == text(tmp_path / "export") == text(vl_layouts["tp2"]["checkpoint"])
+    assert with_image == text(tmp_path / "export", "--image", str(image))
+    proc = run([PYTHON, "tools/generate.py", "--checkpoint", str(single), "--prompt", "x", "--image",
+                str(tmp_path / "missing.png")], check=False)
+    assert proc.returncode != 0 and "missing.png" in proc.stderr

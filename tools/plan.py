@@ -31,7 +31,7 @@ import torch
 
 from model.config import swiglu_size
 from pretrain.config import Config, ConfigError, ParallelConfig, load_config, load_curriculum, parse_count, stage_configs
-from pretrain.parallel import deepspeed_config
+from pretrain.parallel import deepspeed_config, precision
 from pretrain.throughput import gpu_peak_flops
 from tools.plan_model import BLOCKS, DeepSpeedBuffers, Layout, communication, flops_per_step, layers_of, memory
 
@@ -116,7 +116,7 @@ def plan(name: str, cfg: Config, gpus: int, gpu: str, per_node: int, mfu: tuple)
     layout = _configured(cfg, gpus)
     mem = layout_memory(cfg, layout, layers)
     comm = communication(cfg, layout, layers)
-    peak_flops, _ = gpu_peak_flops(gpu_name, torch.bfloat16 if _bf16(cfg) else torch.float32)
+    peak_flops, _ = gpu_peak_flops(gpu_name, torch.bfloat16 if precision(cfg, "cuda") == "bf16" else torch.float32)
     flops = flops_per_step(cfg, layers)
     tokens, step_tokens = cfg.training.train_tokens, cfg.tokens_per_step()
     steps = cfg.train_steps()
@@ -223,10 +223,6 @@ def _suggest(cfg: Config, gpus: int, per_node: int, usable: float, layers) -> st
                 where = "" if n == gpus else f" on {n} GPUs (nothing fits on {gpus})"
                 return f"{layout}{where}: peak {_bytes(mem.peak)}"
     return "none up to 4096 nodes (a smaller micro batch, or a smaller model)"
-
-
-def _bf16(cfg: Config) -> bool:
-    return cfg.training.precision in ("auto", "bf16")
 
 
 def _mfu(text: str) -> tuple:

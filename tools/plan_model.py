@@ -34,7 +34,6 @@ import math
 import re
 from dataclasses import dataclass, field
 
-import torch
 from deepspeed.runtime.utils import partition_balanced, partition_uniform
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
@@ -46,6 +45,7 @@ from model.kernels.ce_loss import chunk_rows_for
 from model.vit import PatchEmbed, VisionBlock, VisionNorm
 from model.vljepa import FinalNorm, OutputHead
 from pretrain.config import Config, ConfigError
+from pretrain.parallel import precision
 from tools.export_tensors import meta_model
 
 FP32 = 4
@@ -385,7 +385,7 @@ def _stage_memory(cfg, layout: Layout, ds: DeepSpeedBuffers, device: str, saving
                   stage: int, accum: int) -> Memory:
     """One pipeline stage's memory: `part` its layers, `saving` those that keep activations."""
     tp, dp, zero = layout.tp, layout.dp, layout.zero
-    bf16 = _precision(cfg, device) == "bf16"
+    bf16 = precision(cfg, device) == "bf16"
     p = 2 if bf16 else FP32
     psi = sum(layer.on_rank(tp) for layer in part)
     trained = sum(layer.on_rank(tp) for layer in part if layer.trains)
@@ -444,7 +444,7 @@ def _stage_memory(cfg, layout: Layout, ds: DeepSpeedBuffers, device: str, saving
         if output.trains:  # the loss's gradients, computed with the loss (model/kernels/ce_loss.py)
             loss_held = tok.text * cfg.model.hidden_size * p + vocab_local * cfg.model.hidden_size * FP32
     if pipelined:
-        saved += _pipe_buffers(cfg, part, stage, layout.pp, tok, p)
+        saved += _pipe_buffers(cfg, stage, layout.pp, tok, p)
     if tok.jepa and not pipelined and mem.ema_target:
         target_pass = _target_pass(cfg.model, tok, tp, p)
     mem.activations = saved * in_flight + loss_held
@@ -456,7 +456,7 @@ def _stage_memory(cfg, layout: Layout, ds: DeepSpeedBuffers, device: str, saving
     passes = between + gathered + mem.activations
     forward_end = target_pass + ce_chunk + prefetch
     backward_start = (recompute + vocab_local * cfg.model.hidden_size * p * (loss_held > 0)
-                      + (bucket_in_backward or (bucket_between if accum == 1 else 0.0)))
+                      + (bucket_in_backward or (bucket_between if accum == 1 and not pipelined else 0.0)))
     step = grads_at_step + step_temporaries
     if pipelined:
         # The pipeline engine reduces after its schedule into a second bucket while the gradients still
@@ -469,12 +469,6 @@ def _stage_memory(cfg, layout: Layout, ds: DeepSpeedBuffers, device: str, saving
     mem.gradients += grads_between
     mem.buffers += bucket_between + gathered
     return mem
-
-
-def _precision(cfg: Config, device: str) -> str:
-    if cfg.training.precision == "auto":
-        return "bf16" if device == "cuda" else "fp32"
-    return cfg.training.precision
 
 
 def _block_input(layer: Layer, m: ModelConfig, tok: Tokens, p: int) -> float:
@@ -494,7 +488,7 @@ def _target_pass(m: ModelConfig, tok: Tokens, tp: int, p: int) -> float:
     return outputs + working
 
 
-def _pipe_buffers(cfg: Config, part: list[Layer], stage: int, pp: int, tok: Tokens, p: int) -> float:
+def _pipe_buffers(cfg: Config, stage: int, pp: int, tok: Tokens, p: int) -> float:
     """What travels between pipeline stages for one micro batch, kept by DeepSpeed's pipe buffers: the
     stage's received inputs and its outputs (the text states; a VL-JEPA's image tokens and EMA target
     activations beside them)."""
@@ -514,7 +508,7 @@ def communication(cfg: Config, layout: Layout, layers: list[Layer] | None = None
     of n bytes sends 2 (k-1)/k n per rank, a reduce-scatter or all-gather (k-1)/k n)."""
     layers = layers or layers_of(cfg)
     tp, dp, pp = layout.tp, layout.dp, layout.pp
-    p = 2 if _precision(cfg, device) == "bf16" else FP32
+    p = 2 if precision(cfg, device) == "bf16" else FP32
     accum = _accumulation(cfg, layout)
     part = max(stages(cfg, layers, layout), key=lambda s: sum(layer.on_rank(tp) for layer in s))
     psi = sum(layer.on_rank(tp) for layer in part) * p
@@ -584,10 +578,3 @@ def flops_per_step(cfg: Config, layers: list[Layer] | None = None) -> float:
     micro_batches = cfg.training.batch_size / cfg.training.micro_batch_size
     return total * micro_batches
 
-
-def total_parameters(layers: list[Layer]) -> int:
-    return sum(layer.split + layer.whole for layer in layers)
-
-
-def dtype_of(cfg: Config, device: str) -> torch.dtype:
-    return torch.bfloat16 if _precision(cfg, device) == "bf16" else torch.float32
