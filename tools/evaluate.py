@@ -146,7 +146,8 @@ def _held_out(loaded: Loaded, args, jepa: bool) -> dict:
     if cfg.model.type == "vljepa":
         # JEPA scores need masks and a target pass even for a stage that trained no JEPA (its head is there);
         # perplexity needs neither. The loss weights do not enter the components reported.
-        cfg.training.hybrid = cfg.training.hybrid.model_copy(update={"alpha": 1.0 if jepa else 0.0})
+        weights = {"alpha": 1.0} if jepa else {"alpha": 0.0, "beta": 1.0}
+        cfg.training.hybrid = cfg.training.hybrid.model_copy(update=weights)
     objective = build_objective(cfg, loaded.tokenizer)
     if jepa:
         objective.setup(loaded.model, lambda params: torch.no_grad(), _device())  # the target starts as the online model
