@@ -169,7 +169,7 @@ def _from_export(source: Source) -> Loaded:
 def _from_hf(source: Source) -> Loaded:
     from model import hf
 
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+    if parallel_state.model_parallel_is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
         raise CheckpointError(f"{source.path}: a Hugging Face model loads whole on one process (--tp 1)")
     tokenizer = load_hf_tokenizer(source.path)
     return Loaded(source.path, "hf", None, hf.load_model(str(source.path), len(tokenizer)).eval(), tokenizer)
