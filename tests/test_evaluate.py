@@ -96,6 +96,26 @@ def test_every_layout_scores_alike_and_tp2_evaluates_as_one_process(vl_layouts, 
     assert tp["tp2"]["perplexity"]["ppl"] == pytest.approx(report["tp2"]["perplexity"]["ppl"], rel=1e-5)
 
 
+def test_a_stage_with_frozen_modules_evaluates(vl_data, tmp_path):
+    """Stage 1 trains no output projection (beta 0) and stage 2 no vision encoder: under ZeRO-1 over two ranks a
+    frozen parameter is in no optimizer partition, only in the module's weights, which is where it is read.
+    An instruction-tuned stage's perplexity counts every token, not only the answers it trained on."""
+    from conftest import vl_sets
+
+    for name, more in (("no_head", ["training.hybrid.beta=0", "training.hybrid.alpha=1"]),
+                       ("no_vision", ["training.hybrid.alpha=0", "training.hybrid.instruction=true",
+                                      "training.hybrid.freeze=[vision_encoder, cross_modal_fusion]"])):
+        launch("pretrain/train.py", ["--config", "pretrain/configs/tiny.yaml",
+                                     *vl_sets(vl_data, tmp_path / name, "training.train_steps=2", "parallel.zero_stage=1")
+                                     + [a for s in more for a in ("--set", s)]], 2)
+    report = evaluate(tmp_path, "--checkpoint", f"no_head={tmp_path / 'no_head'}", "--checkpoint",
+                      f"no_vision={tmp_path / 'no_vision'}", "--tasks", "perplexity,jepa_mse", "--valid-shards",
+                      vl_data["valid_shards"])
+    for name in ("no_head", "no_vision"):
+        assert report[name]["perplexity"]["ppl"] > 1 and report[name]["perplexity"]["tokens"] > 1000
+        assert report[name]["jepa_mse"]["jepa_mse"] > 0
+
+
 def test_image_to_code_reads_each_pair_and_scores_per_kind(vl_layouts, vl_data, tmp_path):
     pairs = Path(vl_data["shards"]).parent / "pairs"
     report = evaluate(tmp_path, "--checkpoint", f"single={vl_layouts['single']['checkpoint']}", "--tasks",

@@ -146,6 +146,10 @@ class DeepSpeedCheckpoint:
             for tp_rank in range(self.tp):
                 self._index(pp_rank, tp_rank)
                 self._index_targets(pp_rank, tp_rank)
+        if self.zero in (1, 2):
+            for pp_rank in range(self.pp):
+                for tp_rank in range(self.tp):
+                    self._index_frozen(pp_rank, tp_rank)
 
     # -- what is where ---------------------------------------------------------------------------
 
@@ -178,11 +182,23 @@ class DeepSpeedCheckpoint:
         for name, shape in (states.get("frozen_param_shapes") or {}).items():
             self._add(name[len(prefix):], tp_rank, shape, ("frozen", mp, name, torch.Size(shape).numel()))
 
-    def _index_layers(self, tp_rank: int) -> None:
+    def _index_frozen(self, pp_rank: int, tp_rank: int) -> None:
+        """A frozen parameter (a curriculum stage's, e.g. stage 1's output projection) is in no optimizer
+        partition: ZeRO-1/2 keep it whole in the module's weights (a pipeline's in its layer files)."""
+        mp = pp_rank * self.tp + tp_rank
+        module = self.files.get(self._model_file(mp))["module"]
+        if module is None:
+            self._index_layers(tp_rank, missing_only=True)
+            return
+        for name, t in _tensors(module):
+            if name.startswith("model."):
+                self._add(name.removeprefix("model."), tp_rank, t.shape, ("module", self._model_file(mp), name), True)
+
+    def _index_layers(self, tp_rank: int, missing_only: bool = False) -> None:
         for path in sorted(self.dir.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt")):
             layer = int(path.name.split("-")[0].removeprefix("layer_"))
             for name, t in _tensors(self.files.get(path)):
-                self._add(f"{layer}.{name}", tp_rank, t.shape, ("layer", path, name))
+                self._add(f"{layer}.{name}", tp_rank, t.shape, ("layer", path, name), missing_only)
 
     def _index_zero12(self, states, optim, mp, tp_rank, prefix) -> None:
         paddings = optim.get("param_alignment_paddings")
@@ -208,8 +224,11 @@ class DeepSpeedCheckpoint:
             for name, t in _tensors(self.files.get(path).get("ema_target", {})):
                 self._targets.setdefault(name, []).append((tp_rank, tuple(t.shape), ("target", path, name)))
 
-    def _add(self, name: str, tp_rank: int, shape, how: tuple) -> None:
-        self._where.setdefault(name, []).append((tp_rank, tuple(shape), how))
+    def _add(self, name: str, tp_rank: int, shape, how: tuple, missing_only: bool = False) -> None:
+        """Where tensor-parallel rank tp_rank's shard of `name` is; with missing_only, unless already known."""
+        where = self._where.setdefault(name, [])
+        if not (missing_only and any(w[0] == tp_rank for w in where)):
+            where.append((tp_rank, tuple(shape), how))
 
     def names(self, target: bool = False) -> set[str]:
         return set(self._targets if target else self._where)

@@ -146,8 +146,9 @@ def _held_out(loaded: Loaded, args, jepa: bool) -> dict:
     if cfg.model.type == "vljepa":
         # JEPA scores need masks and a target pass even for a stage that trained no JEPA (its head is there);
         # perplexity needs neither. The loss weights do not enter the components reported.
+        # Every token counts, also after instruction tuning (which trained on answers only).
         weights = {"alpha": 1.0} if jepa else {"alpha": 0.0, "beta": 1.0}
-        cfg.training.hybrid = cfg.training.hybrid.model_copy(update=weights)
+        cfg.training.hybrid = cfg.training.hybrid.model_copy(update={**weights, "instruction": False})
     objective = build_objective(cfg, loaded.tokenizer)
     if jepa:
         objective.setup(loaded.model, lambda params: torch.no_grad(), _device())  # the target starts as the online model
@@ -168,11 +169,14 @@ def _held_out(loaded: Loaded, args, jepa: bool) -> dict:
     model = loaded.model
     metrics = held_out(objective, lambda mbs: held_out_losses(objective, lambda b: objective.forward(model, b), mbs,
                                                               _device()), batches)
+    samples = {"samples": count * cfg.training.micro_batch_size}
+    if jepa:
+        keys = ("val_jepa_mse", "val_jepa_cosine", "val_jepa_rank", "val_jepa_text", "val_jepa_vision")
+        return {**samples, **{k.removeprefix("val_"): metrics[k] for k in keys if k in metrics}}
     tokens = int(sum(objective.counts(b)[0] for b in batches))  # the LM term's labelled tokens
-    keys = ("val_jepa_mse", "val_jepa_cosine", "val_jepa_rank", "val_jepa_text", "val_jepa_vision") if jepa \
-        else ("val_ppl", "val_lm")
-    return {"samples": count * cfg.training.micro_batch_size, "tokens": tokens,
-            **{k.removeprefix("val_"): metrics[k] for k in keys if k in metrics}}
+    if tokens == 0:
+        raise ConfigError(f"{cfg.data.valid_shards}: no token to score in {count} held-out micro batches")
+    return {**samples, "tokens": tokens, "ppl": metrics["val_ppl"], "lm": metrics["val_lm"]}
 
 
 # -- generation tasks ------------------------------------------------------------------------------------------
