@@ -70,7 +70,29 @@ def _warn_about_stale_build_locks(extensions: Path) -> None:
                   "loading the op would wait on this lock forever; delete it if no build is running", flush=True)
 
 
-def join_process_group() -> None:
+def nccl_environment(env: dict, tensor_parallel: int) -> dict:
+    """The NCCL and CUDA settings a GPU run gets where the environment leaves them unset.
+
+    - TORCH_NCCL_ASYNC_ERROR_HANDLING=1: a hung collective raises (and a Slurm job requeues) instead
+      of waiting forever. NCCL_DEBUG=WARN: NCCL's own reason when it fails.
+    - CUDA_DEVICE_MAX_CONNECTIONS=1 under tensor parallelism: megatron-core issues a layer's gradient
+      all-reduce before the weight-gradient matmul and relies on one hardware queue to run them in that
+      order; without TP it would only serialise DeepSpeed's reduction stream behind the compute.
+    - One node (every rank local: LOCAL_WORLD_SIZE from torchrun, LOCAL_SIZE from the deepspeed
+      launcher): NCCL's bootstrap on the loopback. Its transports on one node are NVLink, PCIe and
+      shared memory; left to itself it binds the first network interface it finds, which on an
+      air-gapped node may be down or absent. A multi-node job names the interface (slurm/node.sh).
+    """
+    out = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN"}
+    if tensor_parallel > 1:
+        out["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    world = env.get("WORLD_SIZE", "1")
+    if env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", world)) == world:
+        out["NCCL_SOCKET_IFNAME"] = "lo"
+    return {k: v for k, v in out.items() if k not in env}
+
+
+def join_process_group(tensor_parallel: int = 1) -> None:
     """Join the launcher's process group, or, run as a plain script, make a group of one."""
     if "RANK" not in os.environ:  # one process without a launcher (benchmarks, notebooks)
         with socket.socket() as s:
@@ -78,6 +100,8 @@ def join_process_group() -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if device_type() == "cuda":
+        # Read when the CUDA context is made, which set_device does.
+        os.environ.update(nccl_environment(os.environ, tensor_parallel))
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     # Ops DeepSpeed still compiles (CPU Adam for offload) go into this environment, not the user-wide
     # ~/.cache, where two environments would rebuild them in turn.
@@ -94,7 +118,7 @@ def init_distributed(cfg: Config) -> int:
     megatron-core orders ranks tp fastest, then dp, then pp, which is exactly DeepSpeed's
     PipeModelDataParallelTopology (axes pipe, data, model): both libraries agree on every group.
     """
-    join_process_group()
+    join_process_group(cfg.parallel.tensor)
     world = dist.get_world_size()
     cfg.batch_sizes(world)  # fail before building anything if the numbers disagree
     _log_hosts()
@@ -139,9 +163,21 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+# ZeRO's communication settings by device, where the DeepSpeed JSON leaves them unset. GPUs: DeepSpeed's
+# own defaults, gradients reduced on a side stream while the backward goes on (overlap_comm, which
+# double-buffers the bucket) in 5e8-element buckets, large enough for NCCL to reach its bandwidth. CPU
+# (gloo): no stream to overlap with, and a bucket is a real allocation on a small machine, so one
+# 5e7-element bucket.
+ZERO_BY_DEVICE = {
+    "cuda": {"overlap_comm": True, "reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000},
+    "cpu": {"overlap_comm": False, "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000},
+}
+
+
 def deepspeed_config(cfg: Config, world_size: int, device: str) -> dict:
-    """The DeepSpeed JSON: ds_configs/ (or parallel.ds_config) plus the fields the run config owns.
-    A file may repeat an owned field only with the same value."""
+    """The DeepSpeed JSON: ds_configs/ (or parallel.ds_config) plus the fields the run config owns, and
+    ZeRO's communication settings for `device` where the file leaves them unset. A file may repeat an
+    owned field only with the same value."""
     name = cfg.parallel.ds_config
     if name is None:
         name = "ds_configs/pipeline.json" if cfg.parallel.pipeline > 1 else f"ds_configs/zero{cfg.parallel.zero_stage}.json"
@@ -190,6 +226,10 @@ def deepspeed_config(cfg: Config, world_size: int, device: str) -> dict:
                 f"{ds_path}: '{key}' is set in the DeepSpeed JSON; the optimizer, LR schedule and precision "
                 "come from the run config (training.optimizers, training.scheduler, training.precision)"
             )
+    if cfg.parallel.zero_stage > 0:
+        zero = ds.setdefault("zero_optimization", {})
+        for key, value in ZERO_BY_DEVICE[device].items():
+            zero.setdefault(key, value)
     ds.setdefault("steps_per_print", 10**9)  # our own logger reports; DeepSpeed's would duplicate it
     ds.setdefault("wall_clock_breakdown", False)
     return ds

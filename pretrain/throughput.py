@@ -34,32 +34,35 @@ def flops_per_token(model_cfg: ModelConfig, vocab_size: int, seq_len: int) -> fl
 
 
 # Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's datasheets, per GPU: half of the "with
-# sparsity" figures they headline. Keys match whole words of torch.cuda.get_device_name() (with
-# '-' read as a space); a name matches the first row that fits, so variants precede their base.
+# sparsity" figures they headline; and the datasheet's memory bandwidth, TB/s. Keys match whole words
+# of torch.cuda.get_device_name() (with '-' read as a space); a name matches the first row that fits,
+# so variants precede their base.
 _COLUMNS = ("bf16", "fp16", "tf32", "fp32")
 _GPUS = [
-    # key, source, bf16, fp16, tf32, fp32
-    ("A100", "A100 datasheet (SXM and PCIe)", 312, 312, 156, 19.5),
-    ("H100 NVL", "H100 datasheet, NVL", 835.5, 835.5, 417.5, 60),
-    ("H100 PCIE", "H100 datasheet, PCIe", 756.5, 756.5, 378, 51),
-    ("H100", "H100 datasheet, SXM", 989.5, 989.5, 494.5, 67),
-    ("H200 NVL", "H200 datasheet, NVL", 835.5, 835.5, 417.5, 60),
-    ("H200", "H200 datasheet, SXM", 989.5, 989.5, 494.5, 67),
-    ("GH200", "GH200 datasheet", 989.5, 989.5, 494.5, 67),
-    ("B200", "HGX B200 datasheet (1000 W)", 2250, 2250, 1100, 75),
-    ("GB200", "GB200 NVL72 datasheet (1200 W)", 2500, 2500, 1250, 80),
-    ("L40S", "L40S datasheet", 362.05, 362.05, 183, 91.6),
-    ("L4", "L4 datasheet", 121, 121, 60, 30.3),
+    # key, source, bf16, fp16, tf32, fp32, memory TB/s
+    ("A100 SXM4 80GB", "A100 datasheet, SXM 80GB", 312, 312, 156, 19.5, 2.039),
+    ("A100 80GB PCIE", "A100 datasheet, PCIe 80GB", 312, 312, 156, 19.5, 1.935),
+    ("A100", "A100 datasheet, 40GB", 312, 312, 156, 19.5, 1.555),
+    ("H100 NVL", "H100 datasheet, NVL", 835.5, 835.5, 417.5, 60, 3.9),
+    ("H100 PCIE", "H100 datasheet, PCIe", 756.5, 756.5, 378, 51, 2.0),
+    ("H100", "H100 datasheet, SXM", 989.5, 989.5, 494.5, 67, 3.35),
+    ("H200 NVL", "H200 datasheet, NVL", 835.5, 835.5, 417.5, 60, 4.8),
+    ("H200", "H200 datasheet, SXM", 989.5, 989.5, 494.5, 67, 4.8),
+    ("GH200", "GH200 datasheet (96GB HBM3)", 989.5, 989.5, 494.5, 67, 4.0),
+    ("B200", "HGX B200 datasheet (1000 W)", 2250, 2250, 1100, 75, 7.7),
+    ("GB200", "GB200 NVL72 datasheet (1200 W)", 2500, 2500, 1250, 80, 8.0),
+    ("L40S", "L40S datasheet", 362.05, 362.05, 183, 91.6, 0.864),
+    ("L4", "L4 datasheet", 121, 121, 60, 30.3, 0.3),
     # NVIDIA publishes no A10G datasheet; AWS and cloud vendors quote the A10's.
-    ("A10G", "A10 datasheet (A10G: none published)", 125, 125, 62.5, 31.2),
-    ("A10", "A10 datasheet", 125, 125, 62.5, 31.2),
+    ("A10G", "A10 datasheet (A10G: none published)", 125, 125, 62.5, 31.2, 0.6),
+    ("A10", "A10 datasheet", 125, 125, 62.5, 31.2, 0.6),
     # Volta: fp16 tensor cores only. No bf16; no TF32, so fp32 matmuls stay on the CUDA cores.
-    ("V100S", "V100S datasheet (PCIe)", math.nan, 130, 16.4, 16.4),
-    ("V100 PCIE", "V100 datasheet, PCIe", math.nan, 112, 14, 14),
-    ("V100", "V100 datasheet, SXM2", math.nan, 125, 15.7, 15.7),
+    ("V100S", "V100S datasheet (PCIe)", math.nan, 130, 16.4, 16.4, 1.134),
+    ("V100 PCIE", "V100 datasheet, PCIe", math.nan, 112, 14, 14, 0.9),
+    ("V100", "V100 datasheet, SXM2", math.nan, 125, 15.7, 15.7, 0.9),
     # GeForce tensor rates with fp32 accumulation (what PyTorch uses), from the architecture whitepapers.
-    ("RTX 4090", "Ada AD102 whitepaper", 165.2, 165.2, 82.6, 82.6),
-    ("RTX 3090", "Ampere GA102 whitepaper", 71, 71, 35.6, 35.6),
+    ("RTX 4090", "Ada AD102 whitepaper", 165.2, 165.2, 82.6, 82.6, 1.008),
+    ("RTX 3090", "Ampere GA102 whitepaper", 71, 71, 35.6, 35.6, 0.936),
 ]
 
 
@@ -71,16 +74,25 @@ def _dtype_column(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
+def _gpu_row(name: str):
+    words = re.sub(r"[-_\s]+", " ", name.upper())
+    return next((row for row in _GPUS if re.search(rf"(?<![A-Z0-9]){row[0]}(?![A-Z0-9])", words)), None)
+
+
 def gpu_peak_flops(name: str, dtype: torch.dtype) -> tuple[float, str]:
     """(dense peak FLOP/s, source) of the GPU called `name` for matmuls in `dtype`; nan for a GPU
     not in the table, so that MFU reads nan rather than a guess."""
     column = _dtype_column(dtype)
-    words = re.sub(r"[-_\s]+", " ", name.upper())
-    for key, source, *tflops in _GPUS:
-        if re.search(rf"(?<![A-Z0-9]){key}(?![A-Z0-9])", words):
-            peak = dict(zip(_COLUMNS, tflops))[column]
-            return peak * 1e12, f"{source}, dense {column}"
-    return math.nan, f"unknown GPU {name}"
+    row = _gpu_row(name)
+    if row is None:
+        return math.nan, f"unknown GPU {name}"
+    return dict(zip(_COLUMNS, row[2:6]))[column] * 1e12, f"{row[1]}, dense {column}"
+
+
+def gpu_memory_bandwidth(name: str) -> tuple[float, str]:
+    """(datasheet memory bandwidth in bytes/s, source) of the GPU called `name`; nan when unknown."""
+    row = _gpu_row(name)
+    return (math.nan, f"unknown GPU {name}") if row is None else (row[6] * 1e12, row[1])
 
 
 @functools.cache

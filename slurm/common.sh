@@ -16,7 +16,7 @@
 #   INIT_FROM        run.init_from: start from another run's checkpoint (a curriculum's previous stage)
 #   STOP_GRACE_S     how long the launcher waits for the ranks' checkpoint after a stop signal (default 600)
 #   MAX_REQUEUES     how many times a failed job requeues itself (default 3)
-#   NCCL_*, GLOO_SOCKET_IFNAME, OMP_NUM_THREADS   passed through; defaults set by slurm/node.sh
+#   NCCL_*, GLOO_SOCKET_IFNAME, OMP_NUM_THREADS   passed through; defaults set by slurm/node.sh and the trainer
 #
 # The ranks are started by torchrun (torch.distributed.run), one per node under srun: it needs only the
 # node count, this node's rank and the first node's address, all from the allocation (no hostfile, no

@@ -14,12 +14,8 @@ fi
 
 if [[ -n ${SLURM_GPUS_ON_NODE:-} && ${SLURM_GPUS_ON_NODE} != 0 ]]; then
     nproc=${NPROC_PER_NODE:-$SLURM_GPUS_ON_NODE}
+    # The rest of the NCCL environment is the trainer's (pretrain/parallel.py nccl_environment).
     [[ -n $iface ]] && export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$iface}
-    # A hung collective raises an error (and the job requeues) instead of waiting forever.
-    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-    export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-    # Megatron's tensor-parallel overlap relies on kernels being issued in order.
-    export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 else
     nproc=${NPROC_PER_NODE:-1}
     [[ -n $iface ]] && export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$iface}

@@ -10,7 +10,7 @@ from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 from pydantic import BaseModel, ValidationError
 
 from pretrain.config import Config, ConfigError, check_deepspeed_keys, load_config, parse_count
-from pretrain.parallel import deepspeed_config
+from pretrain.parallel import deepspeed_config, nccl_environment
 
 TINY = "pretrain/configs/tiny.yaml"
 
@@ -178,6 +178,35 @@ def test_deepspeed_json_disagreeing_with_run_config_is_an_error(tmp_path):
     ds_file.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     with pytest.raises(ConfigError, match="'optimizer' is set in the DeepSpeed JSON"):
         deepspeed_config(cfg, world_size=2, device="cpu")
+
+
+@pytest.mark.parametrize("sets", [["parallel.zero_stage=1"], ["parallel.zero_stage=2"], ["parallel.zero_stage=3"],
+                                  ["parallel.pipeline=2", "parallel.zero_stage=1"]])
+def test_zero_communication_settings_follow_the_device(sets):
+    cfg = load_config(TINY, sets)
+    gpu = deepspeed_config(cfg, world_size=2, device="cuda")["zero_optimization"]
+    cpu = deepspeed_config(cfg, world_size=2, device="cpu")["zero_optimization"]
+    assert (gpu["overlap_comm"], gpu["reduce_bucket_size"], gpu["allgather_bucket_size"]) == (True, 5e8, 5e8)
+    assert (cpu["overlap_comm"], cpu["reduce_bucket_size"], cpu["allgather_bucket_size"]) == (False, 5e7, 5e7)
+    assert deepspeed_config(load_config(TINY, ["parallel.zero_stage=0"]), 2, "cuda")["zero_optimization"] == {"stage": 0}
+
+
+def test_zero_communication_settings_of_the_json_are_kept_on_either_device(tmp_path):
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps({"zero_optimization": {"overlap_comm": False, "reduce_bucket_size": 2e7}}))
+    cfg = load_config(TINY, [f"parallel.ds_config={ds_file}", "parallel.zero_stage=2"])
+    for device, allgather in (("cuda", 5e8), ("cpu", 5e7)):
+        zero = deepspeed_config(cfg, world_size=2, device=device)["zero_optimization"]
+        assert (zero["overlap_comm"], zero["reduce_bucket_size"], zero["allgather_bucket_size"]) == (False, 2e7, allgather)
+
+
+def test_nccl_environment_for_one_node_many_nodes_and_tensor_parallelism():
+    one_node = {"WORLD_SIZE": "8", "LOCAL_SIZE": "8", "RANK": "3"}  # the deepspeed launcher's variables
+    assert nccl_environment(one_node, 1) == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_DEBUG": "WARN",
+                                             "NCCL_SOCKET_IFNAME": "lo"}
+    assert nccl_environment({"WORLD_SIZE": "1"}, 2)["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    two_nodes = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "NCCL_DEBUG": "INFO"}  # torchrun's
+    assert nccl_environment(two_nodes, 1) == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
 
 
 def test_bf16_on_cpu_is_refused():

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from model.config import ModelConfig
 from model.gpt import GPT, init_weights, megatron_config
 from pretrain.parallel import join_process_group
-from pretrain.throughput import Throughput, flops_per_token, gpu_peak_flops, peak_flops_per_device
+from pretrain.throughput import Throughput, flops_per_token, gpu_memory_bandwidth, gpu_peak_flops, peak_flops_per_device
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,16 @@ def test_update_arithmetic():
 def test_gpu_table_lookup(name, dtype, tflops, source):
     peak, where = gpu_peak_flops(name, dtype)
     assert peak == tflops * 1e12 and where.startswith(source)
+
+
+@pytest.mark.parametrize("name, tb_per_s", [
+    ("NVIDIA H100 80GB HBM3", 3.35), ("NVIDIA H100 PCIe", 2.0), ("NVIDIA H100 NVL", 3.9), ("NVIDIA H200", 4.8),
+    ("NVIDIA A100-SXM4-80GB", 2.039), ("NVIDIA A100 80GB PCIe", 1.935), ("NVIDIA A100-SXM4-40GB", 1.555),
+    ("NVIDIA A100-PCIE-40GB", 1.555), ("NVIDIA L4", 0.3),
+])
+def test_gpu_memory_bandwidth_lookup(name, tb_per_s):
+    assert gpu_memory_bandwidth(name)[0] == pytest.approx(tb_per_s * 1e12)
+    assert math.isnan(gpu_memory_bandwidth("Tesla T4")[0])
 
 
 @pytest.mark.parametrize("name, dtype", [("NVIDIA RTX A1000", torch.bfloat16), ("Tesla T4", torch.float16),

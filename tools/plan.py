@@ -118,8 +118,9 @@ def plan(name: str, cfg: Config, gpus: int, gpu: str, per_node: int, mfu: tuple)
     comm = communication(cfg, layout, layers)
     peak_flops, _ = gpu_peak_flops(gpu_name, torch.bfloat16 if precision(cfg, "cuda") == "bf16" else torch.float32)
     flops = flops_per_step(cfg, layers)
-    tokens, step_tokens = cfg.training.train_tokens, cfg.tokens_per_step()
-    steps = cfg.train_steps()
+    step_tokens, steps = cfg.tokens_per_step(), cfg.train_steps()
+    # training.train_steps, when set, replaces the token budget
+    tokens = cfg.training.train_tokens if cfg.training.train_steps is None else steps * step_tokens
     step_s = [flops / (gpus * peak_flops * u) for u in mfu]
     days = [s * steps / 86400 for s in step_s]
 

@@ -13,8 +13,9 @@ profiler's allocator events, tests/test_plan.py):
   AdamW's two fp32 moments (bf16 adds DeepSpeed's fp32 master copy). Stages 1-2: the weights, plus
   this rank's 1/dp of an fp32 master copy (made even for fp32 weights) and of the moments; stage 1
   keeps whole gradients until the step, stage 2 its 1/dp partition; both reduce through a bucket of
-  `reduce_bucket_size` elements, allocated in full. Stage 3: 1/dp of everything, the bucket and a
-  flat gradient partition held from the start, layers gathered whole while they run.
+  `reduce_bucket_size` elements, allocated in full (two with overlap_comm, the GPU default). Stage 3:
+  1/dp of everything, the bucket and a flat gradient partition held from the start, layers gathered
+  whole while they run.
 - Activations: the tensors autograd saves, counted per layer from the model's code (which tensors each
   op keeps; _activations), in the run's dtype; with activation checkpointing each block keeps its input
   and one block is recomputed at a time. A pipeline stage holds min(pp - stage, micro batches) micro
@@ -333,6 +334,7 @@ class DeepSpeedBuffers:
     param_persistence: int = 100_000  # ZeRO-3: parameters at most this large stay whole on every rank
     max_live_parameters: int = 1_000_000_000  # ZeRO-3: gathered parameters kept before any is released
     prefetch_bucket: int = 50_000_000  # ZeRO-3: parameters gathered ahead of their use, in one go
+    overlap_comm: bool = False  # ZeRO-1/2: a second reduction bucket, filled while the first is reduced
 
     @staticmethod
     def of(ds_config: dict) -> "DeepSpeedBuffers":
@@ -340,7 +342,8 @@ class DeepSpeedBuffers:
         return DeepSpeedBuffers(int(zero.get("reduce_bucket_size", default.reduce_bucket)),
                                 int(zero.get("stage3_param_persistence_threshold", default.param_persistence)),
                                 int(zero.get("stage3_max_live_parameters", default.max_live_parameters)),
-                                int(zero.get("stage3_prefetch_bucket_size", default.prefetch_bucket)))
+                                int(zero.get("stage3_prefetch_bucket_size", default.prefetch_bucket)),
+                                bool(zero.get("overlap_comm", default.overlap_comm)))
 
 
 def memory(cfg: Config, layout: Layout, ds: DeepSpeedBuffers, device: str = "cuda",
@@ -410,7 +413,8 @@ def _stage_memory(cfg, layout: Layout, ds: DeepSpeedBuffers, device: str, saving
         mem.master = part_trained * FP32
         mem.optimizer = 2 * part_trained * FP32
         step_temporaries = 0.0 if fused_adam else 2 * part_trained * FP32
-        bucket = ds.reduce_bucket * p
+        # ZeRO-1/2 double-buffer the bucket under overlap_comm; ZeRO-3 keeps one either way.
+        bucket = ds.reduce_bucket * p * (2 if ds.overlap_comm and zero < 3 else 1)
         if zero == 3:
             persistent = sum(layer.on_rank(tp, at_most=ds.param_persistence) for layer in part)
             mem.weights = (psi - persistent) / dp * p + persistent * p
