@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.kernels import ce_loss, fused_linear_cross_entropy, set_default_impl
+from model.kernels.dispatch import interpreter_problem
 from model.loss import lm_loss
 
 IMPLS = ["torch", "triton"]
@@ -248,3 +249,13 @@ def test_unknown_impl_and_triton_without_gpu_are_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         fused_linear_cross_entropy(*make(4, 8, 40), impl="triton")
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False), ("3.9.0", "2.5.2", False),
+])
+def test_an_interpreter_that_cannot_run_with_this_numpy_is_named(triton_version, numpy_version, refused):
+    problem = interpreter_problem(triton_version, numpy_version)
+    assert (problem is not None) == refused
+    if refused:
+        assert f"Triton {triton_version}" in problem and f"NumPy {numpy_version}" in problem

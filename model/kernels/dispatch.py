@@ -36,6 +36,20 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run the kernels with these versions, or None. Triton before 3.7
+    converts one-element arrays to Python ints with int(), which NumPy 2.4 refuses (triton-lang/triton
+    #9171); torch 2.11 comes with Triton 3.6. Compiled kernels on a GPU are not affected."""
+    def major_minor(version):
+        return tuple(int(x) for x in version.split(".")[:2])
+
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter cannot run with NumPy {numpy_version} (it converts "
+                "one-element arrays with int(), which NumPy 2.4 refuses; fixed in Triton 3.7, triton-lang/triton"
+                "#9171): use NumPy < 2.4 with this Triton, or Triton 3.7 or newer")
+    return None
+
+
 def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
     """The concrete implementation ("torch", "triton" or "reference") for a call on `tensor`."""
     impl = _checked(impl, "impl")
@@ -43,7 +57,14 @@ def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
         impl = _default_impl
     if impl == "auto":
         return "triton" if tensor.is_cuda else "torch"
-    if impl == "triton" and not tensor.is_cuda and not triton_interpreting():
-        raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the "
-                         "kernels on CPU through Triton's interpreter)")
+    if impl == "triton" and not tensor.is_cuda:
+        if not triton_interpreting():
+            raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the "
+                             "kernels on CPU through Triton's interpreter)")
+        import numpy
+        import triton
+
+        problem = interpreter_problem(triton.__version__, numpy.__version__)
+        if problem:
+            raise RuntimeError(problem)
     return impl
