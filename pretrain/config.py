@@ -267,6 +267,9 @@ class CheckpointConfig(Section):
     dir: str | None = None  # None: <run.output_dir>/checkpoints
     every_steps: PositiveInt = 1000
     keep: PositiveInt | None = None  # how many complete checkpoints to leave, the newest; None: all
+    # A checkpoint when the run ends (its last step, or --stop-after). false: runs that keep nothing
+    # (throughput and smoke runs); a stop signal still checkpoints, so that the run can resume.
+    at_end: bool = True
 
 
 class WandbConfig(Section):

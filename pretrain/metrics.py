@@ -85,7 +85,7 @@ class MetricsLog:
             flush=True,
         )
 
-    def close(self, checkpoint: Path) -> None:
+    def close(self, checkpoint: Path | None) -> None:
         """Flush the writers, draw the loss curve of every step in metrics.jsonl (resumed runs too)
         and say where everything is."""
         if self.writer:
@@ -116,6 +116,6 @@ class MetricsLog:
         print(
             f"\n{'finished' if step == self.total_steps else 'stopped after'} {step}/{self.total_steps} steps\n"
             f"  logs:       {self.jsonl} (TensorBoard: {self.out_dir / 'tensorboard'})\n"
-            f"  checkpoint: {checkpoint}\n  loss curve: {png}",
+            f"  checkpoint: {checkpoint or 'none (checkpoint.at_end is false)'}\n  loss curve: {png}",
             flush=True,
         )

@@ -137,14 +137,15 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
                 f"were skipped (training.max_nonfinite_steps = {cfg.training.max_nonfinite_steps}); the last good "
                 f"checkpoint is {checkpoint.latest(cfg.checkpoint_dir) or 'none (no checkpoint was written)'}")
         signum = stopper.agreed(engine.device)
-        if state["step"] % cfg.checkpoint.every_steps == 0 or state["step"] == stop_at or signum:
+        ends = state["step"] == stop_at and cfg.checkpoint.at_end
+        if state["step"] % cfg.checkpoint.every_steps == 0 or ends or signum:
             _save(cfg, engine, tokenizer, state, data, dp_size, objective)
     if log:
         last = cfg.checkpoint_dir / f"global_step{state['step']}"
         if signum:
             log.note(f"\n{signal.Signals(signum).name}: stopped after step {state['step']} of {total}; checkpoint "
                      f"{last} is complete; continue with --resume")
-        log.close(last)
+        log.close(last if last.is_dir() else checkpoint.latest(cfg.checkpoint_dir))
     if cfg.model.type == "hf" and state["step"] == total and dist.get_rank() == 0:
         hf.save(engine.module.model, tokenizer, cfg.run.output_dir)
     return engine
