@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib.util
 import math
 import re
 from pathlib import Path
@@ -278,6 +279,15 @@ class WandbConfig(Section):
     entity: str | None = None
     mode: Literal["online", "offline"] = "offline"  # offline needs no network; `wandb sync` uploads later
     dir: str | None = None  # None: <run.output_dir>
+
+    @model_validator(mode="after")
+    def _installed(self):
+        # An optional dependency (an offline wheelhouse leaves it out): say so when the config is read, on
+        # every rank, rather than fail on rank 0 alone once training has started.
+        if self.enabled and importlib.util.find_spec("wandb") is None:
+            raise ValueError("logging.wandb.enabled is true but wandb is not installed (pip install wandb; "
+                             "it is optional)")
+        return self
 
 
 class LoggingConfig(Section):

@@ -25,6 +25,14 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / nproc > 0 ? cpus / nproc : 
 export PYTHONUNBUFFERED=1
 
 echo "[$(date +%FT%T)] node $SLURM_NODEID of $SLURM_NNODES ($(hostname)): $nproc rank(s), interface ${iface:-default}"
+# torchrun's wait for the ranks after a stop signal is --shutdown-timeout where it has one (torch 2.13); an
+# older one (torch 2.11) waits a fixed 30 s before killing them, and a checkpoint still being written then
+# is lost (the previous complete one stays, and the requeued job resumes from it).
+grace=(--shutdown-timeout="$STOP_GRACE_S")
+if ! "$PYTHON" -m torch.distributed.run --help 2>/dev/null | grep -q -- --shutdown-timeout; then
+    grace=()
+    echo "[$(date +%FT%T)] warning: this torchrun has no --shutdown-timeout: after a stop signal the ranks have its fixed 30 s to checkpoint, not STOP_GRACE_S=$STOP_GRACE_S"
+fi
 exec "$PYTHON" -m torch.distributed.run --nnodes="$SLURM_NNODES" --node-rank="$SLURM_NODEID" \
     --nproc-per-node="$nproc" --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" --max-restarts=0 \
-    --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="$STOP_GRACE_S" "$@"
+    --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 "${grace[@]}" "$@"

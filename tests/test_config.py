@@ -209,6 +209,16 @@ def test_nccl_environment_for_one_node_many_nodes_and_tensor_parallelism():
     assert nccl_environment(two_nodes, 1) == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
 
 
+def test_wandb_enabled_without_wandb_installed_is_named(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match="logging.wandb.enabled is true but wandb is not installed"):
+        load_config(TINY, ["logging.wandb.enabled=true"])
+    assert load_config(TINY).logging.wandb.enabled is False
+
+
 def test_bf16_on_cpu_is_refused():
     cfg = load_config(TINY, ["training.precision=bf16"])
     with pytest.raises(ConfigError, match="training.precision=bf16 needs a GPU"):
