@@ -3,6 +3,7 @@ a launcher for real multi-process runs under the deepspeed launcher (gloo, CPU).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -19,6 +20,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# make setup installs Triton; a CPU-only torch does not bring it, so an offline install over one lacks it.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (a CPU-only torch does not bring "
+                                                         "it): the kernels cannot run in its interpreter")
+
+
+def pytest_collection_modifyitems(items):
+    """Every case parametrized with impl="triton" needs Triton."""
+    for item in items:
+        if getattr(item, "callspec", None) and item.callspec.params.get("impl") == "triton":
+            item.add_marker(needs_triton)
 PYTHON = sys.executable
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -1,6 +1,8 @@
 """Fused linear cross-entropy (chunked torch and Triton-interpreted) against F.cross_entropy on
 materialised logits: loss and both gradients, fp32 and bf16/fp16, mean and sum; no gradient work
 when grad mode is off."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -248,6 +250,12 @@ def test_unknown_impl_and_triton_without_gpu_are_refused(monkeypatch):
         fused_linear_cross_entropy(*make(4, 8, 40), impl="cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
+        fused_linear_cross_entropy(*make(4, 8, 40), impl="triton")
+
+
+def test_triton_missing_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` sees where it is not installed
+    with pytest.raises(ValueError, match="needs Triton, which is not installed"):
         fused_linear_cross_entropy(*make(4, 8, 40), impl="triton")
 
 

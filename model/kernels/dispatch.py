@@ -62,8 +62,12 @@ def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
             raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the "
                              "kernels on CPU through Triton's interpreter)")
         import numpy
-        import triton
 
+        try:
+            import triton
+        except ImportError:
+            raise ValueError("impl='triton' needs Triton, which is not installed (a CPU-only torch does not bring "
+                             "it; `pip install triton` runs the kernels in its interpreter)") from None
         problem = interpreter_problem(triton.__version__, numpy.__version__)
         if problem:
             raise RuntimeError(problem)
