@@ -20,10 +20,24 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# make setup installs Triton; a CPU-only torch does not bring it, so an offline install over one lacks it.
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (a CPU-only torch does not bring "
-                                                         "it): the kernels cannot run in its interpreter")
+
+
+def _triton_problem() -> str | None:
+    """Why the kernels cannot run in Triton's interpreter here: make setup installs a Triton that can; a CPU-only
+    torch brings none, and torch 2.11's Triton 3.6 cannot run beside NumPy 2.4 (model/kernels/dispatch.py)."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (a CPU-only torch does not bring it): the kernels cannot run in its interpreter"
+    import numpy
+    import triton
+
+    from model.kernels.dispatch import interpreter_problem
+
+    return interpreter_problem(triton.__version__, numpy.__version__)
+
+
+TRITON_PROBLEM = _triton_problem()
+HAS_TRITON = TRITON_PROBLEM is None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason=TRITON_PROBLEM or "")
 
 
 def pytest_collection_modifyitems(items):
@@ -31,6 +45,8 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if getattr(item, "callspec", None) and item.callspec.params.get("impl") == "triton":
             item.add_marker(needs_triton)
+
+
 PYTHON = sys.executable
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 SHARED_DATA = REPO.parent / "shared" / "data"
