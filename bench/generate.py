@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -28,11 +29,69 @@ from model.generate import ModelDecoder, Sampling, generate
 from model.gpt import GPT, init_weights, megatron_config
 from pretrain.config import load_config
 from pretrain.parallel import init_distributed
+from pretrain.throughput import gpu_memory_bandwidth
 
 ROOT = Path(__file__).resolve().parents[1]
-# HBM bandwidth per GPU from NVIDIA's datasheets (bytes/s); a name matches the first key it contains.
-HBM = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIE": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.039e12,
-       "A100 80GB PCIE": 1.935e12, "A100": 1.555e12}
+
+
+def language_model(hidden: int, layers: int, heads: int, vocab: int, device: str, dtype: torch.dtype) -> GPT:
+    """A randomly initialised GPT of this size (decoding speed does not depend on the weights' values)."""
+    cfg = load_config(ROOT / "pretrain/configs/tiny.yaml", [f"model.hidden_size={hidden}", f"model.num_layers={layers}",
+                                                          f"model.num_heads={heads}", "model.ffn_hidden_size=null",
+                                                          f"training.lm.vocab_size={vocab}"])
+    init_distributed(cfg)
+    model = GPT(cfg.model, cfg.model.padded_vocab_size(vocab), megatron_config(1))
+    for name, layer in model.named_children():
+        init_weights(layer, int(name), cfg.model, 0)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def decode_rates(model: GPT, vocab: int, batches: list[int], prompt: int, new_tokens: int, rounds: int, device: str,
+                 no_cache: bool = True, log=print) -> dict:
+    """{batch: tokens/s of cached (and, with no_cache, uncached) greedy decoding of exactly new_tokens per row}."""
+    clock = time.thread_time if device == "cpu" else time.perf_counter
+    decoder = ModelDecoder(model, vocab)
+    sampling = Sampling(max_new_tokens=new_tokens)
+    g = torch.Generator().manual_seed(0)
+
+    def run(prompts, use_cache):
+        def call():
+            generate(decoder, prompts, sampling, eos_id=-1, pad_id=0, use_cache=use_cache)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return call
+
+    results = {}
+    for batch in batches:
+        prompts = torch.randint(20, vocab, (batch, prompt), generator=g).tolist()
+        calls = [run(prompts, True)] + ([run(prompts, False)] if no_cache else [])
+        calls[0]()  # warm-up: first-call allocations and kernel selection
+        seconds = interleaved(calls, rounds, clock)
+        tokens = batch * new_tokens
+        results[batch] = {"tokens": tokens, "cached_tokens_per_s": tokens / statistics.median(seconds[0]),
+                          "seconds": {"cached": seconds[0]}}
+        line = f"batch {batch}: cached {results[batch]['cached_tokens_per_s']:.1f} tokens/s"
+        if no_cache:
+            ratio = paired_ratio(seconds[1], seconds[0])  # no-cache time over cached time: the speedup
+            results[batch].update(no_cache_tokens_per_s=tokens / statistics.median(seconds[1]), speedup=ratio)
+            results[batch]["seconds"]["no_cache"] = seconds[1]
+            line += (f", no cache {results[batch]['no_cache_tokens_per_s']:.1f} tokens/s, speedup {ratio['median']:.2f}x "
+                     f"(p25 {ratio['p25']:.2f}, p75 {ratio['p75']:.2f}, n {ratio['n']})")
+        log(line)
+    return results
+
+
+def hbm_bound(model: GPT, cached_tokens_per_s: float) -> dict | None:
+    """Batch-1 decoding against the bound of reading every weight once per token at the datasheet's
+    memory bandwidth (None off CUDA or on a GPU the table does not know)."""
+    if not torch.cuda.is_available():
+        return None
+    bandwidth, source = gpu_memory_bandwidth(torch.cuda.get_device_name())
+    if math.isnan(bandwidth):
+        return None
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"bandwidth": bandwidth, "bandwidth_source": source, "weight_bytes": weight_bytes,
+            "bound_tokens_per_s": bandwidth / weight_bytes, "fraction": cached_tokens_per_s / (bandwidth / weight_bytes)}
 
 
 def main(argv=None) -> None:
@@ -51,50 +110,12 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(1)
-    clock = time.thread_time if args.device == "cpu" else time.perf_counter
     load_start = os.getloadavg()
-    cfg = load_config(ROOT / "pretrain/configs/tiny.yaml", [f"model.hidden_size={args.hidden}",
-                                                          f"model.num_layers={args.layers}", f"model.num_heads={args.heads}",
-                                                          "model.ffn_hidden_size=null", f"training.lm.vocab_size={args.vocab}"])
-    init_distributed(cfg)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    model = GPT(cfg.model, cfg.model.padded_vocab_size(args.vocab), megatron_config(1))
-    for name, layer in model.named_children():
-        init_weights(layer, int(name), cfg.model, 0)
-    model.to(device=args.device, dtype=dtype).eval()
-    decoder = ModelDecoder(model, args.vocab)
-    sampling = Sampling(max_new_tokens=args.new_tokens)
-    g = torch.Generator().manual_seed(0)
-
-    def run(prompts, use_cache):
-        def call():
-            generate(decoder, prompts, sampling, eos_id=-1, pad_id=0, use_cache=use_cache)
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-        return call
-
-    results = {}
-    for batch in (int(b) for b in args.batches.split(",")):
-        prompts = torch.randint(20, args.vocab, (batch, args.prompt), generator=g).tolist()
-        cached, uncached = run(prompts, True), run(prompts, False)
-        cached()  # warm-up: first-call allocations and kernel selection
-        seconds = interleaved([cached, uncached], args.rounds, clock)
-        tokens = batch * args.new_tokens
-        ratio = paired_ratio(seconds[1], seconds[0])  # no-cache time over cached time: the speedup
-        results[batch] = {"tokens": tokens, "cached_tokens_per_s": tokens / statistics.median(seconds[0]),
-                          "no_cache_tokens_per_s": tokens / statistics.median(seconds[1]), "speedup": ratio,
-                          "seconds": {"cached": seconds[0], "no_cache": seconds[1]}}
-        print(f"batch {batch}: cached {results[batch]['cached_tokens_per_s']:.1f} tokens/s, no cache "
-              f"{results[batch]['no_cache_tokens_per_s']:.1f} tokens/s, speedup {ratio['median']:.2f}x "
-              f"(p25 {ratio['p25']:.2f}, p75 {ratio['p75']:.2f}, n {ratio['n']})", flush=True)
-    bound = None
-    if args.device == "cuda" and 1 in results:
-        name = torch.cuda.get_device_name().upper()
-        bandwidth = next((b for key, b in HBM.items() if key.upper() in name), None)
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        if bandwidth:
-            bound = {"bandwidth": bandwidth, "weight_bytes": weight_bytes, "bound_tokens_per_s": bandwidth / weight_bytes,
-                     "fraction": results[1]["cached_tokens_per_s"] / (bandwidth / weight_bytes)}
+    model = language_model(args.hidden, args.layers, args.heads, args.vocab, args.device, dtype)
+    results = decode_rates(model, args.vocab, [int(b) for b in args.batches.split(",")], args.prompt, args.new_tokens,
+                           args.rounds, args.device)
+    bound = hbm_bound(model, results[1]["cached_tokens_per_s"]) if args.device == "cuda" and 1 in results else None
     out = Path(args.out or ROOT / "bench" / "results" / f"generate_{args.device}.json")
     out.write_text(json.dumps({
         "benchmark": "generate", "machine": machine(), "load_average_at_start": load_start,

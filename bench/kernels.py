@@ -41,11 +41,9 @@ from bench.timing import interleaved, paired_ratio, rotated
 
 from model.kernels import fused_linear_cross_entropy, masked_mse
 from model.kernels import reference
+from pretrain.throughput import gpu_memory_bandwidth
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# Published peak DRAM bandwidth, bytes/s, matched against torch.cuda.get_device_name().
-PEAK_BANDWIDTH = [("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12),
-                  ("H100", 3.35e12), ("A100-SXM4-80GB", 2.039e12), ("A100", 1.555e12)]
 MSE_DENSITY = 0.5
 # Below this many bytes a kernel's time is mostly launch latency, not DRAM traffic.
 MIN_BANDWIDTH_BYTES = 64 << 20
@@ -216,39 +214,43 @@ def ce_gpu(args):
     return cases
 
 
-def mse_gpu(args):
+def mse_kernel_bandwidth(tokens, dim, dtype, density, peak):
+    """Achieved DRAM bandwidth of the masked-MSE Triton kernels, forward and backward, on CUDA."""
     import triton.testing
 
     from model.kernels import mse_triton
 
-    name = torch.cuda.get_device_name()
-    peak = next((bw for key, bw in PEAK_BANDWIDTH if key in name), None)
+    pred, target, mask, weights = mse_inputs(tokens, dim, dtype, "cuda", density)
+    selected = int(mask.sum())
+    row_bytes = dim * pred.element_size()
+    coef = torch.where(mask, weights, 0.0) / max(selected, 1)
+    _, stats = mse_triton.forward(pred, target, mask, "mse")
+    kernels = {
+        # reads the selected rows of pred and target, the mask; writes row losses
+        "forward": (lambda: mse_triton.forward(pred, target, mask, "mse"), 2 * selected * row_bytes + tokens * 5),
+        # reads coefs and the selected rows; writes every row of grad_pred
+        "backward": (lambda: mse_triton.backward(pred, target, coef, stats, "mse", True, False),
+                     2 * selected * row_bytes + tokens * (4 + row_bytes)),
+    }
+    cases = []
+    for kernel, (fn, moved) in kernels.items():
+        seconds = triton.testing.do_bench(fn, return_mode="median") / 1e3
+        cases.append({"kernel": kernel, "tokens": tokens, "dim": dim, "dtype": str(dtype).removeprefix("torch."),
+                      "mask_density": density, "bytes": moved, "seconds": seconds, "bandwidth": moved / seconds,
+                      "peak_fraction": moved / seconds / peak if peak else None})
+    return cases
+
+
+def mse_gpu(args):
+    peak, _ = gpu_memory_bandwidth(torch.cuda.get_device_name())
+    peak = None if peak != peak else peak  # nan: a GPU the table does not know
     cases = []
     for dtype in (torch.float32, torch.bfloat16):
         for tokens in (args.tokens, 8 * args.tokens):
             for dim in args.hidden:
                 for density in (1.0, MSE_DENSITY):
+                    cases += mse_kernel_bandwidth(tokens, dim, dtype, density, peak)
                     pred, target, mask, weights = mse_inputs(tokens, dim, dtype, "cuda", density)
-                    selected = int(mask.sum())
-                    row_bytes = dim * pred.element_size()
-                    coef = torch.where(mask, weights, 0.0) / max(selected, 1)
-                    _, stats = mse_triton.forward(pred, target, mask, "mse")
-                    kernels = {
-                        # reads the selected rows of pred and target, the mask; writes row losses
-                        "forward": (lambda: mse_triton.forward(pred, target, mask, "mse"),
-                                    2 * selected * row_bytes + tokens * 5),
-                        # reads coefs and the selected rows; writes every row of grad_pred
-                        "backward": (lambda: mse_triton.backward(pred, target, coef, stats, "mse",
-                                                                 True, False),
-                                     2 * selected * row_bytes + tokens * (4 + row_bytes)),
-                    }
-                    for kernel, (fn, moved) in kernels.items():
-                        seconds = triton.testing.do_bench(fn, return_mode="median") / 1e3
-                        cases.append({"kernel": kernel, "tokens": tokens, "dim": dim,
-                                      "dtype": str(dtype).removeprefix("torch."),
-                                      "mask_density": density, "bytes": moved,
-                                      "seconds": seconds, "bandwidth": moved / seconds,
-                                      "peak_fraction": moved / seconds / peak if peak else None})
                     ref_s, _ = cuda_measure(lambda: mse_step(reference_mse, pred, target, mask, weights))
                     fused_s, _ = cuda_measure(lambda: mse_step(fused_mse("triton"), pred, target,
                                                                mask, weights))

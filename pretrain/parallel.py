@@ -108,7 +108,8 @@ def join_process_group(tensor_parallel: int = 1) -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     _warn_about_stale_build_locks(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
     if not dist.is_initialized():
-        _skip_shm_comm_op()
+        if device_type() == "cpu":  # on CUDA DeepSpeed has no such op to build (nor to probe for)
+            _skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend="nccl" if device_type() == "cuda" else "gloo")
 
 
