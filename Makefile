@@ -52,8 +52,9 @@ llama-cpp: setup
 
 # Air-gapped nodes (README): `make wheelhouse` where there is package access writes the wheels a node needs
 # for its Python (PYTHON_VERSION) besides its own torch (HAVE: the node's `pip list --format=freeze`, to
-# ship only what it lacks; NODE_TORCH: its torch version, if HAVE does not say); `make setup-offline` on the node installs them with no index into .venv, over
-# the Python that holds the node's torch (SITE_PYTHON), which stays as it is.
+# ship only what it lacks; NODE_TORCH: its torch version, if HAVE does not say); `make setup-offline` on
+# the node installs them with no index into .venv, over the Python that holds the node's torch
+# (SITE_PYTHON), which stays as it is.
 WHEELHOUSE ?= wheelhouse
 PYTHON_VERSION ?= $(shell python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 SITE_PYTHON ?= python3

@@ -272,9 +272,10 @@ def check_decode(device: str = "cuda", size=(2048, 20, 16, 32000), batches=(1, 3
     model = language_model(*size, device, torch.bfloat16 if device == "cuda" else torch.float32)
     rates = decode_rates(model, size[3], list(batches), prompt=tokens, new_tokens=tokens, rounds=3, device=device,
                          no_cache=False, log=lambda line: print(line, file=sys.stderr))
+    # Keyed by the batch as a string, as the report's JSON will have it.
     return {"parameters": sum(p.numel() for p in model.parameters()), "prompt_tokens": tokens, "new_tokens": tokens,
-            "rates": rates, "hbm_bound_batch1": hbm_bound(model, rates[batches[0]]["cached_tokens_per_s"]),
-            "problems": []}
+            "rates": {str(b): r for b, r in rates.items()},
+            "hbm_bound_batch1": hbm_bound(model, rates[batches[0]]["cached_tokens_per_s"]), "problems": []}
 
 
 # -- the orchestration ------------------------------------------------------------------------------------------
@@ -302,9 +303,8 @@ def headline(checks: dict) -> dict:
     d = checks.get("decode", {})
     if d.get("hbm_bound_batch1"):
         out["decode_hbm_fraction_b1"] = d["hbm_bound_batch1"]["fraction"]
-    if "rates" in d:
-        out["decode_tokens_per_s_b1"] = d["rates"][1]["cached_tokens_per_s"]
-        out["decode_tokens_per_s_b32"] = d["rates"][32]["cached_tokens_per_s"]
+    for batch, rate in d.get("rates", {}).items():
+        out[f"decode_tokens_per_s_b{batch}"] = rate["cached_tokens_per_s"]
     return out
 
 
@@ -354,6 +354,16 @@ def main(argv=None) -> int:
     gpu = gpu_name()
     report = {"benchmark": "gpu_check", "gpu": gpu, "machine": machine(), "budget_s": args.budget_s, "checks": {},
               "planned_peak_bytes": {name: planned_peak(path) for name, path in CONFIGS.items()}}
+    out = args.out or ROOT / "bench" / "results" / f"gpu_check_{slug(gpu or 'no_gpu')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every check: what was measured survives a later crash or a killed run
+        report["results"] = headline(report["checks"])
+        report["targets"] = targets_met(report["results"])
+        report["elapsed_s"] = time.perf_counter() - start
+        report["machine"]["load_average_at_end"] = os.getloadavg()
+        out.write_text(json.dumps(report, indent=1) + "\n")
+
     data = None
     for name in CHECKS:
         if name not in wanted:
@@ -381,20 +391,13 @@ def main(argv=None) -> int:
                 entry["status"] = "failed" if entry["problems"] else "passed"
             except subprocess.TimeoutExpired as e:
                 entry = {"status": "failed", "reason": f"timed out after {e.timeout:.0f} s"}
-            except (RuntimeError, ValueError, OSError) as e:
-                entry = {"status": "failed", "reason": str(e)}
+            except Exception as e:  # noqa: BLE001 - a check's failure, whatever it is, is reported, not fatal
+                entry = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
             entry["seconds"] = time.perf_counter() - began
         report["checks"][name] = entry
+        save()
         why = entry.get("reason") or "; ".join(entry.get("problems", [])) or "ok"
         log(f"check {name}: {entry['status']} ({why})" + (f" in {entry['seconds']:.0f} s" if "seconds" in entry else ""))
-
-    report["results"] = headline(report["checks"])
-    report["targets"] = targets_met(report["results"])
-    report["elapsed_s"] = time.perf_counter() - start
-    report["machine"]["load_average_at_end"] = os.getloadavg()
-    out = args.out or ROOT / "bench" / "results" / f"gpu_check_{slug(gpu or 'no_gpu')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
     log(f"wrote {out} ({report['elapsed_s']:.0f} s)")
     for name, value in report["results"].items():
         print(f"RESULT {name} {value:.4g}")

@@ -80,10 +80,13 @@ def test_the_kernel_agreement_check_passes_the_kernels_and_catches_a_wrong_one(m
     assert problems and all(p.startswith("cross_entropy") for p in problems)
 
 
-def test_the_decode_check_runs_at_test_size_on_cpu():
+def test_the_decode_check_runs_at_test_size_on_cpu_and_its_report_reads_back():
     result = gpu_check.check_decode("cpu", size=(64, 2, 4, 512), batches=(1, 4), tokens=8)
-    assert set(result["rates"]) == {1, 4} and all(r["cached_tokens_per_s"] > 0 for r in result["rates"].values())
     assert result["hbm_bound_batch1"] is None  # no datasheet bandwidth for a CPU
+    checks = json.loads(json.dumps({"decode": {**result, "status": "passed"}}))  # as a child hands it over
+    figures = gpu_check.headline(checks)
+    assert set(figures) == {"decode_tokens_per_s_b1", "decode_tokens_per_s_b4"}
+    assert figures["decode_tokens_per_s_b4"] == result["rates"]["4"]["cached_tokens_per_s"] > 0
 
 
 @pytest.mark.parametrize("name", ["train_gpt", "train_vljepa"])
