@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -64,10 +63,6 @@ def gpu_name() -> str | None:
     import torch
 
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
 # -- the planner's prediction (no GPU needed) -----------------------------------------------------------------
@@ -246,8 +241,7 @@ def check_kernels() -> dict:
         timing[str(dtype).removeprefix("torch.")] = case
     out["cross_entropy_vs_torch"] = timing
 
-    peak, source = gpu_memory_bandwidth(torch.cuda.get_device_name())
-    peak = None if math.isnan(peak) else peak
+    peak, source = gpu_memory_bandwidth(torch.cuda.get_device_name())  # nan: a GPU the table does not know
     mse = []
     for dtype in (torch.float32, torch.bfloat16):
         for density in (1.0, 0.5):
@@ -256,8 +250,8 @@ def check_kernels() -> dict:
     copy = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
     seconds, _ = cuda_measure(lambda: copy.clone())
     out["device_copy"] = {"bytes_moved": 2 * copy.numel() * 4, "bandwidth": 2 * copy.numel() * 4 / seconds}
-    out["datasheet_bandwidth"] = {"bytes_per_s": peak, "source": source}
-    if peak:
+    out["datasheet_bandwidth"] = {"bytes_per_s": peak if math.isfinite(peak) else None, "source": source}
+    if math.isfinite(peak):
         out["device_copy"]["datasheet_fraction"] = out["device_copy"]["bandwidth"] / peak
     out["problems"] = problems
     return out
@@ -349,7 +343,7 @@ def main(argv=None) -> int:
     def log(line):
         print(line, flush=True)
 
-    from bench.machine import machine
+    from bench.machine import machine, slug
 
     gpu = gpu_name()
     report = {"benchmark": "gpu_check", "gpu": gpu, "machine": machine(), "budget_s": args.budget_s, "checks": {},

@@ -25,8 +25,8 @@ case over the shapes).
 """
 import argparse
 import json
+import math
 import os
-import re
 import resource
 import statistics
 import subprocess
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import machine
+from bench.machine import machine, slug
 from bench.timing import interleaved, paired_ratio, rotated
 
 from model.kernels import fused_linear_cross_entropy, masked_mse
@@ -237,13 +237,12 @@ def mse_kernel_bandwidth(tokens, dim, dtype, density, peak):
         seconds = triton.testing.do_bench(fn, return_mode="median") / 1e3
         cases.append({"kernel": kernel, "tokens": tokens, "dim": dim, "dtype": str(dtype).removeprefix("torch."),
                       "mask_density": density, "bytes": moved, "seconds": seconds, "bandwidth": moved / seconds,
-                      "peak_fraction": moved / seconds / peak if peak else None})
+                      "peak_fraction": moved / seconds / peak if math.isfinite(peak) else None})
     return cases
 
 
 def mse_gpu(args):
-    peak, _ = gpu_memory_bandwidth(torch.cuda.get_device_name())
-    peak = None if peak != peak else peak  # nan: a GPU the table does not know
+    peak, _ = gpu_memory_bandwidth(torch.cuda.get_device_name())  # nan: a GPU the table does not know
     cases = []
     for dtype in (torch.float32, torch.bfloat16):
         for tokens in (args.tokens, 8 * args.tokens):
@@ -258,11 +257,7 @@ def mse_gpu(args):
                                   "dim": dim, "dtype": str(dtype).removeprefix("torch."),
                                   "mask_density": density, "reference_seconds": ref_s,
                                   "fused_seconds": fused_s, "time_ratio": fused_s / ref_s})
-    return {"peak_bandwidth": peak, "cases": cases}
-
-
-def slug(text):
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+    return {"peak_bandwidth": peak if math.isfinite(peak) else None, "cases": cases}
 
 
 def main():

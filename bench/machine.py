@@ -2,9 +2,15 @@
 
 import os
 import platform
+import re
 from pathlib import Path
 
 import torch
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a device name: "NVIDIA H100 80GB HBM3" -> "nvidia_h100_80gb_hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
 def machine() -> dict:
