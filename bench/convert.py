@@ -45,7 +45,7 @@ from pathlib import Path
 from bench.machine import machine
 from bench.timing import rotated
 from model.config import ModelConfig
-from tools.export_tensors import plan
+from model.tensors import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 PEAK = "import resource, runpy, sys; sys.argv = {argv!r}; {body}; print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
@@ -79,7 +79,8 @@ import shutil
 from pretrain import checkpoint
 from pretrain.config import load_config
 from pretrain.objectives import build_objective, load_run_tokenizer
-from pretrain.parallel import build_engine, init_distributed, shutdown
+from pretrain.distributed import init_distributed, shutdown
+from pretrain.parallelize import build_engine
 cfg = load_config("pretrain/configs/tiny.yaml", {sets!r})
 init_distributed(cfg)
 tokenizer = load_run_tokenizer(cfg)

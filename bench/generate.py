@@ -28,7 +28,7 @@ from bench.timing import interleaved, paired_ratio
 from model.generate import ModelDecoder, Sampling, generate
 from model.gpt import GPT, init_weights, megatron_config
 from pretrain.config import load_config
-from pretrain.parallel import init_distributed
+from pretrain.distributed import init_distributed
 from pretrain.throughput import gpu_memory_bandwidth
 
 ROOT = Path(__file__).resolve().parents[1]

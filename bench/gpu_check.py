@@ -72,8 +72,8 @@ def planned_peak(config: Path, sets: list[str] = ()) -> float:
     """tools/plan_model's peak bytes per GPU for `config` trained on one GPU in bf16, with the DeepSpeed
     JSON the trainer would use there."""
     from pretrain.config import load_config
-    from pretrain.parallel import deepspeed_config
-    from tools.plan_model import DeepSpeedBuffers, Layout, memory
+    from pretrain.parallelize import deepspeed_config
+    from pretrain.planner import DeepSpeedBuffers, Layout, memory
 
     cfg = load_config(config, list(sets))
     p = cfg.parallel
@@ -109,7 +109,7 @@ LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "M
 
 
 def _run(cmd: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
-    # Each child is a process group of its own (a group of one: pretrain/parallel.py join_process_group).
+    # Each child is a process group of its own (a group of one: pretrain/distributed.py join_process_group).
     inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     proc = subprocess.run(cmd, cwd=ROOT, env={**inherited, "PYTHONUNBUFFERED": "1", **(env or {})},
                           capture_output=True, text=True, timeout=timeout)

@@ -29,7 +29,7 @@ from model.config import ModelConfig
 from model.gpt import GPT, megatron_config
 from pretrain.config import load_config
 from pretrain.trainer import train
-from tools.reasoning_tasks import regex_match
+from pretrain.evaluation.reasoning import regex_match
 from tools.train_tokenizer import train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

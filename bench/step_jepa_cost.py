@@ -32,7 +32,7 @@ from model.config import HFConfig
 from model.hf import load_model
 from pretrain.config import load_config
 from pretrain.objectives.step_jepa import StepJEPA
-from tools.prepare_step_data import convert
+from data.corpus.step_data import convert
 from tools.tiny_hf_model import build_tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,8 +122,8 @@ def main(argv=None):
 
         def loss():
             batch = obj.collate(examples)
-            batch = tuple(b.to(device) for b in batch) if isinstance(batch, tuple) else batch.to(device)
-            return obj.total(obj.forward(model, batch), obj.counts(batch))
+            batch = batch.to(device)
+            return obj.total(obj.forward(model, batch).sums, obj.counts(batch))
 
         out, saved = saved_activation_bytes(loss)
         out.backward()

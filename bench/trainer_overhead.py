@@ -1,7 +1,7 @@
 """Cost of the trainer's step against a plain PyTorch loop doing the same work, and the MFU of the
 tiny training run.
 
-Engine: pretrain.parallel.build_engine + train_step, exactly what the training loop runs per step
+Engine: pretrain.parallelize.build_engine + pretrain.trainer.train_step, exactly what the training loop runs per step
 (the step's token count all-reduced, loss sums normalised over it, DeepSpeed's backward and step).
 Plain: the same module and init, the same objective and normalisation, AdamW groups, LR schedule,
 clipping and batches, in the same precision (bf16 autocast over fp32 weights on a GPU, where the
@@ -36,7 +36,9 @@ from bench.timing import interleaved, paired_ratio
 from pretrain.config import load_config
 from pretrain.objectives.lm import LanguageModeling
 from pretrain.optim import build_optimizer, build_scheduler
-from pretrain.parallel import build_engine, build_model, deepspeed_config, device_type, init_distributed, train_step
+from pretrain.distributed import device_type, init_distributed
+from pretrain.parallelize import build_engine, build_model, deepspeed_config
+from pretrain.trainer import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

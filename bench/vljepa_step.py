@@ -43,7 +43,8 @@ from model.gpt import init_weights, megatron_config
 from model.vljepa import VLJEPA, OutputHead
 from pretrain.config import load_config
 from pretrain.objectives.hybrid import HybridJEPA
-from pretrain.parallel import init_distributed, whole_parameters
+from pretrain.distributed import init_distributed
+from pretrain.parallelize import whole_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ def batches(cfg, objective, args, n: int) -> list:
     rng = np.random.default_rng(0)
     v = cfg.model.vision
     samples = JEPASamples(seed=0, pad_id=PAD_ID, image_size=v.image_size, patch_size=v.patch_size,
-                          masks=objective.uses_jepa, span_length=cfg.training.jepa.span_length)
+                          masks=objective.predicts_embeddings, span_length=cfg.training.jepa.span_length)
     out = []
     for b in range(n):
         rows = rng.integers(20, args.vocab, (args.batch_size, args.context + 1))
@@ -103,7 +104,7 @@ class Step:
 
     def __call__(self, batch):
         self.optimizer.zero_grad(set_to_none=True)
-        sums = self.objective.forward(self.model, batch)
+        sums = self.objective.forward(self.model, batch).sums
         total = self.objective.total(sums, self.objective.counts(batch).to(sums.device))
         total.backward()
         self.optimizer.step()
@@ -115,8 +116,8 @@ class Step:
     def state_bytes(self) -> dict:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         trained = sum(p.numel() * p.element_size() for p in self.trained)
-        target = 0 if self.objective.target is None else sum(
-            p.numel() * p.element_size() for p in self.objective.target.parameters())
+        target = 0 if self.objective.ema_target() is None else sum(
+            p.numel() * p.element_size() for p in self.objective.ema_target().parameters())
         # AdamW keeps two fp32 moments per trained weight (and its gradient).
         return {"weights": weights, "gradients": trained, "adam_states": 2 * sum(p.numel() * 4 for p in self.trained),
                 "ema_target": target}
@@ -139,13 +140,13 @@ def breakdown(step: Step, batch, rounds: int, clock) -> dict:
     hooks = [model.register_forward_pre_hook(pre("online_forward")), model.register_forward_hook(post("online_forward")),
              lm_head.register_forward_pre_hook(pre("lm_loss_forward")),
              lm_head.register_forward_hook(post("lm_loss_forward")),
-             objective.target.register_forward_pre_hook(pre("target_forward")),
-             objective.target.register_forward_hook(post("target_forward"))]
+             objective.ema_target().register_forward_pre_hook(pre("target_forward")),
+             objective.ema_target().register_forward_hook(post("target_forward"))]
     try:
         for _ in range(rounds):
             step.optimizer.zero_grad(set_to_none=True)
             start = clock()
-            sums = objective.forward(model, batch)
+            sums = objective.forward(model, batch).sums
             total = objective.total(sums, objective.counts(batch).to(sums.device))
             forward_end = clock()
             total.backward()
@@ -232,7 +233,7 @@ def main(argv=None):
         "benchmark": "vljepa_step", "machine": machine(), "load_average_at_end": os.getloadavg(),
         "load_average_at_start": load_start, "device": args.device, "dtype": str(dtype), "args": vars(args),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "target_parameters": sum(p.numel() for p in hybrid.target.parameters()),
+        "target_parameters": sum(p.numel() for p in hybrid.ema_target().parameters()),
         "step_seconds": {"hybrid_median": hybrid_median, "lm_median": lm_median},
         "hybrid_vs_lm_step_time_ratio": ratio,
         "hybrid_breakdown_seconds": parts,

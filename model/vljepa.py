@@ -11,6 +11,9 @@ parameters carry the online model's names, which is how the EMA pairs them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
@@ -62,6 +65,19 @@ def layer_specs(cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig, embe
         ("jepa_head", False, VisionPredictor, (cfg, embedding_dim, mp)),
         ("jepa_head", False, TextPredictor, (cfg, embedding_dim, prediction_steps, mp)),
     ]
+
+
+@dataclass
+class Heads:
+    """The VL-JEPA's heads as a loss calls them: the output projection's loss, the JEPA projections and
+    predictors, and the EMA target's projections (None without a target). `VLJEPA.heads` gives the
+    whole model's; a pipeline's last stage gives those of its layers (pretrain/pipeline.py)."""
+
+    lm_loss: Callable
+    projections: Callable
+    vision_predictor: Callable
+    text_predictor: Callable
+    target_projections: Callable | None
 
 
 class VLJEPA(nn.Module):
@@ -135,6 +151,9 @@ class VLJEPA(nn.Module):
             # Non-reentrant: works with inputs that need no grad and with ZeRO-3's parameter hooks.
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
+
+    def heads(self, target_projections: Projections | None = None) -> Heads:
+        return Heads(self.lm_loss, self.projections, self.vision_predictor, self.text_predictor, target_projections)
 
     @property
     def output_weight(self) -> torch.Tensor:

@@ -3,7 +3,7 @@ curriculum file, which names a run config per stage.
 
 Section and field names follow the seed's training config (seed 000, section 2.2), so a block
 copied from the design document parses as is. Every number has one home here; the DeepSpeed JSON
-in ds_configs/ only carries what DeepSpeed alone needs (pretrain/parallel.py fills in the rest and
+in ds_configs/ only carries what DeepSpeed alone needs (pretrain/parallelize.py fills in the rest and
 fails loudly where the JSON disagrees with this file). The model's own section is model/config.py.
 """
 

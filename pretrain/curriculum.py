@@ -12,6 +12,8 @@ it draws one loss curve over all stages, boundaries marked, each loss component 
 
 from __future__ import annotations
 
+import pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+
 import argparse
 import gc
 import json
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from pretrain import checkpoint
 from pretrain.config import Config, ConfigError, load_curriculum, stage_args, stage_configs
-from pretrain.parallel import shutdown
+from pretrain.distributed import shutdown
 from pretrain.trainer import train
 
 COMPONENTS = ("loss", "lm", "jepa_text", "jepa_vision")

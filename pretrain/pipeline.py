@@ -9,14 +9,19 @@ tensor of that tuple, so:
   tokens are floats (with gradients). The EMA target's activations travel beside them bit-cast to
   integers: data that carries no gradient, which DeepSpeed would otherwise expect for any float. A
   slot not filled yet, or no longer needed, holds a one-byte placeholder, never a float without a
-  gradient. Each layer with an EMA target runs its own target copy (`target` below, set by the
-  objective's setup) on the target slots, so each stage owns and updates the targets of its layers.
-  The heads (output projection, JEPA projections and predictors) are pass-through layers on the last
-  stage, where the loss function calls them with the labels and JEPA indices.
+  gradient. Each layer with an EMA target runs its own copy (`twin` below: the layer of the same name
+  in the objective's `ema_target`, attached by `attach_targets`) on the target slots, so each stage
+  owns and updates the targets of its layers. The heads (output projection, JEPA projections and
+  predictors) are pass-through layers on the last stage, where the loss function calls them with the
+  labels and JEPA indices.
+The last stage's loss function hands the objective the same (heads, outputs) a whole model gives it.
 Subclasses, not wrappers, keep the parameter names of the one-process models' layers.
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -27,34 +32,56 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 
 from model.fusion import CrossBlock, Projector
 from model.gpt import Block, Embedding, Head, init_weights, layer_specs
+from model.loss import lm_loss
 from model.jepa import Projections, TextPredictor, VisionPredictor
 from model.vit import PatchEmbed, VisionBlock, VisionNorm
 from model import vljepa
 from model.vljepa import FinalNorm, OutputHead
 from pretrain.config import Config, ConfigError
-from pretrain.objectives import Objective
+from pretrain.objectives import Loss, Objective
+
+
+def micro_batch(objective: Objective, batch, counts: torch.Tensor, scale: float) -> tuple:
+    """What the engine's data iterator yields for one micro batch: the first stage's inputs, and as
+    the last stage's labels the objective's targets followed by the step's item counts and the factor
+    the loss is scaled by for the backward (PipelineLoss unpacks them)."""
+    inputs, targets = objective.inputs(batch)
+    return inputs[0] if len(inputs) == 1 else inputs, (*targets, counts, torch.tensor(scale))
 
 
 class PipelineLoss:
-    """The last pipeline stage's loss_fn: the objective's sums from the last layer's outputs, combined
-    with the step's normalisers. The engine returns only a loss, so the sums are kept for the log.
-    `layers`: this stage's layers (the objective may call the heads among them)."""
+    """The last pipeline stage's loss_fn: the objective's Loss from the last layer's outputs, its total
+    over the step's counts, scaled for the backward. The engine returns only that scalar, so each micro
+    batch's Loss is kept until `take`."""
 
-    def __init__(self, objective: Objective, kernels: str):
-        self.objective, self.kernels = objective, kernels
-        self.counts, self.scale = None, 1.0
-        self.sums = None
-        self.layers = []
+    def __init__(self, objective: Objective, heads):
+        self.objective = objective
+        self.heads = heads  # the last layer's outputs -> (heads, outputs) as a whole model gives them
+        self.losses: list[Loss] = []
 
-    def __call__(self, outputs, targets):
-        sums = self.objective.pipeline_sums(outputs, targets, self)
-        self.sums = sums.detach() if self.sums is None else self.sums + sums.detach()
-        return self.objective.total(sums, self.counts) * self.scale
+    def __call__(self, outputs, labels):
+        *targets, counts, scale = labels
+        heads, outputs = self.heads(outputs)
+        loss = self.objective.loss(heads, outputs, tuple(targets))
+        self.losses.append(loss.detached())
+        return self.objective.total(loss.sums, counts) * scale.to(loss.sums.dtype)
 
-    def take(self, like: torch.Tensor) -> torch.Tensor:
-        """The sums since the last take; zeros on stages that computed no loss."""
-        sums, self.sums = self.sums, None
-        return torch.zeros_like(like) if sums is None else sums.to(like)
+    def take(self) -> list[Loss]:
+        """The Losses since the last take; none on stages that compute no loss."""
+        losses, self.losses = self.losses, []
+        return losses
+
+
+@dataclass
+class OutputWeight:
+    """GPT's last stage: the output projection's weight arrives as a layer output (no ZeRO-3 with a
+    pipeline, so it is whole)."""
+
+    weight: torch.Tensor
+    kernels: str
+
+    def lm_loss(self, hidden, labels, reduction="mean"):
+        return lm_loss(hidden, self.weight, labels, self.kernels, reduction)
 
 
 # -- GPT -------------------------------------------------------------------------------------------------
@@ -120,8 +147,7 @@ def first_slots(patches, input_ids, image_rows, keep) -> tuple:
 class _Stage:
     """Mixin of every VL-JEPA pipeline layer: forward(slots) -> slots through `step(s)` on a dict."""
 
-    has_target = True
-    target: list  # [the layer's EMA copy] once the objective's setup made it; [] without JEPA
+    twin: list  # [the layer's EMA copy] once attach_targets ran; [] without one
 
     def forward(self, inputs):
         s = dict(zip(SLOTS, inputs))
@@ -135,10 +161,10 @@ class _Stage:
 
     def on_target(self, fn, like: torch.Tensor):
         """fn(the target copy) bit-cast for the trip, or a placeholder without a target."""
-        if not getattr(self, "target", None):
+        if not getattr(self, "twin", None):
             return placeholder(like)
         with torch.no_grad(), torch.autocast(like.device.type, torch.bfloat16, enabled=like.dtype == torch.bfloat16):
-            return bits(fn(self.target[0]))
+            return bits(fn(self.twin[0]))
 
 
 class _VLPatchEmbed(_Stage, PatchEmbed):
@@ -209,8 +235,6 @@ class _VLFinalNorm(_Stage, FinalNorm):
 class _Head:
     """A head on the last stage: the slots pass through; the loss function calls the module."""
 
-    has_target = False
-
     def forward(self, inputs):
         return inputs
 
@@ -220,7 +244,7 @@ class _VLOutputHead(_Head, OutputHead):
 
 
 class _VLProjections(_Head, Projections):
-    has_target = True  # its EMA copy maps the target's activations (the loss function calls it)
+    twin: list  # its EMA copy maps the target's activations (the loss function calls it)
 
 
 class _VLVisionPredictor(_Head, VisionPredictor):
@@ -229,7 +253,7 @@ class _VLVisionPredictor(_Head, VisionPredictor):
 
 class _VLTextPredictor(_Head, TextPredictor):
     def forward(self, inputs):
-        """The last layer: what the objective's pipeline_sums reads, the target activations as floats."""
+        """The last layer: the outputs the objective's loss reads, the target activations as floats."""
         s = dict(zip(SLOTS, inputs))
         return s["x"], None if absent(s["v"]) else s["v"], unbits(s["t_v"]), unbits(s["t_x"]), s["keep"]
 
@@ -240,6 +264,33 @@ _VL_LAYERS = {PatchEmbed: _VLPatchEmbed, VisionBlock: _VLVisionBlock, VisionNorm
               VisionPredictor: _VLVisionPredictor, TextPredictor: _VLTextPredictor}
 _VL_BLOCKS = (_VLVisionBlock, _VLBlock, _VLCrossBlock)
 _VL_HEADS = (_VLOutputHead, _VLProjections, _VLVisionPredictor, _VLTextPredictor)
+
+
+def _vljepa_heads(layers: list, kernels: str):
+    """outputs -> (model/vljepa.Heads of the last stage's head layers, outputs): the heads' maths is
+    their classes' own (as pipeline layers their forward passes the slots on)."""
+    def find(cls):
+        return next(layer for layer in layers if isinstance(layer, cls))
+
+    def heads(outputs):  # called on the last stage only, which holds every head
+        output, projections = find(_VLOutputHead), find(_VLProjections)
+        twin = getattr(projections, "twin", None)
+        return vljepa.Heads(
+            lambda hidden, labels, reduction="mean": output.proj(hidden, labels, kernels, reduction),
+            functools.partial(Projections.forward, projections),
+            functools.partial(VisionPredictor.forward, find(_VLVisionPredictor)),
+            functools.partial(TextPredictor.forward, find(_VLTextPredictor)), twin[0] if twin else None), outputs
+    return heads
+
+
+def attach_targets(pipe: PipelineModule, target: torch.nn.Module | None) -> None:
+    """Each VL-JEPA layer of this stage runs its EMA copy, the layer of the same name in `target` (the
+    objective's ema_target), beside itself. In a list: an attribute would register it as a submodule,
+    and the engine would train it."""
+    twins = dict(target.named_children()) if target is not None else {}
+    for name, layer in pipe.named_children():
+        if isinstance(layer, (_Stage, _VLProjections)):
+            layer.twin = [twins[name]] if name in twins else []
 
 
 def _vljepa_specs(cfg: Config, objective: Objective, vocab: int, mp: ModelParallelConfig):
@@ -253,7 +304,7 @@ def _vljepa_specs(cfg: Config, objective: Objective, vocab: int, mp: ModelParall
         spec = LayerSpec(_VL_LAYERS[cls], *args)
         flags = {}
         if cls is Projector:
-            flags = {"keep_vision": objective.uses_jepa, "fusion_follows": bool(fusion)}
+            flags = {"keep_vision": objective.predicts_embeddings, "fusion_follows": bool(fusion)}
         if fusion and i == fusion[-1]:
             flags = {"last": True}
         out.append((module, spec, flags))
@@ -268,7 +319,6 @@ def build_pipeline(cfg: Config, objective: Objective, vocab: int, mp: ModelParal
     like the one-process model."""
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     dp = dist.get_world_size() // (tp * pp)
-    loss_fn = PipelineLoss(objective, cfg.training.kernels)
     partition = cfg.parallel.partition_method
     if cfg.model.type == "vljepa":
         specs = _vljepa_specs(cfg, objective, vocab, mp)
@@ -283,7 +333,7 @@ def build_pipeline(cfg: Config, objective: Objective, vocab: int, mp: ModelParal
         # (its backward recurses forever), and the embedding's integer input gets no gradient anyway.
         checkpointable = [_PipeBlock.__name__]
     pipe = PipelineModule(
-        layers=layers, loss_fn=loss_fn, topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp),
+        layers=layers, loss_fn=None, topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp),
         partition_method=partition, activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,
         checkpointable_layers=checkpointable, dynamic_shape=objective.dynamic_shape,
     )
@@ -307,5 +357,9 @@ def build_pipeline(cfg: Config, objective: Objective, vocab: int, mp: ModelParal
         if any(not pipe.parts[-2] <= i < pipe.parts[-1] for i in heads):
             raise ConfigError(f"parallel.partition_method {partition!r} puts a VL-JEPA head (layers {heads}) before "
                               f"the last pipeline stage (stage bounds {pipe.parts}); leave it at 'parameters'")
-    loss_fn.layers = list(pipe.forward_funcs)
+    if cfg.model.type == "vljepa":
+        heads = _vljepa_heads(pipe.forward_funcs, cfg.training.kernels)
+    else:
+        heads = lambda outputs: (OutputWeight(outputs[1], cfg.training.kernels), outputs[0])  # noqa: E731
+    pipe.loss_fn = PipelineLoss(objective, heads)
     return pipe

@@ -14,6 +14,8 @@ TensorBoard). --train_file holds chat records ({"messages": [system, user, assis
 output of tools/prepare_step_data.py or NL-RX-SYNTH. --lbd 0 is the plain fine-tuning baseline.
 A Hugging Face model is also saved to --output_dir at the end (adapters only with --lora).
 """
+import pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+
 import argparse
 import os
 

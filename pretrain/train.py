@@ -6,13 +6,16 @@ parallel sizes and precision come from the config; pretrain/trainer.py is the lo
 
 from __future__ import annotations
 
+import pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+
 import argparse
 import logging
 import os
 import sys
 
 from pretrain.config import ConfigError, load_config
-from pretrain.trainer import run
+from pretrain.objectives import build_objective
+from pretrain.trainer import MakeObjective, run
 
 
 def parse_args(argv=None):
@@ -33,7 +36,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def main(argv=None, objective: MakeObjective = build_objective) -> None:
+    """The command line; `objective` makes the run's objective (a script of the user's may pass its own)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(message)s")
@@ -41,7 +45,7 @@ def main(argv=None) -> None:
         cfg = load_config(args.config, args.set)
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    run(cfg, args.resume, args.stop_after, args.overwrite)
+    run(cfg, args.resume, args.stop_after, args.overwrite, objective)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The one training loop. Every objective (pretrain/objectives/), model (the project's GPT or a
-Hugging Face LM) and parallel layout (pretrain/parallel.py) trains through `train`."""
+"""The one training loop and its step. Every objective (pretrain/objectives/), model (the project's GPT,
+the VL-JEPA or a Hugging Face LM) and parallel layout (pretrain/parallelize.py) trains through `train`;
+`train_step` is one optimizer step of it."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.utils import clip_grad_norm_
 from megatron.core import parallel_state
 
 from data.shards import ShardError
@@ -24,13 +29,15 @@ from model import hf
 from pretrain import checkpoint, run_dir
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError
-from pretrain.evaluation import held_out
+from pretrain.distributed import device_type, init_distributed, shutdown
+from pretrain.evaluation.held_out import collapse_check, engine_losses, held_out
+from pretrain.losses import step_counts, step_means, to_device
 from pretrain.metrics import MetricsLog
-from pretrain.objectives import build_objective, load_run_tokenizer, vocab_size
+from pretrain.objectives import Loss, Objective, build_objective, load_run_tokenizer, vocab_size
+from pretrain.parallelize import build_engine, model_of, setup_objective, whole_parameters
+from pretrain.pipeline import micro_batch
 from pretrain.run_dir import RunDirError
 from pretrain.signals import GracefulStop
-from pretrain.parallel import (build_engine, device_type, eval_losses, init_distributed, setup_objective, shutdown,
-                               train_step)
 from pretrain.throughput import Throughput, flops_per_token, peak_flops_per_device
 
 
@@ -48,11 +55,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # every device's generator too
 
 
-def train(cfg: Config, resume: bool | str = False, stop_after: int | None = None, overwrite: bool = False):
+MakeObjective = Callable[[Config, object], Objective]  # (config, tokenizer) -> the objective
+
+
+def train(cfg: Config, resume: bool | str = False, stop_after: int | None = None, overwrite: bool = False,
+          objective: MakeObjective = build_objective):
     """Train to the run's last step (or `stop_after` steps, or a stop signal, then checkpoint). Returns
     the DeepSpeed engine: `engine.module.model` is the trained model, for callers that go on in-process.
     resume "auto": resume when the run has a complete checkpoint, else start afresh over what an attempt
-    that never reached one left behind (its logs)."""
+    that never reached one left behind (its logs). `objective`: what makes the objective; by default the
+    one training.objective names, or any Objective of the caller's (docs/extending.md)."""
     stopper = GracefulStop()
     with contextlib.ExitStack() as cleanup:
         stopper.install(launched="RANK" in os.environ)
@@ -62,13 +74,14 @@ def train(cfg: Config, resume: bool | str = False, stop_after: int | None = None
             resume = _from_rank0(lambda: checkpoint.newest_complete(cfg.checkpoint_dir)[0] is not None)
             overwrite = overwrite or not resume
         cleanup.callback(run_dir.release, _from_rank0(lambda: _claim(cfg, resume, overwrite)))
-        return _train(cfg, resume, stop_after, stopper, cleanup)
+        return _train(cfg, resume, stop_after, stopper, cleanup, objective)
 
 
-def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulStop, cleanup: contextlib.ExitStack):
+def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulStop, cleanup: contextlib.ExitStack,
+           make_objective: MakeObjective):
     seed_everything(cfg.run.seed)
     tokenizer = load_run_tokenizer(cfg)
-    objective = build_objective(cfg, tokenizer)
+    objective = make_objective(cfg, tokenizer)
     world = dist.get_world_size()
     _, _, accum, dp_size = cfg.batch_sizes(world)
     tag_dir, changes = _from_rank0(lambda: _resume_point(cfg, dp_size)) if resume else (None, [])
@@ -125,7 +138,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
         if every and (state["step"] % every == 0 or state["step"] == total):
             state["eval_metrics"] = validate(cfg, engine, objective, dp_rank, dp_size)
             record.update(state["eval_metrics"])
-        collapsed = _check_health(cfg, objective, state["step"], record, log)
+        collapsed = _check_health(cfg, result.last, state["step"], record)
         if log:
             log.step(state["step"], record)
         if collapsed:
@@ -151,31 +164,77 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
     return engine
 
 
-def run(cfg, resume: bool | str = False, stop_after: int | None = None, overwrite: bool = False) -> None:
+def run(cfg, resume: bool | str = False, stop_after: int | None = None, overwrite: bool = False,
+        objective: MakeObjective = build_objective) -> None:
     """train() for a command line: bad input (config, data, checkpoint, run directory) is one error
     line and a non-zero exit, and the process group is left cleanly."""
     try:
-        train(cfg, resume, stop_after, overwrite)
+        train(cfg, resume, stop_after, overwrite, objective)
     except (ConfigError, CheckpointError, RunDirError, ShardError, NonFiniteError, CollapseError, FileNotFoundError,
             ValueError) as e:
         sys.exit(f"error: {e}")
     shutdown()
 
 
+@dataclass
+class StepResult:
+    losses: dict  # "loss" (the weighted total) and each component, averaged over the step's items
+    grad_norm: float  # before clipping; inf or nan when the step was skipped
+    skipped: bool  # the optimizer left the weights as they were (a non-finite gradient somewhere)
+    last: Loss | None  # this rank's last micro batch's Loss (None on a pipeline stage that computes none)
+
+
+def train_step(engine, objective: Objective, micro_batches: list) -> StepResult:
+    """One optimizer step over the gradient_accumulation_steps micro batches of this rank.
+
+    Each micro batch's loss is the objective's total over the STEP's item counts, times
+    accumulation x data-parallel size, which undoes DeepSpeed's averaging over micro batches and
+    ranks: the gradient is that of the step's token-weighted loss.
+    """
+    counts = step_counts(objective, micro_batches, engine.device)
+    scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
+    skipped_before = engine.skipped_steps
+    if isinstance(engine, deepspeed.PipelineEngine):
+        engine.train_batch(data_iter=iter([micro_batch(objective, to_device(b, engine.device), counts, scale)
+                                           for b in micro_batches]))
+        losses = engine.module.loss_fn.take()
+        grad_norm = engine.get_global_grad_norm()
+    else:
+        losses, grad_norm = [], None
+        for i, batch in enumerate(micro_batches):
+            loss = Loss(*engine(to_device(batch, engine.device)))
+            engine.backward(objective.total(loss.sums, counts) * scale)
+            if i == len(micro_batches) - 1 and engine.zero_optimization_stage() == 0:
+                # Without ZeRO, DeepSpeed clips fp32 gradients but discards their norm; an infinite
+                # max_norm measures it the same way (TP-aware) and leaves the gradients as they are.
+                grad_norm = clip_grad_norm_(engine.module.parameters(), max_norm=float("inf"), mpu=engine.mpu)
+            engine.step()
+            losses.append(loss.detached())
+        if grad_norm is None:
+            grad_norm = engine.get_global_grad_norm()
+    skipped = engine.skipped_steps > skipped_before
+    if not skipped:
+        objective.after_step(model_of(engine), whole_parameters(engine), engine.global_steps)
+    return StepResult(step_means(objective, losses, counts), float("nan") if grad_norm is None else float(grad_norm),
+                      skipped, losses[-1] if losses else None)
+
+
 def validate(cfg: Config, engine, objective, dp_rank: int, dp_size: int) -> dict:
-    """Held-out losses, perplexity and JEPA scores (pretrain/evaluation.py) on the same micro batches every time."""
+    """Held-out losses, perplexity and JEPA scores (pretrain/evaluation/held_out.py) on the same micro batches every time."""
     valid = objective.batches("valid", dp_rank, dp_size)
     micro_batches = [next(valid) for _ in range(cfg.validation.micro_batches)]
-    return held_out(objective, lambda batches: eval_losses(engine, objective, batches), micro_batches)
+    return held_out(objective, micro_batches, engine.device,
+                    lambda counts: engine_losses(engine, objective, micro_batches, counts))
 
 
-def _check_health(cfg: Config, objective, step: int, record: dict, log) -> bool:
-    """Every training.jepa.collapse.every_steps: log the objective's health metrics, warn loudly about
-    problems on any rank, and say whether the run must stop (every rank gets the same answer)."""
-    every = cfg.training.jepa.collapse.every_steps
-    if not every or step % every:
+def _check_health(cfg: Config, last: Loss | None, step: int, record: dict) -> bool:
+    """Every training.jepa.collapse.every_steps: log `collapse_check` of this rank's last micro batch,
+    warn loudly about problems on any rank, and say whether the run must stop (every rank gets the same
+    answer)."""
+    limits = cfg.training.jepa.collapse
+    if not limits.every_steps or step % limits.every_steps:
         return False
-    stats, problems = objective.health()
+    stats, problems = collapse_check(last, limits.min_std, limits.min_rank)
     record.update(stats)
     if problems:
         print(f"WARNING (rank {dist.get_rank()}, step {step}): representation collapse? " + "; ".join(problems),

@@ -14,7 +14,7 @@ fi
 
 if [[ -n ${SLURM_GPUS_ON_NODE:-} && ${SLURM_GPUS_ON_NODE} != 0 ]]; then
     nproc=${NPROC_PER_NODE:-$SLURM_GPUS_ON_NODE}
-    # The rest of the NCCL environment is the trainer's (pretrain/parallel.py nccl_environment).
+    # The rest of the NCCL environment is the trainer's (pretrain/distributed.py nccl_environment).
     [[ -n $iface ]] && export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$iface}
 else
     nproc=${NPROC_PER_NODE:-1}

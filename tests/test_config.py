@@ -10,7 +10,8 @@ from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 from pydantic import BaseModel, ValidationError
 
 from pretrain.config import Config, ConfigError, check_deepspeed_keys, load_config, parse_count
-from pretrain.parallel import deepspeed_config, nccl_environment
+from pretrain.distributed import nccl_environment
+from pretrain.parallelize import deepspeed_config
 
 TINY = "pretrain/configs/tiny.yaml"
 

@@ -28,7 +28,7 @@ from conftest import PYTHON, REPO, launch, run, vl_sets
 from pretrain.checkpoint import _sha256, safe_load
 from pretrain.config import Config
 from tools import convert_ckpt
-from tools.export_tensors import cut, join, plan
+from model.tensors import cut, join, plan
 
 CPP = REPO / "tools" / "cpp" / "build" / "cromwell_infer"
 TOKENS = [5, 17, 300, 42, 42, 9, 511, 120, 64, 3]
@@ -36,7 +36,7 @@ TOKENS = [5, 17, 300, 42, 42, 9, 511, 120, 64, 3]
 
 @pytest.fixture(scope="module", autouse=True)
 def process_group():
-    from pretrain.parallel import init_distributed
+    from pretrain.distributed import init_distributed
 
     from pretrain.config import load_config
 
@@ -163,7 +163,7 @@ def test_every_layout_converts_to_the_one_process_weights(exports, layout):
 def test_the_kernel_copied_stretches_hold_the_tensors_bytes(vl_layouts, layout, tmp_path):
     """convert_ckpt copies a tensor file to file when its bytes are stretches of the checkpoint's files
     (DeepSpeedCheckpoint.runs); those bytes must be what reading and cutting the parameter gives."""
-    from tools.ds_checkpoint import DeepSpeedCheckpoint
+    from pretrain.checkpoint.reader import DeepSpeedCheckpoint
 
     ckpt = DeepSpeedCheckpoint(vl_layouts[layout]["checkpoint"])
     cfg = ckpt.config
@@ -274,7 +274,7 @@ def gguf_f16(vl_layouts, exports):
 def test_the_gguf_export_reads_back_tensor_for_tensor(exports, gguf_f16, kind):
     import gguf
 
-    from tools.export_formats import gguf_name, permute_for_gguf
+    from pretrain.checkpoint.formats import gguf_name, permute_for_gguf
 
     reader = gguf.GGUFReader(exports / "single" / "gguf" / "model.gguf" if kind == "f32" else gguf_f16)
     fields = {f.name: f for f in reader.fields.values()}

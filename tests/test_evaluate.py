@@ -30,7 +30,7 @@ def process_group():
     from megatron.core import parallel_state
 
     from pretrain.config import load_config
-    from pretrain.parallel import init_distributed
+    from pretrain.distributed import init_distributed
 
     init_distributed(load_config("pretrain/configs/tiny.yaml"))
     yield

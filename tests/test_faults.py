@@ -308,7 +308,7 @@ def test_a_corrupt_checkpoint_file_is_named(tiny_data, tmp_path, reference):
 
 def test_a_stale_extension_build_lock_is_named(tmp_path, capsys):
     """A build killed half-way left its lock; every later load of that op waited on it forever."""
-    from pretrain.parallel import _warn_about_stale_build_locks
+    from pretrain.distributed import _warn_about_stale_build_locks
 
     stale, busy = tmp_path / "py311_cpu" / "cpu_adam" / "lock", tmp_path / "py311_cpu" / "fused_adam" / "lock"
     for lock in (stale, busy):

@@ -52,7 +52,7 @@ def models():
     from megatron.core import parallel_state
 
     from pretrain.config import load_config
-    from pretrain.parallel import init_distributed
+    from pretrain.distributed import init_distributed
     from dist.generate_worker import build
 
     init_distributed(load_config(REPO / "pretrain/configs/tiny.yaml", GPT_SETS))

@@ -171,7 +171,7 @@ def test_entry_point_trains_and_saves(tiny_dir, tmp_path):
                           seed=42)
     micro = [objective.collate(next(batches)) for _ in range(2)]
     with torch.no_grad():
-        sums = sum(objective.forward(model, b) for b in micro)
+        sums = sum(objective.forward(model, b).sums for b in micro)
     counts = sum(objective.counts(b) for b in micro)
     assert first["loss"] == pytest.approx(objective.total(sums, counts).item(), rel=1e-5)
     assert first["lm"] == pytest.approx((sums[0] / counts[0]).item(), rel=1e-5)
@@ -187,7 +187,7 @@ def test_bad_model_dir_is_named(tmp_path):
 
 
 def test_answer_extraction():
-    from tools.reasoning_tasks import extract_number, gsm8k_correct, regex_match
+    from pretrain.evaluation.reasoning import extract_number, gsm8k_correct, regex_match
     assert extract_number("so 3 + 4 = 7\n#### 1,234") == 1234
     assert extract_number("first 12 then 7.5 apples") == 7.5
     assert extract_number("no digits") is None

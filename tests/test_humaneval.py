@@ -1,4 +1,4 @@
-"""tools/humaneval.py on tools/sandbox.py: the dataset's canonical solutions all pass; deliberately bad
+"""pretrain/evaluation/humaneval.py on pretrain/evaluation/sandbox.py: the dataset's canonical solutions all pass; deliberately bad
 completions (hang, memory hogs, early exits, fork bombs, detached processes, sockets, file deletion) all fail,
 and leave the machine and the harness as they were, both as root (namespaces, nobody) and on the unprivileged
 path (forced when the tests run as root); pass@k, truncation and loading give hand-checked results."""
@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from conftest import REPO, SHARED_DATA
-from tools import humaneval as he
-from tools import sandbox
+from pretrain.evaluation import humaneval as he
+from pretrain.evaluation import sandbox
 
 ADD = {"task_id": "test/add", "prompt": 'def add(a, b):\n    """The sum of a and b."""\n',
        "canonical_solution": "    return a + b\n", "entry_point": "add",

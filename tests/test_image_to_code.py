@@ -1,4 +1,4 @@
-"""tools/image_to_code.py: the generator's own texts score 1 on held-out pairs (charts redrawn in the
+"""pretrain/evaluation/image_to_code.py: the generator's own texts score 1 on held-out pairs (charts redrawn in the
 sandbox match their images), small chart mistakes and broken programs score 0, the text metrics and
 the summary give hand-computed numbers."""
 
@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 from PIL import Image
 
-from tools.image_to_code import (CHART_THRESHOLD, chart_score, image_distance, normalise, pixels, read_pairs, score,
+from pretrain.evaluation.image_to_code import (CHART_THRESHOLD, chart_score, image_distance, normalise, pixels, read_pairs, score,
                                  score_many, summarize)
-from tools.make_vision_pairs import KINDS, make_pairs, render_chart
-from tools.sandbox import SandboxResult
+from data.corpus.vision_pairs import KINDS, make_pairs, render_chart
+from pretrain.evaluation.sandbox import SandboxResult
 
 # Two series, so that one can go missing; values far enough apart that a changed one moves its marker.
 CHART = """import matplotlib.pyplot as plt

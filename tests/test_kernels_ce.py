@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model.kernels import ce_loss, fused_linear_cross_entropy, set_default_impl
+from model.kernels import ce_loss, fused_linear_cross_entropy
 from model.kernels.dispatch import interpreter_problem
 from model.loss import lm_loss
 
@@ -206,16 +206,13 @@ def test_only_hidden_needs_grad_and_no_grad_mode():
                                                                 (hidden,))[0])
 
 
-def test_default_impl_switch_forces_reference():
+def test_the_environment_overrides_every_calls_impl(monkeypatch):
     hidden, weight, target = make(12, 8, 40)
     hidden.requires_grad_(True)
     assert "FusedLinearCrossEntropy" in type(
         fused_linear_cross_entropy(hidden, weight, target).grad_fn).__name__
-    set_default_impl("reference")
-    try:
-        loss = fused_linear_cross_entropy(hidden, weight, target)
-    finally:
-        set_default_impl("auto")
+    monkeypatch.setenv("CROMWELL_KERNEL_IMPL", "reference")
+    loss = fused_linear_cross_entropy(hidden, weight, target, impl="torch")
     assert "FusedLinearCrossEntropy" not in type(loss.grad_fn).__name__
     torch.testing.assert_close(loss, reference(hidden, weight, target))
 

@@ -1,6 +1,7 @@
 """Dependencies point one way: data/ and model/ at the bottom (neither imports the other nor anything
-above it), pretrain/ above them, tools/ and bench/ on top (bench may use tools, not the reverse);
-and nothing imports a training entry point (a pretrain/ module run as a script)."""
+above it), pretrain/ above them, tools/ and bench/ on top; commands (tools/*.py, bench/*.py and the
+training entry points) are imported by no library module and tools import no other command; and no
+module takes part in an import cycle."""
 
 import ast
 
@@ -10,15 +11,22 @@ MAY_IMPORT = {
     "data": {"data"},
     "model": {"model"},
     "pretrain": {"data", "model", "pretrain"},
-    "tools": {"data", "model", "pretrain", "tools"},
+    "tools": {"data", "model", "pretrain"},
     "bench": {"data", "model", "pretrain", "tools", "bench"},
 }
+LIBRARY = ("data", "model", "pretrain")
+ENTRY_POINTS = {"pretrain.train", "pretrain.step_jepa"}  # pretrain/ modules users run as scripts
 
 
 def _modules():
     for package in MAY_IMPORT:
         for path in sorted((REPO / package).rglob("*.py")):
             yield package, path, ast.parse(path.read_text(), filename=str(path))
+
+
+def _name(path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _imports(tree: ast.AST):
@@ -31,8 +39,25 @@ def _imports(tree: ast.AST):
             yield from ((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
 
 
-def _is_entry_point(tree: ast.AST) -> bool:
-    return any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body)
+def _graph() -> dict[str, set[str]]:
+    """module -> the project's modules it imports: `from a.b import c` imports the module a.b.c when there
+    is one (its package a.b is then being initialised or already is), else a.b."""
+    modules = {_name(path): tree for _, path, tree in _modules()}
+    graph = {}
+    for name, tree in modules.items():
+        edges = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                edges |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                children = {f"{node.module}.{alias.name}" for alias in node.names} & modules.keys()
+                edges |= children if len(children) == len(node.names) else children | {node.module}
+        graph[name] = (edges & modules.keys()) - {name}
+    return graph
+
+
+def _is_command(name: str) -> bool:
+    return name.split(".")[0] in ("tools", "bench") and name not in ("tools", "bench") or name in ENTRY_POINTS
 
 
 def test_imports_point_down():
@@ -42,10 +67,39 @@ def test_imports_point_down():
     assert not wrong, "\n".join(wrong)
 
 
-def test_no_module_imports_a_training_entry_point():
-    entry_points = {".".join(path.relative_to(REPO).with_suffix("").parts)
-                    for package, path, tree in _modules() if package == "pretrain" and _is_entry_point(tree)}
-    assert {"pretrain.train", "pretrain.step_jepa"} <= entry_points
-    wrong = [f"{path.relative_to(REPO)}:{line} imports {name}"
-             for _, path, tree in _modules() for line, name in _imports(tree) if name in entry_points]
+def test_no_library_module_imports_a_command():
+    graph = _graph()
+    assert ENTRY_POINTS <= graph.keys()
+    wrong = [f"{name} imports {imported}" for name, imports in graph.items() if name.split(".")[0] in LIBRARY
+             for imported in imports if _is_command(imported)]
     assert not wrong, "\n".join(wrong)
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[str]:
+    cycles, state = [], {}
+
+    def visit(name: str, stack: list[str]) -> None:
+        state[name] = "open"
+        for imported in sorted(graph[name]):
+            if state.get(imported) == "open":
+                cycles.append(" -> ".join(stack[stack.index(imported):] + [imported]))
+            elif imported not in state:
+                visit(imported, stack + [imported])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    return cycles
+
+
+def test_there_is_no_import_cycle():
+    graph = _graph()
+    assert "pretrain.checkpoint" in graph["pretrain.checkpoint.export"]  # the graph holds the real imports
+    cycles = _cycles(graph)
+    assert not cycles, "\n".join(cycles)
+
+
+def test_the_cycle_check_finds_cycles():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a -> b -> c -> a"]
+    assert _cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []

@@ -10,7 +10,7 @@ from model.gpt import GPT, init_weights, megatron_config
 from model.loss import lm_loss
 from pretrain.config import load_config
 from pretrain.optim import lr_at
-from pretrain.parallel import init_distributed
+from pretrain.distributed import init_distributed
 
 
 @pytest.fixture(scope="module")

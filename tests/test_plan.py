@@ -1,4 +1,4 @@
-"""tools/plan.py and its cost model (tools/plan_model.py): the activations it counts are the tensors
+"""tools/plan.py and its cost model (pretrain/planner.py): the activations it counts are the tensors
 autograd really keeps, its peak memory per rank is within 20% of the peak measured in real training
 runs (the tiny config, a ~30M-parameter one under TP x ZeRO-3 with activation checkpointing, and a
 VL-JEPA pipeline), and the planner flags layouts that do not fit and finds ones that do."""
@@ -17,9 +17,10 @@ from model.gpt import GPT, init_weights, megatron_config
 from model.vljepa import VLJEPA
 from pretrain.config import load_config
 from pretrain.objectives.hybrid import HybridJEPA
-from pretrain.parallel import deepspeed_config, init_distributed
+from pretrain.distributed import init_distributed
+from pretrain.parallelize import deepspeed_config
 from tools import plan as planner
-from tools.plan_model import DeepSpeedBuffers, Layout, Tokens, layers_of, memory, saved_activations
+from pretrain.planner import DeepSpeedBuffers, Layout, Tokens, layers_of, memory, saved_activations
 
 GPT_SETS = ["model.hidden_size=64", "model.num_layers=3", "model.num_heads=4", "model.ffn_hidden_size=160",
             "training.lm.vocab_size=300", "training.lm.context_length=48"]
@@ -161,7 +162,7 @@ def test_estimate_within_20_percent_of_a_real_runs_peak(tiny_data, shards256, tm
 
 
 def test_overlap_comm_estimate_within_20_percent(tiny_data, shards256, tmp_path):
-    """ZeRO-1 with overlap_comm, as on GPUs (pretrain/parallel.py ZERO_BY_DEVICE): DeepSpeed allocates a second
+    """ZeRO-1 with overlap_comm, as on GPUs (pretrain/parallelize.py ZERO_BY_DEVICE): DeepSpeed allocates a second
     reduction bucket. The two 190 MiB buckets are most of the tiny model's peak, so an estimate counting one
     would be ~40% low."""
     ds = tmp_path / "overlap.json"

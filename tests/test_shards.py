@@ -17,7 +17,9 @@ from data.shards import (
     shard_problem, sha256_file, token_dtype,
 )
 from data.tokenizer import ASSISTANT, END, EOS, EOS_ID, PAD_ID, USER, load_tokenizer, special_id
-from tools import build_shards, inspect_shards, train_tokenizer
+from tools import build_shards
+from tools import inspect_shards
+from tools import train_tokenizer
 
 CONTEXT = 16
 SPS = 7  # samples per shard

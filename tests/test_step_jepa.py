@@ -28,7 +28,7 @@ def make_objective(mode="step", loss_type="cosine", lbd=0.1, gamma=1.0, single_p
 def evaluate(objective: StepJEPA, model, examples) -> dict:
     """The objective on one micro batch, as the loop would see a step made of only this batch."""
     batch = objective.collate(examples)
-    sums, counts = objective.forward(model, batch), objective.counts(batch)
+    sums, counts = objective.forward(model, batch).sums, objective.counts(batch)
     means = sums / counts.to(sums).clamp(min=1)
     return {"loss": objective.total(sums, counts), "lm": means[0], "jepa": means[1], "pairs": int(counts[1])}
 
@@ -221,7 +221,7 @@ def test_step_loss_is_weighted_by_labelled_tokens_across_micro_batches():
     batches = [obj.collate(small), obj.collate(large)]
     counts = sum(obj.counts(b) for b in batches)
     assert [obj.counts(b)[0].item() for b in batches] == [3.0, 13.0]
-    sums = sum(obj.forward(net, b) for b in batches)
+    sums = sum(obj.forward(net, b).sums for b in batches)
     whole = evaluate(obj, net, small + large)
     torch.testing.assert_close(obj.total(sums, counts), whole["loss"], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(sums[0] / counts[0], whole["lm"].double(), rtol=1e-6, atol=1e-6)
@@ -235,7 +235,7 @@ def _project_gpt(vocab=VOCAB, kernels="fused"):
 
     from model.config import ModelConfig
     from model.gpt import GPT, init_weights, megatron_config
-    from pretrain.parallel import join_process_group
+    from pretrain.distributed import join_process_group
 
     join_process_group()
     if not parallel_state.model_parallel_is_initialized():

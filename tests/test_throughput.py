@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model.config import ModelConfig
 from model.gpt import GPT, init_weights, megatron_config
-from pretrain.parallel import join_process_group
+from pretrain.distributed import join_process_group
 from pretrain.throughput import Throughput, flops_per_token, gpu_memory_bandwidth, gpu_peak_flops, peak_flops_per_device
 
 

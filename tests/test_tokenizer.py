@@ -11,7 +11,8 @@ from data.tokenizer import (
     BOS_ID, EOS, EOS_ID, NUM_PREDICTOR_TOKENS, PAD_ID, SPECIAL_TOKENS, USER, load_tokenizer,
     predictor_token, predictor_token_id, special_id,
 )
-from tools import stdlib_corpus, train_tokenizer
+from data.corpus import stdlib as stdlib_corpus
+from tools import train_tokenizer
 
 VOCAB_SIZE = 400
 TINY_CONFIG = Path(__file__).parents[1] / "pretrain" / "configs" / "tiny.yaml"

@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import PYTHON, REPO, run
 from data.sources import vision_text
-from tools.make_vision_pairs import KINDS, MAX_SIDE, make_pairs
+from data.corpus.vision_pairs import KINDS, MAX_SIDE, make_pairs
 
 SEED = 3
 

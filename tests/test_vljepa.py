@@ -16,8 +16,11 @@ from model.gpt import init_weights, megatron_config
 from model.jepa import collapse_stats, ema_update, momentum
 from model.vljepa import VLJEPA
 from pretrain.config import load_config
+from pretrain.evaluation.held_out import collapse_check
+from pretrain.objectives import Loss
 from pretrain.objectives.hybrid import HybridJEPA
-from pretrain.parallel import init_distributed, whole_parameters
+from pretrain.distributed import init_distributed
+from pretrain.parallelize import whole_parameters
 
 VOCAB = 300
 TINY = ["model.type=vljepa", "training.objective=hybrid", "model.hidden_size=64", "model.num_layers=2",
@@ -70,7 +73,7 @@ def batch(objective, cfg, rows, images, first_position=0, vision="block"):
     """Collate rows [b, s+1] of ids with images (bytes or None) the way the loader's workers do."""
     v = cfg.model.vision
     fn = JEPASamples(seed=7, pad_id=PAD_ID, image_size=v.image_size, patch_size=v.patch_size,
-                     masks=objective.uses_jepa, ratio=0.15, language="random", joint="span", vision=vision,
+                     masks=objective.predicts_embeddings, ratio=0.15, language="random", joint="span", vision=vision,
                      span_length=cfg.training.jepa.span_length)
     rows = torch.as_tensor(rows)
     extras = [fn(first_position + i, r.numpy(), img, f"sample {i}") for i, (r, img) in enumerate(zip(rows, images))]
@@ -86,12 +89,11 @@ def predictions(model, objective, b):
     model.text_predictor.forward = lambda *a: captured.setdefault("text", orig_text(*a))
     model.vision_predictor.forward = lambda *a: captured.setdefault("vision", orig_vision(*a))
     try:
-        objective.forward(model, b)
+        loss = objective.forward(model, b)
     finally:
         del model.text_predictor.forward, model.vision_predictor.forward
     n_text = len(captured["text"])
-    return (captured["text"], captured["vision"], objective.monitor["target"][-n_text:],
-            objective.monitor["target"][:-n_text])
+    return captured["text"], captured["vision"], loss.target[-n_text:], loss.target[:-n_text]
 
 
 def ids(seed, b=3, s=33):
@@ -180,13 +182,13 @@ def test_text_only_rows_compute_the_language_model_exactly():
 def test_ema_update_is_exact_and_targets_get_no_gradient():
     cfg = config()
     model, objective = build(cfg)
-    target = objective.target
+    target = objective.ema_target()
     online = dict(model.named_parameters())
     for name, p in target.named_parameters():
         assert torch.equal(p, online[name]), f"{name}: the target starts as the online model"
         assert not p.requires_grad
     b = batch(objective, cfg, ids(3), [png(3), None, png(4)])
-    objective.total(objective.forward(model, b), objective.counts(b)).backward()
+    objective.total(objective.forward(model, b).sums, objective.counts(b)).backward()
     assert all(p.grad is None for p in target.parameters())
     with torch.no_grad():
         for p in model.parameters():
@@ -218,11 +220,11 @@ def test_loss_weights(alpha, beta):
     cfg = config(f"training.hybrid.alpha={alpha}", f"training.hybrid.beta={beta}")
     model, objective = build(cfg)
     b = batch(objective, cfg, ids(4), [png(5), None, png(6)])
-    sums, counts = objective.forward(model, b), objective.counts(b).float()
+    sums, counts = objective.forward(model, b).sums, objective.counts(b).float()
     lm = sums[0] / counts[0]
     total = objective.total(sums, counts)
     if alpha == 0:
-        assert objective.target is None and b.context is None  # no target pass, the ViT reads every patch
+        assert objective.ema_target() is None and b.context is None  # no target pass, the ViT reads every patch
         torch.testing.assert_close(total, lm)
         _, hidden = model(b.input_ids, b.patches, b.image_rows)
         torch.testing.assert_close(lm, model.lm_loss(hidden, b.labels))
@@ -240,7 +242,7 @@ def test_step_weights_weigh_the_text_predictions():
     text, _, target, _ = predictions(model, objective, b)
     per_pair = (text - target).pow(2).mean(dim=1)
     weights = torch.tensor([1.0, 0.8, 0.6])[b.pair_step]
-    sums, counts = objective.forward(model, b), objective.counts(b)
+    sums, counts = objective.forward(model, b).sums, objective.counts(b)
     torch.testing.assert_close(sums[1], (weights * per_pair).sum())
     assert counts[1] == pytest.approx(float(weights.sum()))
     assert counts[2] == 0 and sums[2] == 0
@@ -291,11 +293,11 @@ def test_collapse_monitor_fires_on_collapsed_embeddings_only():
     cfg = config()
     model, objective = build(cfg)
     b = batch(objective, cfg, ids(6, b=4), [png(7), None, png(8), None])
-    objective.forward(model, b)
-    stats, problems = objective.health()
+    limits = cfg.training.jepa.collapse
+    stats, problems = collapse_check(objective.forward(model, b), limits.min_std, limits.min_rank)
     assert problems == [] and stats["jepa_target_rank"] > 5 and stats["jepa_predicted_std"] > 0.01
-    objective.monitor = {"predicted": torch.ones(64, 64), "target": torch.randn(64, 1) * torch.randn(1, 64)}
-    stats, problems = objective.health()
+    collapsed = Loss(torch.zeros(3), torch.ones(64, 64), torch.randn(64, 1) * torch.randn(1, 64))
+    stats, problems = collapse_check(collapsed, limits.min_std, limits.min_rank)
     assert any("predicted embeddings' per-dimension std" in p for p in problems)
     assert any("target embeddings' effective rank" in p for p in problems)
 

@@ -11,6 +11,8 @@ Per run (a local HF model directory or a LoRA adapter directory saved by pretrai
          states of the plain causal pass, and the Step-JEPA views (predictor after step i vs
          step i+1 in isolation); and a PCA projection of the isolated step embeddings (PNG).
 """
+import pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+
 import argparse
 import json
 import sys
@@ -23,9 +25,9 @@ from data.chats import hf_chat_encoder
 from data.step_jepa import lm_batch, packed_batch
 from data.tokenizer import predictor_token
 from model.generate import Sampling
-from tools.evaluate import answers
-from tools.load_model import load, locate
-from tools.reasoning_tasks import gsm8k_correct, read_tasks, regex_match
+from pretrain.checkpoint.load import load, locate
+from pretrain.evaluation.generation import answers
+from pretrain.evaluation.reasoning import gsm8k_correct, read_tasks, regex_match
 
 @torch.no_grad()
 def step_embeddings(model, tokenizer, chats: list[list[dict]], predictors: int, batch_size: int) -> dict:
@@ -101,7 +103,8 @@ def main(argv=None):
         encoder = hf_chat_encoder(tokenizer)
         prompts = [encoder.encode(encoder.render_prompt(it["messages"][:-1])) for it in items]
         # greedy, through the project's decoding loop (model/generate.py, KV-cached)
-        preds = [g.text for g in answers(loaded, prompts, Sampling(args.max_new_tokens), True, args.batch_size)]
+        preds = [g.text for g in answers(loaded, prompts, Sampling(args.max_new_tokens), True, args.batch_size,
+                                          next(model.parameters()).device)]
         correct = [score(p, it["gold"]) for p, it in zip(preds, items)]
         report[name] = {"path": path, metric: sum(correct) / len(items), "n": len(items),
                         "examples": [{"prediction": p, "gold": it["gold"], "correct": c}

@@ -6,24 +6,26 @@ sandbox, image-to-code accuracy, GSM8K and NL-RX.
         --tasks humaneval,image_to_code,gsm8k --pairs held_out_pairs/ --limit 100 --out report.json
     deepspeed --num_gpus 2 tools/evaluate.py --tp 2 --checkpoint runs/stage3/checkpoints --tasks perplexity
 
-A checkpoint is anything tools/load_model.py reads: a trainer checkpoint of any layout, a safetensors
+A checkpoint is anything pretrain/checkpoint/load.py reads: a trainer checkpoint of any layout, a safetensors
 export, or a Hugging Face model directory (so a baseline is scored by the same code). Tasks:
 - perplexity: exp of the token-weighted mean next-token loss over the held-out shards (--valid-shards, or
   the run's data.valid_shards): every sample once, the last partial micro batch left out. The trainer's
-  own validation computes it with the same functions (pretrain/evaluation.py).
+  own validation computes it with the same functions (pretrain/evaluation/held_out.py).
 - jepa_mse (a VL-JEPA): on the same held-out samples with the run's masks, the mean squared error, cosine
   similarity and effective rank of the predicted embeddings against the EMA target's (the online encoders'
   when the checkpoint keeps no target), beside the objective's own JEPA losses.
 - humaneval: pass@1 of greedy completions, and with --samples n > 1 pass@k (k <= n, the unbiased estimator of
-  Chen et al. 2021) of sampled ones; every completion runs in its own sandboxed process (tools/sandbox.py).
+  Chen et al. 2021) of sampled ones; every completion runs in its own sandboxed process (pretrain/evaluation/sandbox.py).
 - image_to_code: held-out pairs of tools/make_vision_pairs.py (--pairs): the model answers each image's
-  instruction (stage 4's chat format) and tools/image_to_code.py scores the answer per kind (charts by
+  instruction (stage 4's chat format) and pretrain/evaluation/image_to_code.py scores the answer per kind (charts by
   rendering the generated program, text by normalised exact match and character error rate).
 - gsm8k, nlrx: accuracy / exact match of greedy answers to ../shared/data's test sets.
 Writes --out (JSON) and a Markdown table beside it (.md), one column per checkpoint.
 """
 
 from __future__ import annotations
+
+import pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
 
 import argparse
 import json
@@ -38,16 +40,17 @@ import torch.distributed as dist
 from data.chats import hf_chat_encoder, project_chat_encoder
 from data.images import patchify, preprocess
 from data.shards import ShardError
-from model.generate import Sampling, generate
+from model.generate import Sampling
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import ConfigError
-from pretrain.evaluation import held_out
+from pretrain.evaluation.held_out import held_out
 from pretrain.objectives import build_objective
-from pretrain.parallel import device_type, held_out_losses
-from tools import humaneval as he
-from tools.generate import decoder_for, end_ids, prompt_ids, setup
-from tools.load_model import Loaded, load, locate
-from tools.reasoning_tasks import gsm8k_correct, read_tasks, regex_match
+from pretrain.distributed import device_type
+from pretrain.losses import to_device
+from pretrain.evaluation import humaneval as he
+from pretrain.evaluation.generation import answers, prompt_ids, setup
+from pretrain.checkpoint.load import Loaded, load, locate
+from pretrain.evaluation.reasoning import gsm8k_correct, read_tasks, regex_match
 
 TASKS = ("perplexity", "jepa_mse", "humaneval", "image_to_code", "gsm8k", "nlrx")
 SHARED = he.REPO.parent / "shared" / "data"
@@ -153,7 +156,7 @@ def _held_out(loaded: Loaded, args, jepa: bool) -> dict:
     if jepa:
         objective.setup(loaded.model, lambda params: torch.no_grad(), _device())  # the target starts as the online model
         if loaded.target is not None:
-            objective.target.load_state_dict(loaded.target.state_dict())
+            objective.load_state_dict({"ema_target": loaded.target.state_dict()})
     valid = objective.batches("valid", 0, 1)
     try:
         samples = sum(m.num_samples for m in valid.loader.plan.manifests)
@@ -167,8 +170,8 @@ def _held_out(loaded: Loaded, args, jepa: bool) -> dict:
     finally:
         valid.close()
     model = loaded.model
-    metrics = held_out(objective, lambda mbs: held_out_losses(objective, lambda b: objective.forward(model, b), mbs,
-                                                              _device()), batches)
+    metrics = held_out(objective, batches, _device(),
+                       lambda counts: [objective.forward(model, to_device(b, _device())) for b in batches])
     samples = {"samples": count * cfg.training.micro_batch_size}
     if jepa:
         keys = ("val_jepa_mse", "val_jepa_cosine", "val_jepa_rank", "val_jepa_text", "val_jepa_vision")
@@ -182,34 +185,17 @@ def _held_out(loaded: Loaded, args, jepa: bool) -> dict:
 # -- generation tasks ------------------------------------------------------------------------------------------
 
 
-def answers(loaded: Loaded, prompts: list[list[int]], sampling: Sampling, chat: bool, batch_size: int,
-            images: list[torch.Tensor] | None = None) -> list:
-    """Generations for every prompt, batch_size at a time, with rate and ETA (with images: one per prompt)."""
-    out, start = [], time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        chunk = slice(i, i + batch_size)
-        batch_images = None
-        if images is not None:
-            patches = torch.stack(images[chunk]).to(_device())
-            batch_images = (patches, torch.arange(len(patches), device=_device()))
-        out += generate(decoder_for(loaded, batch_images), prompts[chunk], sampling, end_ids(loaded, chat),
-                        loaded.pad_id, decode=loaded.decode)
-        rate = len(out) / (time.perf_counter() - start)
-        say(f"   generated {len(out)}/{len(prompts)} ({rate:.2f}/s, ETA {(len(prompts) - len(out)) / rate:.0f} s)")
-    return out
-
-
 def humaneval(loaded: Loaded, args) -> dict:
     problems = he.load_problems(args.humaneval)[: args.limit or None]
     prompts = [loaded.encode(p["prompt"]) for p in problems]
     greedy = Sampling(args.max_new_tokens, stop=tuple(he.STOP_SEQUENCES))
-    completions = {p["task_id"]: [he.truncate(g.text)] for p, g in zip(problems, answers(loaded, prompts, greedy, False, args.batch_size))}
+    completions = {p["task_id"]: [he.truncate(g.text)] for p, g in zip(problems, answers(loaded, prompts, greedy, False, args.batch_size, _device()))}
     result = {"greedy": _humaneval_scores(problems, completions, (1,), args)}
     if args.samples > 1:
         sampled = {p["task_id"]: [] for p in problems}
         for s in range(args.samples):
             sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, tuple(he.STOP_SEQUENCES), seed=s)
-            for p, g in zip(problems, answers(loaded, prompts, sampling, False, args.batch_size)):
+            for p, g in zip(problems, answers(loaded, prompts, sampling, False, args.batch_size, _device())):
                 sampled[p["task_id"]].append(he.truncate(g.text))
         ks = tuple(k for k in (1, 10, 100) if k <= args.samples)
         result["sampled"] = _humaneval_scores(problems, sampled, ks, args)
@@ -224,8 +210,8 @@ def _humaneval_scores(problems, completions, ks, args) -> dict:
 
 
 def image_to_code(loaded: Loaded, args) -> dict:
-    from tools import image_to_code as i2c
-    from tools.make_instructions import QUESTIONS
+    from pretrain.evaluation import image_to_code as i2c
+    from data.corpus.instructions import QUESTIONS
 
     if loaded.cfg is None or loaded.cfg.model.type != "vljepa":
         return {"skipped": "the model reads no images (not a VL-JEPA)"}
@@ -236,7 +222,7 @@ def image_to_code(loaded: Loaded, args) -> dict:
     images = [patchify(torch.from_numpy(preprocess(s["png"], f"{args.pairs} pair {i}", v.image_size))[None],
                        v.patch_size)[0] for i, s in enumerate(samples)]
     prompts = [prompt_ids(loaded, QUESTIONS[s["kind"]], chat=True) for s in samples]
-    generated = answers(loaded, prompts, Sampling(args.max_new_tokens), True, args.batch_size, images)
+    generated = answers(loaded, prompts, Sampling(args.max_new_tokens), True, args.batch_size, _device(), images)
     if dist.get_rank() != 0:
         return {}
     results = i2c.score_many(samples, [g.text for g in generated], workers=args.workers)
@@ -252,7 +238,7 @@ def reasoning(task: str):
         items = read_tasks(task, str(path), args.limit)
         encoder = (hf_chat_encoder if loaded.kind == "hf" else project_chat_encoder)(loaded.tokenizer)
         prompts = [encoder.encode(encoder.render_prompt(it["messages"][:-1])) for it in items]
-        generated = answers(loaded, prompts, Sampling(args.max_new_tokens), True, args.batch_size)
+        generated = answers(loaded, prompts, Sampling(args.max_new_tokens), True, args.batch_size, _device())
         score = gsm8k_correct if task == "gsm8k" else regex_match
         correct = [score(g.text, it["gold"]) for g, it in zip(generated, items)]
         return {"accuracy" if task == "gsm8k" else "exact_match": sum(correct) / len(items), "n": len(items)}

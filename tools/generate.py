@@ -1,5 +1,5 @@
 """Generate text from a trained model: a trainer checkpoint of any layout, a safetensors export, or a
-Hugging Face model directory (tools/load_model.py), with the KV cache (model/generate.py).
+Hugging Face model directory (pretrain/checkpoint/load.py), with the KV cache (model/generate.py).
 
     python tools/generate.py --checkpoint runs/x/checkpoints --prompt "def fibonacci(n):" --max-new-tokens 64
     python tools/generate.py --checkpoint export/safetensors --image chart.png --chat "Write the matplotlib code that draws this chart."
@@ -13,6 +13,8 @@ decode together; rank 0 prints.
 
 from __future__ import annotations
 
+import pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+
 import argparse
 import sys
 import time
@@ -20,14 +22,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
-from data.images import ImageError, patchify, preprocess
-from data.tokenizer import ASSISTANT, END, USER, special_id
-from model.generate import HFDecoder, ModelDecoder, Sampling, generate
+from data.images import ImageError
+from model.generate import Sampling, generate
 from pretrain.checkpoint import CheckpointError
-from pretrain.parallel import device_type, join_process_group
-from tools.load_model import Loaded, load, locate
+from pretrain.checkpoint.load import load, locate
+from pretrain.distributed import device_type
+from pretrain.evaluation.generation import decoder_for, end_ids, image_patches, prompt_ids, setup
 
 
 def parse_args(argv=None):
@@ -47,46 +48,6 @@ def parse_args(argv=None):
     p.add_argument("--no-cache", action="store_true", help="run the whole sequence at every step (a reference)")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def setup(tp: int) -> None:
-    """This process's group and the tensor-parallel groups (every rank one tensor-parallel group)."""
-    join_process_group()
-    world = dist.get_world_size()
-    if world != tp:
-        raise ValueError(f"--tp {tp} needs {tp} processes (the launcher started {world})")
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-
-
-def prompt_ids(loaded: Loaded, text: str, chat: bool) -> list[int]:
-    if not chat:
-        return loaded.encode(text)
-    if loaded.kind == "hf":
-        messages = [{"role": "user", "content": text}]
-        return loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    # As tools/build_shards.py encodes a chat: role markers are special tokens, the message is data.
-    return [special_id(USER), *loaded.encode(text), special_id(END), special_id(ASSISTANT)]
-
-
-def image_patches(loaded: Loaded, path: Path, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if loaded.cfg is None or loaded.cfg.model.type != "vljepa":
-        raise ValueError(f"--image {path}: the model at {loaded.source} reads no images (it is not a VL-JEPA)")
-    v = loaded.cfg.model.vision
-    pixels = preprocess(path.read_bytes(), str(path), v.image_size)
-    patches = patchify(torch.from_numpy(pixels)[None], v.patch_size)
-    return patches.expand(rows, -1, -1), torch.arange(rows)
-
-
-def decoder_for(loaded: Loaded, images=None):
-    if loaded.kind == "hf":
-        return HFDecoder(loaded.model, loaded.vocab)
-    return ModelDecoder(loaded.model, loaded.vocab, images)
-
-
-def end_ids(loaded: Loaded, chat: bool) -> set[int]:
-    """What ends an answer: the end of sequence, and in the project's chat format the turn's <|end|>."""
-    return {loaded.eos_id, special_id(END)} if chat and loaded.kind != "hf" else {loaded.eos_id}
 
 
 def main(argv=None) -> None:

@@ -8,7 +8,7 @@ config's own layout (parallel.tensor, parallel.pipeline, ZeRO stage, activation 
 of the GPUs data-parallel):
 - parameters per seed module (vision encoder, fusion, language encoder, heads) and on each GPU;
 - memory per GPU: weights, gradients, fp32 master copy, optimizer states, EMA target, DeepSpeed's
-  buffers, activations, the transients at the peak, and which moment of a step peaks (tools/plan_model.py;
+  buffers, activations, the transients at the peak, and which moment of a step peaks (pretrain/planner.py;
   checked against measured peaks of real runs, tests/test_plan.py);
 - bytes each GPU sends per step over data-, tensor- and pipeline-parallel links;
 - time per step and to the token budget at a stated MFU (default Megatron-LM's published 41-47% on H100);
@@ -19,6 +19,8 @@ of the GPUs data-parallel):
 """
 
 from __future__ import annotations
+
+import pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
 
 import argparse
 import json
@@ -31,9 +33,9 @@ import torch
 
 from model.config import swiglu_size
 from pretrain.config import Config, ConfigError, ParallelConfig, load_config, load_curriculum, parse_count, stage_configs
-from pretrain.parallel import deepspeed_config, precision
+from pretrain.parallelize import deepspeed_config, precision
 from pretrain.throughput import gpu_peak_flops
-from tools.plan_model import BLOCKS, DeepSpeedBuffers, Layout, communication, flops_per_step, layers_of, memory
+from pretrain.planner import BLOCKS, DeepSpeedBuffers, Layout, communication, flops_per_step, layers_of, memory
 
 # Memory the driver reports per card (nvidia-smi's MiB), and the name the FLOP/s table knows it by.
 GPUS = {"h100": (81559 * 2**20, "H100 SXM"), "h200": (143771 * 2**20, "H200 SXM"),

@@ -1,8 +1,9 @@
 """Choosing which implementation of a fused loss runs.
 
-The trainer sets a process-wide default from its config (or CROMWELL_KERNEL_IMPL in the
-environment) so that a debugging run can force the plain reference everywhere without
-touching call sites; a call can still name an implementation explicitly.
+One switch, the run config's `training.kernels`, reaches every fused loss: the trainer's objectives pass
+`impl_of(training.kernels)` to each call (the language model's cross-entropy through model/loss.py, the
+JEPA losses directly). CROMWELL_KERNEL_IMPL in the environment, when set, overrides every call's choice,
+so a debugging run can force one implementation everywhere without editing a config.
 """
 import os
 
@@ -17,17 +18,15 @@ def _checked(impl: str, what: str) -> str:
     return impl
 
 
-_default_impl = _checked(os.environ.get("CROMWELL_KERNEL_IMPL", "auto"), "CROMWELL_KERNEL_IMPL")
+KERNELS = {"fused": "auto", "reference": "reference"}  # training.kernels -> impl
 
 
-def set_default_impl(impl: str) -> None:
-    """What impl="auto" means from now on in this process."""
-    global _default_impl
-    _default_impl = _checked(impl, "impl")
-
-
-def get_default_impl() -> str:
-    return _default_impl
+def impl_of(kernels: str) -> str:
+    """The implementation a config's training.kernels asks for: "fused" the Triton kernels on CUDA and
+    the chunked torch ones on CPU, "reference" the plain materialised torch maths."""
+    if kernels not in KERNELS:
+        raise ValueError(f"training.kernels must be one of {tuple(KERNELS)}, got {kernels!r}")
+    return KERNELS[kernels]
 
 
 def triton_interpreting() -> bool:
@@ -53,8 +52,9 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
 def resolve_impl(impl: str, tensor: torch.Tensor) -> str:
     """The concrete implementation ("torch", "triton" or "reference") for a call on `tensor`."""
     impl = _checked(impl, "impl")
-    if impl == "auto":
-        impl = _default_impl
+    forced = os.environ.get("CROMWELL_KERNEL_IMPL")
+    if forced:
+        impl = _checked(forced, "CROMWELL_KERNEL_IMPL")
     if impl == "auto":
         return "triton" if tensor.is_cuda else "torch"
     if impl == "triton" and not tensor.is_cuda:

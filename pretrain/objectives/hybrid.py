@@ -1,4 +1,4 @@
-"""The VL-JEPA hybrid objective (seed 1.2): alpha * JEPA + beta * LM on token shards whose samples may
+"""The VL-JEPA hybrid objective (docs/design.md): alpha * JEPA + beta * LM on token shards whose samples may
 hold an image (model/vljepa.py; what is predicted and why nothing leaks: model/jepa.py).
 
     total = beta * LM + alpha * (S_text + S_vision) / (N_text + N_vision)
@@ -16,15 +16,19 @@ reports the LM loss but trains no output projection: pure JEPA.
 
 The target encoder lives here, beside the model, not in it: DeepSpeed would cast it to bf16, hand it
 to the optimizer and partition it under ZeRO-3. It is fp32 and whole (per tensor-parallel shard) on
-every rank; on a pipeline stage it holds the targets of that stage's layers. pretrain/parallel.py
-calls `setup` once the engine's weights are final and `after_step` after each optimizer step, with
-`whole(params)`, a context in which ZeRO-3-partitioned parameters are gathered. Every rank then
-applies the same update to the same values, so targets cannot drift between ranks.
+every rank; on a pipeline stage it holds the targets of that stage's layers, which the stage runs
+beside its own (`ema_target`). The engine calls `setup` once its weights are final and `after_step`
+after each optimizer step, with `whole(params)`, a context in which ZeRO-3-partitioned parameters are
+gathered. Every rank then applies the same update to the same values, so targets cannot drift.
+
+`loss` reads the model's outputs as a VL-JEPA pipeline's last stage gives them: (final hidden states,
+the online ViT's tokens, the target's ViT tokens and final hidden states, the patches the ViT read),
+and calls the heads of model/vljepa.Heads. `forward` (one process) runs the model and the target and
+hands the same to `loss`.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -33,13 +37,12 @@ import torch
 from data.multimodal import JEPASamples
 from data.tokenizer import ASSISTANT, END, EOS_ID, IGNORE, PAD_ID, special_id
 from model.gpt import megatron_config
-from model.jepa import (Projections, TextPredictor, VisionPredictor, collapse_stats, ema_update, momentum, span_means,
-                        target_embeddings)
-from model.kernels import masked_mse
+from model.jepa import ema_update, momentum, span_means, target_embeddings
+from model.kernels import impl_of, masked_mse
 from model.vit import select
-from model.vljepa import VLJEPA, OutputHead
+from model.vljepa import VLJEPA, Heads
 from pretrain.config import Config
-from pretrain.objectives import Collated, Objective, token_batches
+from pretrain.objectives.base import Collated, Loss, Objective, token_batches
 
 ASSISTANT_ID, END_ID = special_id(ASSISTANT), special_id(END)
 
@@ -53,25 +56,6 @@ def responses(input_ids: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
     last = torch.where(marker > 0, positions, 0).cummax(1).values
     return marker.gather(1, last) == 1
-
-
-class StageHeads:
-    """The heads among a last pipeline stage's layers, as `_sums` calls them on a VLJEPA."""
-
-    def __init__(self, layers: list, kernels: str):
-        def find(cls):
-            layer = next(layer for layer in layers if isinstance(layer, cls))
-            # As a pipeline layer its forward passes the stage's slots on; its maths is the class's own.
-            return layer, functools.partial(cls.forward, layer)
-
-        self.output, self.kernels = find(OutputHead)[0], kernels
-        (projections, self.projections), (_, self.vision_predictor), (_, self.text_predictor) = (
-            find(Projections), find(VisionPredictor), find(TextPredictor))
-        twin = getattr(projections, "target", None)
-        self.target_projections = twin[0] if twin else None
-
-    def lm_loss(self, hidden, labels, reduction="mean"):
-        return self.output.proj(hidden, labels, self.kernels, reduction)
 
 
 @dataclass
@@ -101,19 +85,11 @@ class HybridJEPA(Objective):
         self.jepa, self.hybrid = cfg.training.jepa, cfg.training.hybrid
         self.weights = (self.hybrid.beta, self.hybrid.alpha, self.hybrid.alpha)
         self.target: VLJEPA | None = None
-        self.monitor: dict[str, torch.Tensor] = {}  # the last micro batch's predictions and targets
-
-    @property
-    def uses_jepa(self) -> bool:
-        return self.hybrid.alpha > 0
-
-    @property
-    def predicts_embeddings(self) -> bool:
-        return self.uses_jepa
+        self.predicts_embeddings = self.hybrid.alpha > 0
 
     def trains(self, module: str) -> bool:
         """Whether the seed module `module` gets an optimizer (model/vljepa.MODULES)."""
-        if module == "jepa_head" and not self.uses_jepa or module == "autoregressive_head" and self.hybrid.beta == 0:
+        if module == "jepa_head" and not self.predicts_embeddings or module == "autoregressive_head" and self.hybrid.beta == 0:
             return False
         return module not in self.hybrid.freeze
 
@@ -129,7 +105,7 @@ class HybridJEPA(Objective):
         v, mb = self.cfg.model.vision, self.jepa.multiblock
         samples = JEPASamples(
             seed=self.cfg.data.seed, pad_id=PAD_ID, image_size=v.image_size, patch_size=v.patch_size,
-            masks=self.uses_jepa, ratio=self.jepa.mask_ratio, language=self.jepa.masking.language,
+            masks=self.predicts_embeddings, ratio=self.jepa.mask_ratio, language=self.jepa.masking.language,
             joint=self.jepa.masking.joint, vision=self.jepa.masking.vision, span_length=self.jepa.span_length,
             multiblock=(mb.num_targets, tuple(mb.scale), tuple(mb.aspect), tuple(mb.context_scale)))
         return Collated(token_batches(self.cfg, split, dp_rank, dp_size, samples), self.collate)
@@ -143,7 +119,7 @@ class HybridJEPA(Objective):
         patches = (torch.from_numpy(np.stack([extras[i]["patches"] for i in rows])) if rows
                    else torch.zeros(0, v.grid**2, 3 * v.patch_size**2))
         image_rows = torch.tensor(rows, dtype=torch.long)
-        if not self.uses_jepa:
+        if not self.predicts_embeddings:
             return HybridBatch(input_ids, labels, patches, image_rows, *[None] * 7)
         # Multi-block contexts and targets differ in size: all are cut to the batch's shortest, as I-JEPA's collator does.
         context, targets = torch.zeros(0, 0, dtype=torch.long), torch.zeros(0, 1, 0, dtype=torch.long)
@@ -168,7 +144,7 @@ class HybridJEPA(Objective):
 
     def counts(self, batch: HybridBatch) -> torch.Tensor:
         lm = (batch.labels != IGNORE).sum().item()
-        if not self.uses_jepa:
+        if not self.predicts_embeddings:
             return torch.tensor([lm, 0.0, 0.0], dtype=torch.float64)
         text = float(torch.tensor(self.jepa.step_weights, dtype=torch.float64)[batch.pair_step].sum())
         return torch.tensor([lm, text, batch.targets.numel()], dtype=torch.float64)
@@ -178,59 +154,52 @@ class HybridJEPA(Objective):
 
     # -- loss ------------------------------------------------------------------------------------------
 
-    def forward(self, model: VLJEPA, b: HybridBatch) -> torch.Tensor:
-        bf16 = model.projections.text.weight.dtype == torch.bfloat16  # the loader's pixels are fp32
-        patches = b.patches.to(torch.bfloat16 if bf16 else torch.float32)
-        vision, hidden = model(b.input_ids, patches, b.image_rows, b.context)
-        target_vision = target_text = None
-        if self.uses_jepa:
-            # The fp32 target computes in bf16 when the online model does: its weights stay exact averages.
-            with torch.no_grad(), torch.autocast(patches.device.type, torch.bfloat16, enabled=bf16):
-                target_vision, target_text = self.target(b.input_ids, patches, b.image_rows)
-        return self._sums(model, None if self.target is None else self.target.projections, vision, hidden,
-                          target_vision, target_text, b)
-
-    def pipeline_batch(self, b: HybridBatch) -> tuple:
-        """(first stage's inputs, last stage's labels); the context is every patch without JEPA."""
+    def inputs(self, b: HybridBatch) -> tuple[tuple, tuple]:
+        """((patches, input_ids, image_rows, the patches the ViT reads: all without JEPA), (LM labels,
+        JEPA indices: empty without JEPA))."""
         keep = b.context
         if keep is None:
             keep = torch.arange(b.patches.shape[1]).expand(len(b.patches), -1)
         none = torch.zeros(0, dtype=torch.long)
-        labels = (b.labels, *(none if t is None else t for t in (b.targets, b.pair_rows, b.pair_context,
-                                                                  b.pair_start, b.pair_end, b.pair_step)))
-        return (b.patches, b.input_ids, b.image_rows, keep), labels
+        targets = (b.labels, *(none if t is None else t for t in (b.targets, b.pair_rows, b.pair_context,
+                                                                   b.pair_start, b.pair_end, b.pair_step)))
+        return (b.patches, b.input_ids, b.image_rows, keep), targets
 
-    def pipeline_sums(self, outputs, targets, stage) -> torch.Tensor:
-        """The last pipeline stage: its last layer gives (hidden, ViT tokens, their target twins, the
-        context), the labels the LM labels and JEPA indices; the heads are the stage's layers."""
-        hidden, vision, target_vision, target_text, keep = outputs
+    def forward(self, model: VLJEPA, b: HybridBatch) -> Loss:
+        bf16 = model.projections.text.weight.dtype == torch.bfloat16  # the loader's pixels are fp32
+        patches = b.patches.to(torch.bfloat16 if bf16 else torch.float32)
+        vision, hidden = model(b.input_ids, patches, b.image_rows, b.context)
+        target_vision = target_text = None
+        if self.predicts_embeddings:
+            # The fp32 target computes in bf16 when the online model does: its weights stay exact averages.
+            with torch.no_grad(), torch.autocast(patches.device.type, torch.bfloat16, enabled=bf16):
+                target_vision, target_text = self.target(b.input_ids, patches, b.image_rows)
+        heads = model.heads(None if self.target is None else self.target.projections)
+        return self.loss(heads, (hidden, vision, target_vision, target_text, b.context), self.inputs(b)[1])
+
+    def loss(self, heads: Heads, outputs, targets) -> Loss:
+        """[lm, jepa_text, jepa_vision] loss sums from the encoders' outputs (online and target), with
+        the predictions and their targets."""
+        hidden, vision, target_vision, target_text, context = outputs
         labels, *jepa = targets
-        b = HybridBatch(None, labels, None, None, keep, *(jepa if self.uses_jepa else [None] * 6))
-        heads = StageHeads(stage.layers, stage.kernels)
-        return self._sums(heads, heads.target_projections, vision, hidden, target_vision, target_text, b)
-
-    def _sums(self, heads, target_projections, vision, hidden, target_vision, target_text, b) -> torch.Tensor:
-        """[lm, jepa_text, jepa_vision] loss sums from the encoders' outputs (online and target).
-        heads: lm_loss, projections, vision_predictor, text_predictor."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.hybrid.beta > 0):
-            lm = heads.lm_loss(hidden, b.labels, reduction="sum")
-        if not self.uses_jepa:
-            return torch.stack([lm, lm.new_zeros(()), lm.new_zeros(())])
+            lm = heads.lm_loss(hidden, labels, reduction="sum")
+        if not self.predicts_embeddings:
+            return Loss(torch.stack([lm, lm.new_zeros(()), lm.new_zeros(())]))
+        targets, pair_rows, pair_context, pair_start, pair_end, pair_step = jepa
         with torch.no_grad():
-            target_vision = select(target_vision, b.targets.flatten(1))
-            target_vision, target_text = target_projections(target_vision, target_text)
+            target_vision = select(target_vision, targets.flatten(1))
+            target_vision, target_text = heads.target_projections(target_vision, target_text)
             target_vision = target_embeddings(target_vision).flatten(0, 1)
-            target_text = span_means(target_embeddings(target_text), b.pair_rows, b.pair_start, b.pair_end)
-        online_vision, online_text = heads.projections(vision, hidden[b.pair_rows, b.pair_context])
-        predicted_vision = heads.vision_predictor(online_vision, b.context, b.targets).flatten(0, 2)
-        predicted_text = heads.text_predictor(online_text, b.pair_step)
-        self.monitor = {"predicted": torch.cat([predicted_vision, predicted_text]).detach(),
-                        "target": torch.cat([target_vision, target_text]).detach()}
-        if self.collected is not None:
-            self.collected.append(self.monitor)
-        weights = torch.tensor(self.jepa.step_weights, device=predicted_text.device)[b.pair_step]
-        return torch.stack([lm, self._loss_sum(predicted_text, target_text, weights),
+            target_text = span_means(target_embeddings(target_text), pair_rows, pair_start, pair_end)
+        online_vision, online_text = heads.projections(vision, hidden[pair_rows, pair_context])
+        predicted_vision = heads.vision_predictor(online_vision, context, targets).flatten(0, 2)
+        predicted_text = heads.text_predictor(online_text, pair_step)
+        weights = torch.tensor(self.jepa.step_weights, device=predicted_text.device)[pair_step]
+        sums = torch.stack([lm, self._loss_sum(predicted_text, target_text, weights),
                             self._loss_sum(predicted_vision, target_vision, None)])
+        return Loss(sums, torch.cat([predicted_vision, predicted_text]).detach(),
+                    torch.cat([target_vision, target_text]).detach())
 
     def _loss_sum(self, predicted, target, weights) -> torch.Tensor:
         """Sum over rows of weight x loss (masked_mse is that sum over the number of rows)."""
@@ -238,32 +207,18 @@ class HybridJEPA(Objective):
         if rows == 0:
             return predicted.sum()  # zero, with a gradient path for every predictor weight
         mask = torch.ones(rows, dtype=torch.bool, device=predicted.device)
-        return masked_mse(predicted.float(), target.float(), mask, weights=weights, kind=self.jepa.loss) * rows
-
-    def health(self) -> tuple[dict, list[str]]:
-        """Per-dimension std and effective rank of the last micro batch's predicted and target
-        embeddings, and which of them are below training.jepa.collapse's thresholds."""
-        limits = self.jepa.collapse
-        stats, problems = {}, []
-        for name, embeddings in self.monitor.items():
-            std, rank = collapse_stats(embeddings)
-            stats[f"jepa_{name}_std"], stats[f"jepa_{name}_rank"] = std, rank
-            if std < limits.min_std:
-                problems.append(f"{name} embeddings' per-dimension std {std:.3g} < {limits.min_std}")
-            if rank < limits.min_rank:
-                problems.append(f"{name} embeddings' effective rank {rank:.3g} < {limits.min_rank}")
-        return stats, problems
+        return masked_mse(predicted.float(), target.float(), mask, weights=weights, kind=self.jepa.loss,
+                          impl=impl_of(self.cfg.training.kernels)) * rows
 
     # -- the EMA target --------------------------------------------------------------------------------
 
     def setup(self, model, whole, device) -> None:
         """The target starts as the online model (I-JEPA). On a pipeline stage it holds the targets of
-        the stage's own layers, and each layer gets its twin to run beside itself (pretrain/pipeline.py)."""
-        if not self.uses_jepa:
+        the stage's own layers."""
+        if not self.predicts_embeddings:
             return
         cfg = self.cfg
-        stage = None if isinstance(model, VLJEPA) else {
-            name for name, layer in model.named_children() if getattr(layer, "has_target", False)}
+        stage = {name for name, _ in model.named_children()}
         vocab = cfg.model.padded_vocab_size(cfg.training.lm.vocab_size, cfg.parallel.tensor)
         self.target = VLJEPA(cfg.model, vocab, megatron_config(cfg.parallel.tensor), self.jepa.embedding_dim,
                              self.jepa.prediction_steps, kernels=cfg.training.kernels, target=True, only=stage)
@@ -271,8 +226,9 @@ class HybridJEPA(Objective):
         for p in self.target.parameters():
             p.zero_()  # megatron's layers leave their weights uninitialised, and 0 x NaN is NaN
         self._ema(model, whole, 0.0)
-        for name in stage or ():
-            model.get_submodule(name).target = [self.target.get_submodule(name)]
+
+    def ema_target(self) -> VLJEPA | None:
+        return self.target
 
     def after_step(self, model: VLJEPA, whole, step: int) -> None:
         if self.target is not None:

@@ -1,13 +1,28 @@
-"""Next-token prediction on packed token shards (seed stage 2, and the backbone's pretraining)."""
+"""Next-token prediction on packed token shards (the curriculum's language stage, and the backbone's
+pretraining)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, fields
 
 import torch
 
 from data.masks import document_positions_and_mask
 from data.tokenizer import EOS_ID, IGNORE
 from pretrain.config import Config
-from pretrain.objectives import Collated, Objective, token_batches
+from pretrain.objectives.base import Collated, Loss, Objective, token_batches
+
+
+@dataclass
+class TokenBatch:
+    input_ids: torch.Tensor  # [b, s]
+    labels: torch.Tensor  # [b, s]
+    # data.document_mask: each document's own positions and a bool [b, 1, s, s] mask; None: plain causal
+    position_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+
+    def to(self, device) -> "TokenBatch":
+        return TokenBatch(*(None if t is None else t.to(device) for t in (getattr(self, f.name) for f in fields(self))))
 
 
 class LanguageModeling(Objective):
@@ -20,21 +35,23 @@ class LanguageModeling(Objective):
     def batches(self, split: str, dp_rank: int, dp_size: int):
         return Collated(token_batches(self.cfg, split, dp_rank, dp_size), self.collate)
 
-    def collate(self, batch):
+    def collate(self, batch) -> TokenBatch:
         input_ids, labels = batch
         if not self.cfg.data.document_mask:
-            return input_ids, labels
-        position_ids, mask = document_positions_and_mask(input_ids, EOS_ID)
-        return (input_ids, position_ids, mask), labels
+            return TokenBatch(input_ids, labels)
+        return TokenBatch(input_ids, labels, *document_positions_and_mask(input_ids, EOS_ID))
 
-    def counts(self, batch) -> torch.Tensor:
-        return torch.tensor([(batch[1] != IGNORE).sum().item()], dtype=torch.float64)
+    def counts(self, batch: TokenBatch) -> torch.Tensor:
+        return torch.tensor([(batch.labels != IGNORE).sum().item()], dtype=torch.float64)
 
-    def input_ids(self, batch) -> torch.Tensor:
-        return batch[0][0] if isinstance(batch[0], tuple) else batch[0]
+    def input_ids(self, batch: TokenBatch) -> torch.Tensor:
+        return batch.input_ids
 
-    def pipeline_batch(self, batch) -> tuple:
-        return batch
+    def inputs(self, batch: TokenBatch) -> tuple[tuple, tuple]:
+        if batch.attention_mask is None:
+            return (batch.input_ids,), (batch.labels,)
+        return (batch.input_ids, batch.position_ids, batch.attention_mask), (batch.labels,)
 
-    def stage_sums(self, head, hidden, labels) -> torch.Tensor:
-        return head.lm_loss(hidden, labels, reduction="sum")[None]
+    def loss(self, heads, hidden, targets) -> Loss:
+        labels, = targets
+        return Loss(heads.lm_loss(hidden, labels, reduction="sum")[None])

@@ -1,7 +1,9 @@
-"""Step-JEPA / LLM-JEPA fine-tuning (seed 004): gamma * LM on assistant tokens + lambda * JEPA between
-two views of each chat; see data/step_jepa.py for the views and the batch layouts."""
+"""Step-JEPA / LLM-JEPA fine-tuning of a causal LM (docs/design.md): gamma * LM on assistant tokens +
+lambda * JEPA between two views of each chat; see data/step_jepa.py for the views and the batch layouts."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -9,7 +11,7 @@ from data.chats import ChatBatches, ChatEncoder, read_chats
 from data.step_jepa import IGNORE, Batch, lm_batch, packed_batch, reference_view_batch
 from model.jepa import jepa_loss
 from pretrain.config import Config, ConfigError
-from pretrain.objectives import Collated, Objective
+from pretrain.objectives.base import Collated, Loss, Objective
 
 
 def _gather(hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -21,6 +23,17 @@ def _lm_sum(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     target = labels[:, 1:]
     keep = target != IGNORE
     return head.lm_loss(hidden[:, :-1][keep], target[keep], reduction="sum")
+
+
+@dataclass
+class TwoPass:
+    """The reference layout: a plain causal pass for the LM loss and a second pass for the views."""
+
+    lm: Batch
+    views: Batch
+
+    def to(self, device) -> "TwoPass":
+        return TwoPass(self.lm.to(device), self.views.to(device))
 
 
 class StepJEPA(Objective):
@@ -44,43 +57,43 @@ class StepJEPA(Objective):
                              dp_size=dp_size, seed=self.cfg.data.seed, source=path)
         return Collated(loader, self.collate)
 
-    def collate(self, examples: list):
-        """A packed single-pass Batch, the seed's (LM, views) pair of Batches, or a plain LM Batch
-        (lambda 0 or no pair in the micro batch: one causal pass, no view)."""
+    def collate(self, examples: list) -> Batch | TwoPass:
+        """A packed single-pass Batch, the reference layout's TwoPass, or a plain LM Batch (lambda 0
+        or no pair in the micro batch: one causal pass, no view)."""
         if self.sj.lbd == 0 or not any(e.pairs(self.sj.mode) for e in examples):
             return lm_batch(examples, self.pad_id)
         if self.sj.single_pass:
             return packed_batch(examples, self.sj.mode, self.predictor_ids, self.pad_id)
-        return (lm_batch(examples, self.pad_id),
-                reference_view_batch(examples, self.sj.mode, self.predictor_ids, self.pad_id))
+        return TwoPass(lm_batch(examples, self.pad_id),
+                       reference_view_batch(examples, self.sj.mode, self.predictor_ids, self.pad_id))
 
-    def counts(self, batch) -> torch.Tensor:
-        lm, views = batch if isinstance(batch, tuple) else (batch, batch)
+    def counts(self, batch: Batch | TwoPass) -> torch.Tensor:
+        lm, views = (batch.lm, batch.views) if isinstance(batch, TwoPass) else (batch, batch)
         return torch.tensor([(lm.labels[:, 1:] != IGNORE).sum().item(), len(views.view1)], dtype=torch.float64)
 
-    def input_ids(self, batch) -> torch.Tensor:
-        return (batch[0] if isinstance(batch, tuple) else batch).input_ids
+    def input_ids(self, batch: Batch | TwoPass) -> torch.Tensor:
+        return (batch.lm if isinstance(batch, TwoPass) else batch).input_ids
 
-    def forward(self, model, batch) -> torch.Tensor:
-        if not isinstance(batch, tuple):
+    def forward(self, model, batch: Batch | TwoPass) -> Loss:
+        if not isinstance(batch, TwoPass):
             return super().forward(model, batch)
-        lm, views = batch  # the seed's two passes
-        lm_sum = _lm_sum(model, model(lm.input_ids, lm.position_ids), lm.labels)
+        lm_sum = _lm_sum(model, model(batch.lm.input_ids, batch.lm.position_ids), batch.lm.labels)
+        views = batch.views
         h = model(views.input_ids, views.position_ids, views.attention_mask)
-        return torch.stack([lm_sum, self._jepa_sum(_gather(h, views.view1), _gather(h, views.view2))])
+        return Loss(torch.stack([lm_sum, self._jepa_sum(_gather(h, views.view1), _gather(h, views.view2))]))
 
-    def pipeline_batch(self, batch: Batch) -> tuple:
+    def inputs(self, batch: Batch) -> tuple[tuple, tuple]:
         targets = (batch.labels, batch.view1, batch.view2)
         if batch.attention_mask is None:  # plain causal: the positions are the default ones
-            return batch.input_ids, targets
+            return (batch.input_ids,), targets
         return (batch.input_ids, batch.position_ids, batch.attention_mask), targets
 
-    def stage_sums(self, head, hidden, targets) -> torch.Tensor:
+    def loss(self, heads, hidden, targets) -> Loss:
         labels, view1, view2 = targets
-        lm_sum = _lm_sum(head, hidden, labels)
+        lm_sum = _lm_sum(heads, hidden, labels)
         if not len(view1):
-            return torch.stack([lm_sum, lm_sum.new_zeros(())])
-        return torch.stack([lm_sum, self._jepa_sum(_gather(hidden, view1), _gather(hidden, view2))])
+            return Loss(torch.stack([lm_sum, lm_sum.new_zeros(())]))
+        return Loss(torch.stack([lm_sum, self._jepa_sum(_gather(hidden, view1), _gather(hidden, view2))]))
 
     def _jepa_sum(self, v1, v2):
         return jepa_loss(v1, v2, self.sj.loss_type, self.sj.temperature, reduction="sum")

@@ -12,7 +12,7 @@ from model.generate import ModelDecoder, Sampling, generate
 from model.gpt import GPT, init_weights, megatron_config
 from model.vljepa import VLJEPA
 from pretrain.config import load_config
-from pretrain.parallel import init_distributed, shutdown
+from pretrain.distributed import init_distributed, shutdown
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18, 19, 20, 21, 22, 23]]
 VOCAB = 300

@@ -20,8 +20,11 @@ from pretrain import checkpoint
 from pretrain.config import load_config
 from pretrain.objectives import build_objective, load_run_tokenizer
 from model.jepa import momentum
-from pretrain.parallel import (build_engine, eval_losses, init_distributed, model_of, setup_objective, shutdown,
-                               train_step, whole_parameters)
+from pretrain.distributed import init_distributed, shutdown
+from pretrain.evaluation.held_out import engine_losses
+from pretrain.losses import step_counts, step_means
+from pretrain.parallelize import build_engine, model_of, setup_objective, whole_parameters
+from pretrain.trainer import train_step
 from pretrain.trainer import seed_everything
 
 
@@ -47,7 +50,7 @@ def parameter_bytes(engine) -> int:
 
 
 def ema_snapshot(objective):
-    target = getattr(objective, "target", None)
+    target = objective.ema_target()
     return None if target is None else {n: p.clone() for n, p in target.named_parameters()}
 
 
@@ -58,13 +61,13 @@ def ema_check(engine, objective, before: dict, cfg) -> dict:
     m = momentum(engine.global_steps, cfg.train_steps(), start, end)
     online = dict(model_of(engine).named_parameters())
     exact = True
-    for name, p in objective.target.named_parameters():
+    for name, p in objective.ema_target().named_parameters():
         with whole_parameters(engine)([online[name]]):
             exact &= torch.equal(p, before[name] * m + online[name].detach() * (1 - m))
     flags = torch.tensor([int(exact)])
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
     # Targets are per tensor-parallel shard: ranks of one data-parallel group must agree exactly.
-    checksum = torch.stack([p.double().sum() for p in objective.target.parameters()]).sum().reshape(1)
+    checksum = torch.stack([p.double().sum() for p in objective.ema_target().parameters()]).sum().reshape(1)
     sums = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
     dist.all_gather(sums, checksum)
     group = dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
@@ -72,7 +75,7 @@ def ema_check(engine, objective, before: dict, cfg) -> dict:
     agree = torch.tensor([int(same)])
     dist.all_reduce(agree, op=dist.ReduceOp.MIN)
     return {"ema_exact": bool(flags), "ema_same_on_data_parallel_ranks": bool(agree),
-            "ema_moved": bool(any(not torch.equal(p, before[n]) for n, p in objective.target.named_parameters()))}
+            "ema_moved": bool(any(not torch.equal(p, before[n]) for n, p in objective.ema_target().named_parameters()))}
 
 
 def main():
@@ -103,7 +106,9 @@ def main():
         norms.append(result.grad_norm)
     ema = ema_check(engine, objective, target_before, cfg) if objective.state_dict() else {}
     again = dp_slices(cfg, tokenizer, world)
-    evaluation = eval_losses(engine, objective, [next(again) for _ in range(accum)])
+    held_out = [next(again) for _ in range(accum)]
+    counts = step_counts(objective, held_out, engine.device)
+    evaluation = step_means(objective, engine_losses(engine, objective, held_out, counts), counts)
     if args.save:
         layout = {"world_size": world, "tp": cfg.parallel.tensor, "pp": cfg.parallel.pipeline,
                   "dp": parallel_state.get_data_parallel_world_size()}

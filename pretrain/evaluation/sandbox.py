@@ -6,7 +6,7 @@
 Whatever the program does (crash, hang, memory hog, fork bomb, sockets, deleting files) ends up in a
 SandboxResult; the caller's process never executes it and only reads back bounded output and files.
 
-How a program runs. The harness starts `python -I tools/sandbox.py` (the supervisor) in a new session, in
+How a program runs. The harness starts `python -I pretrain/evaluation/sandbox.py` (the supervisor) in a new session, in
 a fresh temporary working directory with a minimal environment (nothing of the caller's), the program on
 stdin, stdout and stderr to anonymous files (RLIMIT_FSIZE bounds them; their head and tail come back). The
 supervisor forks the runner, which confines itself and executes the program; the supervisor waits for it and
@@ -302,7 +302,7 @@ def _reason(returncode: int | None, stderr: str) -> str:
         return f"signal {-returncode}"
 
 
-# --- The child side: `python -I tools/sandbox.py CONFIG`, the program on stdin ---
+# --- The child side: `python -I pretrain/evaluation/sandbox.py CONFIG`, the program on stdin ---
 
 def _supervise(config: dict) -> None:
     status = config["status_fd"]

@@ -12,7 +12,7 @@ model/gpt.py) padded to a vocabulary multiple. An export names it by the seed's 
 
 The rows the vocabulary was padded with are kept aside as `<name>.vocab_padding` in the whole-model
 formats: they take part in the softmax the model trained with, so a conversion back to DeepSpeed
-(tools/reshard.py) must restore them for the model to give the same loss. The JEPA's EMA target
+(pretrain/checkpoint/reshard.py) must restore them for the model to give the same loss. The JEPA's EMA target
 encoder, when the checkpoint has one, is exported under `target.` + the online names.
 
 The parameter names and full shapes come from the model itself, built on the meta device at TP=1

@@ -6,7 +6,7 @@ of code completions, scored as pass@k.
     scores = evaluate(problems, completions, ks=(1, 10))         # {"pass@1", "pass@10", "n", "problems", "results"}
 
 Each completion runs as its own program (prompt + completion + the problem's tests + `check(entry_point)`) in
-tools/sandbox.py. It passes when the program exits 0 AND prints, as its very last statement, NONCE (random per
+pretrain/evaluation/sandbox.py. It passes when the program exits 0 AND prints, as its very last statement, NONCE (random per
 process): a completion that exits early with status 0 (os._exit(0), sys.exit(0)) skips the tests and the nonce,
 and cannot guess it. Generation should stop at STOP_SEQUENCES (the paper's): what follows the function body is
 not part of the completion; truncate() cuts a completion there.
@@ -24,9 +24,9 @@ import secrets
 from pathlib import Path
 from statistics import fmean
 
-from tools import sandbox
+from pretrain.evaluation import sandbox
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PATH = REPO.parent / "shared/data/humaneval/HumanEval.jsonl.gz"
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")

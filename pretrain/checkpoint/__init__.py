@@ -166,6 +166,25 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def publish(work: Path, out: Path) -> None:
+    """Rename the finished folder into place, its files on the storage first: a crash right after the
+    rename must not leave an export whose files are still in the page cache only."""
+    for path in sorted(work.rglob("*"), reverse=True):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(work, out)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _objective_file(tag_dir: Path) -> Path:
     # One file per model-parallel rank: every data-parallel rank holds the same objective state.
     tp, pp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()

@@ -23,8 +23,8 @@ from model.vljepa import VLJEPA
 from pretrain import checkpoint
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config
-from tools.ds_checkpoint import DeepSpeedCheckpoint, find_tag
-from tools.export_tensors import join, plan, tp_shard
+from pretrain.checkpoint.reader import DeepSpeedCheckpoint, find_tag
+from model.tensors import join, plan, tp_shard
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """An export back into a checkpoint of the trainer, for any tensor x pipeline x data-parallel layout and
 ZeRO stage: a run continues, or is fine-tuned, on another number of GPUs.
 
-`tools/convert_ckpt.py --to-deepspeed` validates the export, writes the run config for the new
-layout (--out/run_config.yaml) and launches this file on tp x pp x dp CPU processes under the
+`tools/convert_ckpt.py --to-deepspeed` calls `reshard`, which validates the export, writes the run
+config for the new layout (--out/run_config.yaml) and launches this file's `worker` on tp x pp x dp CPU processes under the
 deepspeed launcher. Each process builds its part of the model exactly as training does (so DeepSpeed
 itself writes files it can read back), puts its shard of every exported tensor into it, the EMA
 target's too, and saves a checkpoint with the export's step, tokens seen and data position. Then:
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from pretrain.checkpoint import CheckpointError
+from pretrain.checkpoint import CheckpointError, publish
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _export_files(export: Path) -> dict:
@@ -44,7 +44,6 @@ def _export_files(export: Path) -> dict:
 def reshard(args) -> Path:
     """Parent side: check, write the new run config, launch the workers, rename into place."""
     from pretrain.config import Config
-    from tools.convert_ckpt import publish
 
     files = _export_files(args.checkpoint)
     config = json.loads(files["config.json"].read_text())
@@ -113,8 +112,9 @@ def worker(argv=None) -> None:
     from pretrain import checkpoint
     from pretrain.config import load_config
     from pretrain.objectives import build_objective, load_run_tokenizer
-    from pretrain.parallel import build_engine, init_distributed, model_of, setup_objective, shutdown
-    from tools.export_tensors import join, plan, tp_shard
+    from pretrain.distributed import init_distributed, shutdown
+    from pretrain.parallelize import build_engine, model_of, setup_objective
+    from model.tensors import join, plan, tp_shard
 
     p = argparse.ArgumentParser()
     p.add_argument("--export", type=Path, required=True)

@@ -46,8 +46,8 @@ from model.kernels.ce_loss import chunk_rows_for
 from model.vit import PatchEmbed, VisionBlock, VisionNorm
 from model.vljepa import FinalNorm, OutputHead
 from pretrain.config import Config, ConfigError
-from pretrain.parallel import precision
-from tools.export_tensors import meta_model
+from pretrain.parallelize import precision
+from model.tensors import meta_model
 
 FP32 = 4
 INT64 = 8
@@ -113,7 +113,7 @@ def layers_of(cfg: Config) -> list[Layer]:
 
         objective = HybridJEPA(cfg)
         trains = objective.trains
-        if objective.uses_jepa:
+        if objective.predicts_embeddings:
             targets = {name for name, _ in meta_model(cfg.model, padded, jepa.embedding_dim, jepa.prediction_steps,
                                                       target=True).named_children()}
     out = []

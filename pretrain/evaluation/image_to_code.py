@@ -4,7 +4,7 @@
     results = score_many(samples, generated_texts)         # one dict per sample
     summary = summarize(results)                           # per kind and overall
 
-chart: the generated program is executed in tools/sandbox.py and drawn exactly as
+chart: the generated program is executed in pretrain/evaluation/sandbox.py and drawn exactly as
 make_vision_pairs.render_chart draws a pair's image (Agg, matplotlib's default style, the figure
 left in `fig`, no layout engine, a PNG without a Software chunk). It scores 1 when the drawing's
 distance from the pair's image is at most CHART_THRESHOLD, else 0; a program that does not run
@@ -56,8 +56,8 @@ from PIL import Image
 from rapidfuzz.distance import Levenshtein
 
 from data.sources import vision_text
-from tools import sandbox
-from tools.make_vision_pairs import KINDS
+from pretrain.evaluation import sandbox
+from data.corpus.vision_pairs import KINDS
 
 PIXEL_TOLERANCE = 5      # levels of 255 a channel may differ by before its pixel counts as different
 CHART_THRESHOLD = 1e-4   # largest fraction of differing pixels that still scores 1 (see above)

@@ -15,7 +15,7 @@ the pages it copied, so memory stays near the largest tensor rather than the mod
 is loaded with weights_only=True (pretrain.checkpoint.safe_load), so no pickled code ever runs.
 
 Tensor-parallel shards are then joined along the dimension where a rank's shape differs from the
-full shape (which comes from the model code: tools/export_tensors.py).
+full shape (which comes from the model code: model/tensors.py).
 
 Most exported tensors are, byte for byte, a few contiguous stretches of the checkpoint's files: every
 tensor of a layout without a row-parallel join (whose rows interleave two ranks' columns), and the
@@ -42,7 +42,7 @@ import torch
 from pretrain import checkpoint
 from pretrain.checkpoint import CheckpointError, safe_load
 from pretrain.config import Config
-from tools.export_tensors import Param, Piece, split_dim
+from model.tensors import Param, Piece, split_dim
 
 
 def find_tag(directory: Path, tag: str | None) -> Path:
