@@ -42,17 +42,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.machine import machine
-from bench.timing import rotated
-from model.config import ModelConfig
-from model.tensors import plan
+from cromwell.bench.machine import machine
+from cromwell.bench.timing import rotated
+from cromwell.model.config import ModelConfig
+from cromwell.model.tensors import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 PEAK = "import resource, runpy, sys; sys.argv = {argv!r}; {body}; print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
 
 
 def _python(code: str) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -69,18 +69,18 @@ def build_checkpoint(root: Path, args) -> Path:
     subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", str(corpus), "--vocab-size", "512",
                     "--output", str(root / "tokenizer.json")], cwd=ROOT, check=True, capture_output=True)
     sets = [f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}", f"model.num_heads={args.hidden // 128}",
-            f"model.ffn_hidden_size={args.ffn}", f"training.lm.vocab_size={args.vocab}", "training.lm.context_length=128",
+            f"model.ffn_hidden_size={args.ffn}", f"model.vocab_size={args.vocab}", "training.lm.context_length=128",
             "parallel.zero_stage=1",
             "training.batch_size=1", "training.micro_batch_size=1", f"data.tokenizer={root / 'tokenizer.json'}",
             f"run.output_dir={root / 'run'}"]
     body = f"""
 from pathlib import Path
 import shutil
-from pretrain import checkpoint
-from pretrain.config import load_config
-from pretrain.objectives import build_objective, load_run_tokenizer
-from pretrain.distributed import init_distributed, shutdown
-from pretrain.parallelize import build_engine
+from cromwell.pretrain import checkpoint
+from cromwell.pretrain.config import load_config
+from cromwell.pretrain.objectives import build_objective, load_run_tokenizer
+from cromwell.pretrain.distributed import init_distributed, shutdown
+from cromwell.pretrain.parallelize import build_engine
 cfg = load_config("pretrain/configs/tiny.yaml", {sets!r})
 init_distributed(cfg)
 tokenizer = load_run_tokenizer(cfg)
@@ -164,8 +164,8 @@ def main() -> None:
             return [(c / copied_mb) / (v / converted_mb) for v, c in zip(results[kind], results["copy"])]
 
         largest = max(4 * math.prod(piece.shape) for p in plan(ModelConfig(
-            hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 128, ffn_hidden_size=args.ffn),
-            args.vocab, 128, 3) for piece in p.pieces)
+            hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 128, ffn_hidden_size=args.ffn,
+            vocab_size=args.vocab)) for piece in p.pieces)
         memory = {kind: (max(p) - constant) / largest for kind, p in peaks.items()}
         memory_ratio = max(memory.values())
         throughput = statistics.median(ratios("convert"))

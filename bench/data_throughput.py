@@ -42,15 +42,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.machine import machine
-from bench.timing import interleaved, paired_ratio
-from data.loader import Plan, TokenBatches
-from data.mixture import integer_weights
-from data.shards import CRC_NAME, Location, read_corpus, sample_crcs
-from model.config import ModelConfig
-from pretrain.config import load_config
-from pretrain.throughput import flops_per_token, peak_flops_per_device
-from tools.build_shards import build_shards, write_corpus_index, write_shard, write_source
+from cromwell.bench.machine import machine
+from cromwell.bench.timing import interleaved, paired_ratio
+from cromwell.data.loader import Plan, TokenBatches
+from cromwell.data.mixture import integer_weights
+from cromwell.data.shards import CRC_NAME, Location, read_corpus, sample_crcs
+from cromwell.model.config import ModelConfig
+from cromwell.pretrain.config import load_config
+from cromwell.pretrain.throughput import flops_per_token, peak_flops_per_device
+from cromwell.tools.build_shards import build_shards, write_corpus_index, write_shard, write_source
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -125,7 +125,7 @@ def consumption() -> dict:
     tiny = load_config(ROOT / "pretrain" / "configs" / "tiny.yaml")
     peak, _ = peak_flops_per_device("cpu", torch.float32)
     tiny_mfu = 0.5  # `make train`'s logged median on these machines (bench/results/trainer_overhead_cpu_zero1.json)
-    tiny_rate = tiny_mfu * peak / flops_per_token(tiny.model, tiny.training.lm.vocab_size, tiny.training.lm.context_length)
+    tiny_rate = tiny_mfu * peak / flops_per_token(tiny.model, tiny.model.padded_vocab_size(), tiny.training.lm.context_length)
     one_b = ModelConfig(hidden_size=2048, num_layers=16, num_heads=16, ffn_hidden_size=5632)
     params = one_b.num_layers * (4 * 2048**2 + 3 * 2048 * 5632) + 2 * 32_000 * 2048
     one_b_rate = 0.4 * H100_BF16_DENSE / flops_per_token(one_b, 32_000, 4096)

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import machine
-from bench.timing import interleaved, paired_ratio
-from model.generate import ModelDecoder, Sampling, generate
-from model.gpt import GPT, init_weights, megatron_config
-from pretrain.config import load_config
-from pretrain.distributed import init_distributed
-from pretrain.throughput import gpu_memory_bandwidth
+from cromwell.bench.machine import machine
+from cromwell.bench.timing import interleaved, paired_ratio
+from cromwell.model.generate import ModelDecoder, Sampling, generate
+from cromwell.model.build import build
+from cromwell.model.gpt import GPT, init_weights, megatron_config
+from cromwell.pretrain.config import load_config
+from cromwell.pretrain.distributed import init_distributed
+from cromwell.pretrain.throughput import gpu_memory_bandwidth
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,9 +39,9 @@ def language_model(hidden: int, layers: int, heads: int, vocab: int, device: str
     """A randomly initialised GPT of this size (decoding speed does not depend on the weights' values)."""
     cfg = load_config(ROOT / "pretrain/configs/tiny.yaml", [f"model.hidden_size={hidden}", f"model.num_layers={layers}",
                                                           f"model.num_heads={heads}", "model.ffn_hidden_size=null",
-                                                          f"training.lm.vocab_size={vocab}"])
+                                                          f"model.vocab_size={vocab}"])
     init_distributed(cfg)
-    model = GPT(cfg.model, cfg.model.padded_vocab_size(vocab), megatron_config(1))
+    model = build(cfg.model, megatron_config(1))
     for name, layer in model.named_children():
         init_weights(layer, int(name), cfg.model, 0)
     return model.to(device=device, dtype=dtype).eval()

@@ -71,9 +71,9 @@ def gpu_name() -> str | None:
 def planned_peak(config: Path, sets: list[str] = ()) -> float:
     """tools/plan_model's peak bytes per GPU for `config` trained on one GPU in bf16, with the DeepSpeed
     JSON the trainer would use there."""
-    from pretrain.config import load_config
-    from pretrain.parallelize import deepspeed_config
-    from pretrain.planner import DeepSpeedBuffers, Layout, memory
+    from cromwell.pretrain.config import load_config
+    from cromwell.pretrain.parallelize import deepspeed_config
+    from cromwell.pretrain.planner import DeepSpeedBuffers, Layout, memory
 
     cfg = load_config(config, list(sets))
     p = cfg.parallel
@@ -187,7 +187,7 @@ def kernel_agreement(device: str, ce_shape=(4096, 2048, 32000), mse_shape=(8192,
     loss and gradient; ({case: largest absolute differences}, what disagreed)."""
     import torch
 
-    from bench import kernels as k
+    from cromwell.bench import kernels as k
 
     agreement, problems = {}, []
     for dtype in (torch.float32, torch.bfloat16):
@@ -217,9 +217,9 @@ def kernel_agreement(device: str, ce_shape=(4096, 2048, 32000), mse_shape=(8192,
 def check_kernels() -> dict:
     import torch
 
-    from bench.kernels import ce_inputs, ce_step, cuda_measure, fused_ce, mse_kernel_bandwidth, reference_ce
-    from model.kernels.dispatch import resolve_impl
-    from pretrain.throughput import gpu_memory_bandwidth
+    from cromwell.bench.kernels import ce_inputs, ce_step, cuda_measure, fused_ce, mse_kernel_bandwidth, reference_ce
+    from cromwell.model.kernels.dispatch import resolve_impl
+    from cromwell.pretrain.throughput import gpu_memory_bandwidth
 
     agreement, problems = kernel_agreement("cuda")
     out = {"agreement": agreement, "auto_impl_on_cuda": resolve_impl("auto", torch.empty(1, device="cuda"))}
@@ -261,7 +261,7 @@ def check_decode(device: str = "cuda", size=(2048, 20, 16, 32000), batches=(1, 3
     """Cached greedy decoding of a GPT of `size` (hidden, layers, heads, vocab): `tokens` prompt and new tokens."""
     import torch
 
-    from bench.generate import decode_rates, hbm_bound, language_model
+    from cromwell.bench.generate import decode_rates, hbm_bound, language_model
 
     model = language_model(*size, device, torch.bfloat16 if device == "cuda" else torch.float32)
     rates = decode_rates(model, size[3], list(batches), prompt=tokens, new_tokens=tokens, rounds=3, device=device,
@@ -343,7 +343,7 @@ def main(argv=None) -> int:
     def log(line):
         print(line, flush=True)
 
-    from bench.machine import machine, slug
+    from cromwell.bench.machine import machine, slug
 
     gpu = gpu_name()
     report = {"benchmark": "gpu_check", "gpu": gpu, "machine": machine(), "budget_s": args.budget_s, "checks": {},

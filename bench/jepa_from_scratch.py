@@ -22,15 +22,16 @@ import time
 import torch
 from tokenizers import Tokenizer
 
-from bench.machine import machine
-from data.chats import project_chat_encoder
-from data.tokenizer import EOS_ID, PAD_ID
-from model.config import ModelConfig
-from model.gpt import GPT, megatron_config
-from pretrain.config import load_config
-from pretrain.trainer import train
-from pretrain.evaluation.reasoning import regex_match
-from tools.train_tokenizer import train_tokenizer
+from cromwell.bench.machine import machine
+from cromwell.data.chats import project_chat_encoder
+from cromwell.data.tokenizer import EOS_ID, PAD_ID
+from cromwell.model.config import ModelConfig
+from cromwell.model.build import build
+from cromwell.model.gpt import megatron_config
+from cromwell.pretrain.config import load_config
+from cromwell.pretrain.trainer import train
+from cromwell.pretrain.evaluation.reasoning import regex_match
+from cromwell.tools.train_tokenizer import train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NLRX = os.path.join(ROOT, "..", "shared", "data", "nlrx-synth")
@@ -93,14 +94,14 @@ def run_seed(args, seed: int, tokenizer_json: str) -> list[dict]:
 def run_config(args, lbd: float, seed: int, tmp: str, vocab: int):
     """The whole run as a run config: what `pretrain/train.py --config` would train."""
     sets = [f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}", f"model.num_heads={args.heads}",
-            "model.ffn_hidden_size=null", f"training.lm.vocab_size={vocab}", "parallel.zero_stage=0",
+            "model.ffn_hidden_size=null", f"model.vocab_size={vocab}", "parallel.zero_stage=0",
             "training.objective=step_jepa", f"data.chats={os.path.join(args.data, 'train.jsonl')}",
             f"data.tokenizer={os.path.join(tmp, 'tokenizer.json')}", "data.max_len=256", f"data.seed={seed}",
             "training.step_jepa.mode=two_view", f"training.step_jepa.loss_type={args.jepa_loss_type}",
-            f"training.step_jepa.lbd={lbd}", f"training.step_jepa.predictors={args.predictors}",
+            f"training.step_jepa.jepa_weight={lbd}", f"training.step_jepa.predictors={args.predictors}",
             f"training.batch_size={args.batch_size}", f"training.micro_batch_size={args.batch_size}",
             "training.gradient_accumulation_steps=1", f"training.train_steps={args.steps}",
-            f"training.optimizers.lr={args.lr}", "training.scheduler.type=linear", "training.scheduler.min_lr=0",
+            f"training.optimizer.lr={args.lr}", "training.scheduler.type=linear", "training.scheduler.min_lr=0",
             f"training.scheduler.warmup_steps={args.steps // 20}", f"training.kernels={args.kernels}",
             f"run.seed={seed}", f"run.output_dir={os.path.join(tmp, f'lambda{lbd}_seed{seed}')}",
             f"checkpoint.every_steps={args.steps}", f"logging.log_every={args.log_every}", "logging.tensorboard=false"]
@@ -170,8 +171,9 @@ def main(argv=None):
         ems = [r["exact_match"] for r in runs if r["lambda"] == lbd]
         summary[name] = {"mean": statistics.mean(ems), "std": statistics.stdev(ems) if len(ems) > 1 else 0.0,
                          "min": min(ems), "max": max(ems), "per_seed": ems}
-    model = ModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads)
-    params = sum(p.numel() for p in GPT(model, model.padded_vocab_size(tokenizer.get_vocab_size()), megatron_config(1)).parameters())
+    model = ModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                        vocab_size=tokenizer.get_vocab_size())
+    params = sum(p.numel() for p in build(model, megatron_config(1)).parameters())
     result = {"bench": "jepa_from_scratch", "machine": machine(), "device": device,
               "model": {"kind": "project GPT (model/gpt.py), random init", "hidden": args.hidden, "layers": args.layers,
                         "heads": args.heads, "vocab": tokenizer.get_vocab_size(), "params": params},

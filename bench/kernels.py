@@ -36,12 +36,12 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import machine, slug
-from bench.timing import interleaved, paired_ratio, rotated
+from cromwell.bench.machine import machine, slug
+from cromwell.bench.timing import interleaved, paired_ratio, rotated
 
-from model.kernels import fused_linear_cross_entropy, masked_mse
-from model.kernels import reference
-from pretrain.throughput import gpu_memory_bandwidth
+from cromwell.model.kernels import fused_linear_cross_entropy, masked_mse
+from cromwell.model.kernels import reference
+from cromwell.pretrain.throughput import gpu_memory_bandwidth
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MSE_DENSITY = 0.5
@@ -218,7 +218,7 @@ def mse_kernel_bandwidth(tokens, dim, dtype, density, peak):
     """Achieved DRAM bandwidth of the masked-MSE Triton kernels, forward and backward, on CUDA."""
     import triton.testing
 
-    from model.kernels import mse_triton
+    from cromwell.model.kernels import mse_triton
 
     pred, target, mask, weights = mse_inputs(tokens, dim, dtype, "cuda", density)
     selected = int(mask.sum())

@@ -24,16 +24,16 @@ import time
 
 import torch
 
-from bench.machine import machine
-from bench.timing import interleaved, paired_ratio
-from data.chats import hf_chat_encoder
-from data.tokenizer import load_hf_tokenizer, predictor_token
-from model.config import HFConfig
-from model.hf import load_model
-from pretrain.config import load_config
-from pretrain.objectives.step_jepa import StepJEPA
-from data.corpus.step_data import convert
-from tools.tiny_hf_model import build_tiny_llama
+from cromwell.bench.machine import machine
+from cromwell.bench.timing import interleaved, paired_ratio
+from cromwell.data.chats import hf_chat_encoder
+from cromwell.data.tokenizer import load_hf_tokenizer, predictor_token
+from cromwell.model.config import HFConfig
+from cromwell.model.hf import load_model
+from cromwell.pretrain.config import load_config
+from cromwell.pretrain.objectives.step_jepa import StepJEPA
+from cromwell.data.corpus.step_data import convert
+from cromwell.tools.tiny_hf_model import build_tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GSM8K = os.path.join(ROOT, "..", "shared", "data", "gsm8k", "train.jsonl")
@@ -105,7 +105,7 @@ def main(argv=None):
     def objective(lbd, single_pass=True):
         cfg = load_config(os.path.join(ROOT, "pretrain", "configs", "tiny.yaml"), [
             "training.objective=step_jepa", "data.chats=unused.jsonl", f"training.step_jepa.mode={args.mode}",
-            f"training.step_jepa.lbd={lbd}", f"training.step_jepa.single_pass={single_pass}"])
+            f"training.step_jepa.jepa_weight={lbd}", f"training.step_jepa.single_pass={single_pass}"])
         return StepJEPA(cfg, encoder, preds, tok.pad_token_id)
 
     objectives = {"lm": objective(0.0), "two_pass": objective(1.0, single_pass=False),

@@ -31,14 +31,14 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import machine
-from bench.timing import interleaved, paired_ratio
-from pretrain.config import load_config
-from pretrain.objectives.lm import LanguageModeling
-from pretrain.optim import build_optimizer, build_scheduler
-from pretrain.distributed import device_type, init_distributed
-from pretrain.parallelize import build_engine, build_model, deepspeed_config
-from pretrain.trainer import train_step
+from cromwell.bench.machine import machine
+from cromwell.bench.timing import interleaved, paired_ratio
+from cromwell.pretrain.config import load_config
+from cromwell.pretrain.objectives.lm import LanguageModeling
+from cromwell.pretrain.optim import build_optimizer, build_scheduler
+from cromwell.pretrain.distributed import device_type, init_distributed
+from cromwell.pretrain.parallelize import build_engine, build_model, deepspeed_config
+from cromwell.pretrain.trainer import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -46,7 +46,7 @@ RESULTS = ROOT / "bench" / "results"
 # Larger than the tiny config so that a step is real work, small enough for a 2-core machine.
 DEFAULT_SETS = [
     "model.hidden_size=256", "model.num_layers=4", "model.num_heads=8", "model.ffn_hidden_size=704",
-    "training.lm.vocab_size=8192", "training.lm.context_length=256", "training.batch_size=16",
+    "model.vocab_size=8192", "training.lm.context_length=256", "training.batch_size=16",
     "training.micro_batch_size=4", "training.gradient_accumulation_steps=4",
 ]
 
@@ -71,7 +71,7 @@ def overhead(args) -> dict:
     objective = LanguageModeling(cfg)
     gen = torch.Generator().manual_seed(0)
     seq, micro = cfg.training.lm.context_length, cfg.training.micro_batch_size
-    data = [torch.randint(0, cfg.training.lm.vocab_size, (micro, seq + 1), generator=gen) for _ in range(4 * accum)]
+    data = [torch.randint(0, cfg.model.vocab_size, (micro, seq + 1), generator=gen) for _ in range(4 * accum)]
     data = [(d[:, :-1].to(device), d[:, 1:].to(device)) for d in data]
     steps = [data[i:i + accum] for i in range(0, len(data), accum)]
 
@@ -94,7 +94,7 @@ def overhead(args) -> dict:
 
     run_engine = block("engine", lambda micro_batches: train_step(engine, objective, micro_batches))
     run_plain = block("plain", lambda micro_batches: plain_step(plain, objective, optimizer, scheduler, micro_batches,
-                                                                cfg.training.optimizers.grad_clip, autocast))
+                                                                cfg.training.optimizer.grad_clip, autocast))
     interleaved([run_engine, run_plain], 2)  # warm-up: allocator, thread pools, DeepSpeed's first-step work
     engine_s, plain_s = interleaved([run_engine, run_plain], args.pairs)
     ratio = paired_ratio(engine_s, plain_s)

@@ -34,17 +34,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.machine import machine
-from bench.step_jepa_cost import saved_activation_bytes
-from bench.timing import interleaved, paired_ratio
-from data.multimodal import JEPASamples
-from data.tokenizer import PAD_ID
-from model.gpt import init_weights, megatron_config
-from model.vljepa import VLJEPA, OutputHead
-from pretrain.config import load_config
-from pretrain.objectives.hybrid import HybridJEPA
-from pretrain.distributed import init_distributed
-from pretrain.parallelize import whole_parameters
+from cromwell.bench.machine import machine
+from cromwell.bench.step_jepa_cost import saved_activation_bytes
+from cromwell.bench.timing import interleaved, paired_ratio
+from cromwell.data.multimodal import JEPASamples
+from cromwell.data.tokenizer import PAD_ID
+from cromwell.model.build import build
+from cromwell.model.gpt import init_weights, megatron_config
+from cromwell.model.vljepa import OutputHead
+from cromwell.pretrain.config import load_config
+from cromwell.pretrain.objectives.hybrid import Hybrid
+from cromwell.pretrain.distributed import init_distributed
+from cromwell.pretrain.parallelize import whole_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,8 +64,8 @@ def config(args, alpha: float, beta: float):
         f"model.vision.image_size={args.image_size}", f"model.vision.hidden_size={args.vision_hidden}",
         f"model.vision.num_layers={args.vision_layers}", f"model.vision.num_heads={args.heads}",
         f"model.fusion.every={args.fusion_every}", f"model.predictor.num_layers={args.predictor_layers}",
-        f"model.predictor.num_heads={args.heads}", f"training.jepa.embedding_dim={args.embedding_dim}",
-        f"training.lm.context_length={args.context}", f"training.lm.vocab_size={args.vocab}",
+        f"model.predictor.num_heads={args.heads}", f"model.predictor.embedding_dim={args.embedding_dim}",
+        f"training.lm.context_length={args.context}", f"model.vocab_size={args.vocab}",
         f"training.hybrid.alpha={alpha}", f"training.hybrid.beta={beta}", "training.train_steps=1000",
         f"training.precision={'bf16' if args.device == 'cuda' else 'fp32'}",
     ]
@@ -195,13 +196,11 @@ def main(argv=None):
     hybrid_cfg, lm_cfg = config(args, 0.3, 0.7), config(args, 0.0, 1.0)
     init_distributed(hybrid_cfg)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    jepa = hybrid_cfg.training.jepa
-    vocab = hybrid_cfg.model.padded_vocab_size(args.vocab)
-    model = VLJEPA(hybrid_cfg.model, vocab, megatron_config(1), jepa.embedding_dim, jepa.prediction_steps)
+    model = build(hybrid_cfg.model, megatron_config(1))
     for name, layer in model.named_children():
         init_weights(layer, int(name), hybrid_cfg.model, 0)
     model.to(device=args.device, dtype=dtype)
-    hybrid, lm = HybridJEPA(hybrid_cfg), HybridJEPA(lm_cfg)
+    hybrid, lm = Hybrid(hybrid_cfg), Hybrid(lm_cfg)
     hybrid.setup(model, whole_parameters(_Plain()), args.device)
     steps = {"hybrid": Step(model, hybrid, args.device), "lm": Step(model, lm, args.device)}
     data = {name: [b.to(args.device) for b in batches(cfg, obj, args, 2)]

@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from data.tokenizer import ASSISTANT, BOS, END, EOS_ID, SYSTEM, USER
+from cromwell.data.tokenizer import ASSISTANT, BOS, END, EOS_ID, SYSTEM, USER
 
 
 @dataclass

@@ -44,12 +44,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.mixture import Interleave, SourceOrder, integer_weights
-from data.remote import RemoteError
-from data.shards import (
+from cromwell.data.mixture import Interleave, SourceOrder, integer_weights
+from cromwell.data.remote import RemoteError
+from cromwell.data.shards import (
     Location, SampleError, ShardError, ShardReader, SourceManifest, member_name, read_corpus, shard_name,
 )
-from data.tokenizer import IGNORE, PAD_ID
+from cromwell.data.tokenizer import IGNORE, PAD_ID
 
 log = logging.getLogger(__name__)
 OnError = Literal["raise", "skip"]

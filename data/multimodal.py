@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data.images import patchify, preprocess
-from data.masks import block_mask, mask_rng, multiblock_mask, random_mask, span_mask
+from cromwell.data.images import patchify, preprocess
+from cromwell.data.masks import block_mask, mask_rng, multiblock_mask, random_mask, span_mask
 
 
 def runs(mask: np.ndarray) -> np.ndarray:

@@ -44,7 +44,7 @@ from typing import Callable
 
 import numpy as np
 
-from data import remote
+from cromwell.data import remote
 
 FORMAT_VERSION = 2
 CORPUS_NAME = "corpus.json"

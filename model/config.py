@@ -72,8 +72,12 @@ class FusionConfig(Section):
 
 
 class PredictorConfig(Section):
-    """The JEPA head's vision predictor (model/jepa.py): a narrow transformer at the embedding width."""
+    """The JEPA head (model/jepa.py): projections of both encoders' states to `embedding_dim`, a vision
+    predictor (a narrow transformer of `num_layers` at that width) and a text predictor for each of
+    `prediction_steps` steps ahead."""
 
+    embedding_dim: PositiveInt = 512
+    prediction_steps: PositiveInt = 3
     num_layers: PositiveInt = 4
     num_heads: PositiveInt = 8
 
@@ -82,6 +86,9 @@ class ModelConfig(Section):
     # gpt: the project's language model below; hf: model.hf.path; vljepa: the vision-language JEPA
     # (the language model below plus model.vision, model.fusion and model.predictor)
     type: Literal["gpt", "hf", "vljepa"] = "gpt"
+    # Rows of the embedding and the output projection before padding: at least the tokenizer's vocabulary
+    # (model.type hf: the model's own tokenizer decides).
+    vocab_size: PositiveInt = 50000
     hidden_size: PositiveInt = 1024
     num_layers: PositiveInt = 24
     num_heads: PositiveInt = 16
@@ -113,14 +120,15 @@ class ModelConfig(Section):
     def ffn_size(self) -> int:
         return self.ffn_hidden_size or swiglu_size(self.hidden_size)
 
-    def padded_vocab_size(self, vocab_size: int, tp: int = 1) -> int:
-        """vocab_size rounded up to make_vocab_size_divisible_by; the same for every TP size, which
-        must divide it (so each rank's shard is equal)."""
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        """vocab_size rounded up to make_vocab_size_divisible_by; the same for every TP size, which must
+        divide it (so each rank's shard is equal)."""
+        vocab_size = self.vocab_size
         multiple = self.make_vocab_size_divisible_by
         padded = -(-vocab_size // multiple) * multiple
         if padded % tp:
             raise ValueError(
-                f"the padded vocabulary ({padded} = training.lm.vocab_size {vocab_size} rounded up to "
+                f"the padded vocabulary ({padded} = model.vocab_size {vocab_size} rounded up to "
                 f"model.make_vocab_size_divisible_by {multiple}) is not divisible by parallel.tensor ({tp}); "
                 f"set model.make_vocab_size_divisible_by to a multiple of {tp}"
             )

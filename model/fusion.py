@@ -29,8 +29,8 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
-from model.config import ModelConfig
-from model.gpt import SwiGLU, local_heads, rms_norm
+from cromwell.model.config import ModelConfig
+from cromwell.model.gpt import SwiGLU, local_heads, rms_norm
 
 
 def _no_init(_weight):

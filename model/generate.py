@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 
-from model.vljepa import VLJEPA
+from cromwell.model.vljepa import VLJEPA
 
 
 @dataclass(frozen=True)

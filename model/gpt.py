@@ -30,8 +30,8 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.config import ModelConfig
-from model.loss import lm_loss
+from cromwell.model.config import ModelConfig
+from cromwell.model.loss import lm_loss
 
 
 def megatron_config(tp: int, dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
@@ -49,6 +49,12 @@ def megatron_config(tp: int, dtype: torch.dtype = torch.float32) -> ModelParalle
 
 def _no_init(_weight):
     pass
+
+
+def padded_vocab(cfg: ModelConfig, mp: ModelParallelConfig) -> int:
+    """The embedding's and output projection's rows (model.vocab_size padded), checked against the
+    tensor-parallel size they are cut by."""
+    return cfg.padded_vocab_size(mp.tensor_model_parallel_size)
 
 
 def rms_norm(dim: int, eps: float) -> nn.Module:
@@ -75,9 +81,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Embedding(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
-        self.word = VocabParallelEmbedding(vocab_size, cfg.hidden_size, init_method=_no_init, config=mp)
+        self.word = VocabParallelEmbedding(padded_vocab(cfg, mp), cfg.hidden_size, init_method=_no_init, config=mp)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.word(input_ids)
@@ -187,20 +193,20 @@ class Head(nn.Module):
     weight shard, for the last stage's loss function (no ZeRO-3 with a pipeline).
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
         self.norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
         self.proj = OutputLoss(
-            cfg.hidden_size, vocab_size, config=mp, init_method=_no_init, bias=False, gather_output=False
+            cfg.hidden_size, padded_vocab(cfg, mp), config=mp, init_method=_no_init, bias=False, gather_output=False
         )
 
     def forward(self, x):
         return self.norm(x), self.proj.weight
 
 
-def layer_specs(cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig) -> list[tuple[type, tuple]]:
+def layer_specs(cfg: ModelConfig, mp: ModelParallelConfig) -> list[tuple[type, tuple]]:
     """(class, args) of every layer in order; GPT and the pipeline both build from this list."""
-    return [(Embedding, (cfg, vocab_size, mp))] + [(Block, (cfg, mp))] * cfg.num_layers + [(Head, (cfg, vocab_size, mp))]
+    return [(Embedding, (cfg, mp))] + [(Block, (cfg, mp))] * cfg.num_layers + [(Head, (cfg, mp))]
 
 
 class GPT(nn.Module):
@@ -210,10 +216,10 @@ class GPT(nn.Module):
     (a pipeline does the same per layer through DeepSpeed's PipelineModule).
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig, checkpoint_activations: bool = False,
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, checkpoint_activations: bool = False,
                  kernels: str = "fused"):
         super().__init__()
-        for i, (cls, args) in enumerate(layer_specs(cfg, vocab_size, mp)):
+        for i, (cls, args) in enumerate(layer_specs(cfg, mp)):
             self.add_module(str(i), cls(*args))
         self.checkpoint_activations = checkpoint_activations
         self.kernels = kernels

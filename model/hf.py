@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import HFConfig
+from cromwell.model.config import HFConfig
 
 
 class HFCausalLM(nn.Module):

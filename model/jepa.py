@@ -2,7 +2,7 @@
 update and its momentum schedule, representation-collapse statistics, and the pairwise losses that
 Step-JEPA uses.
 
-The embedding space (training.jepa.embedding_dim) is the output of the `Projections`: a linear map
+The embedding space (model.predictor.embedding_dim) is the output of the `Projections`: a linear map
 of the ViT's tokens and one of the language model's final hidden states. Targets come from the
 target encoder, an exponential moving average of the online encoders and their projections, run
 without gradient (BYOL's online projector and EMA target projector; I-JEPA's EMA target encoder).
@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
-from model.config import ModelConfig, swiglu_size
-from model.gpt import Block, SwiGLU, rms_norm
-from model.vit import select, sincos_positions
+from cromwell.model.config import ModelConfig, swiglu_size
+from cromwell.model.gpt import Block, SwiGLU, rms_norm
+from cromwell.model.vit import select, sincos_positions
 
 LOSS_TYPES = ("cosine", "l2", "mse", "infonce")
 
@@ -57,8 +57,9 @@ class Projections(nn.Module):
     """Online and (by EMA) target maps into the embedding space. Replicated across tensor-parallel
     ranks: they are small and their inputs are whole on every rank."""
 
-    def __init__(self, cfg: ModelConfig, embedding_dim: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
+        embedding_dim = cfg.predictor.embedding_dim
         self.vision = nn.Linear(cfg.vision.hidden_size, embedding_dim, bias=False)
         self.text = nn.Linear(cfg.hidden_size, embedding_dim, bias=False)
 
@@ -67,8 +68,9 @@ class Projections(nn.Module):
 
 
 class VisionPredictor(nn.Module):
-    def __init__(self, cfg: ModelConfig, embedding_dim: int, mp: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
+        embedding_dim = cfg.predictor.embedding_dim
         shape = PredictorShape(embedding_dim, cfg.predictor.num_heads, cfg.norm_eps)
         self.mask_token = nn.Parameter(torch.zeros(embedding_dim))
         self.register_buffer("positions", sincos_positions(cfg.vision.grid, embedding_dim), persistent=False)
@@ -90,9 +92,10 @@ class VisionPredictor(nn.Module):
 
 
 class TextPredictor(nn.Module):
-    def __init__(self, cfg: ModelConfig, embedding_dim: int, steps: int, mp: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
-        self.step = nn.Parameter(torch.zeros(steps, embedding_dim))
+        embedding_dim = cfg.predictor.embedding_dim
+        self.step = nn.Parameter(torch.zeros(cfg.predictor.prediction_steps, embedding_dim))
         self.norm = rms_norm(embedding_dim, cfg.norm_eps)
         self.mlp = SwiGLU(PredictorShape(embedding_dim, 1, cfg.norm_eps), mp)
 

@@ -23,7 +23,7 @@ def lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ke
     t = labels.reshape(-1)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if kernels == "fused":
-        from model.kernels import fused_linear_cross_entropy
+        from cromwell.model.kernels import fused_linear_cross_entropy
 
         group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
         return fused_linear_cross_entropy(h, weight, t, ignore_index=IGNORE_INDEX, reduction=reduction,

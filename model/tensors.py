@@ -27,12 +27,13 @@ import torch
 from megatron.core import parallel_state
 from torch import nn
 
-from model.config import ModelConfig
-from model.fusion import CrossAttention, CrossBlock, Projector
-from model.gpt import GPT, Attention, Block, Embedding, Head, megatron_config
-from model.jepa import Projections, TextPredictor, VisionPredictor
-from model.vit import PatchEmbed, VisionBlock, VisionNorm
-from model.vljepa import VLJEPA, FinalNorm, OutputHead
+from cromwell.model.config import ModelConfig
+from cromwell.model.fusion import CrossAttention, CrossBlock, Projector
+from cromwell.model.build import build
+from cromwell.model.gpt import Attention, Block, Embedding, Head, megatron_config
+from cromwell.model.jepa import Projections, TextPredictor, VisionPredictor
+from cromwell.model.vit import PatchEmbed, VisionBlock, VisionNorm
+from cromwell.model.vljepa import FinalNorm, OutputHead
 
 # (seed module, prefix inside it) of each layer class; blocks add their index among their kind.
 _PLACE = {
@@ -81,17 +82,16 @@ def _meta_mp():
     return mp
 
 
-def meta_model(cfg: ModelConfig, padded_vocab: int, embedding_dim: int, prediction_steps: int,
-               target: bool = False) -> nn.Module:
+def meta_model(cfg: ModelConfig, target: bool = False) -> nn.Module:
+    """The whole model (TP=1 shapes) on the meta device: its parameters' names and shapes, no memory."""
     if parallel_state.model_parallel_is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
         # megatron-core's layers would take the group's size and build shards, not full tensors.
         raise RuntimeError("the export plan is built before tensor-parallel groups of size > 1 exist")
+    if cfg.type not in ("gpt", "vljepa"):
+        raise ValueError(f"model.type {cfg.type!r} has no export: a model.type=hf run already saves a Hugging Face "
+                         "folder")
     with torch.device("meta"):
-        if cfg.type == "vljepa":
-            return VLJEPA(cfg, padded_vocab, _meta_mp(), embedding_dim, prediction_steps, target=target)
-        if cfg.type == "gpt":
-            return GPT(cfg, padded_vocab, _meta_mp())
-    raise ValueError(f"model.type {cfg.type!r} has no export: a model.type=hf run already saves a Hugging Face folder")
+        return build(cfg, _meta_mp(), target=target)
 
 
 def _heads(layer: nn.Module) -> dict[str, int]:
@@ -99,14 +99,13 @@ def _heads(layer: nn.Module) -> dict[str, int]:
     return {f"{name}.": m.local_heads for name, m in layer.named_modules() if isinstance(m, (Attention, CrossAttention))}
 
 
-def plan(cfg: ModelConfig, vocab_size: int, embedding_dim: int, prediction_steps: int) -> list[Param]:
-    """Every parameter of the model, in the model's order, with its exported pieces. vocab_size: the
-    rows before padding (training.lm.vocab_size)."""
-    padded = cfg.padded_vocab_size(vocab_size)
-    model = meta_model(cfg, padded, embedding_dim, prediction_steps)
+def plan(cfg: ModelConfig) -> list[Param]:
+    """Every parameter of the model, in the model's order, with its exported pieces (the vocabulary's
+    rows cut to model.vocab_size, without the padding)."""
+    model = meta_model(cfg)
     counts: dict[type, int] = {}
     out = []
-    has_target = _target_layers(cfg, padded, embedding_dim, prediction_steps)
+    has_target = _target_layers(cfg)
     for index, layer in model.named_children():
         kind = type(layer)
         j = counts.get(kind, 0)
@@ -117,15 +116,15 @@ def plan(cfg: ModelConfig, vocab_size: int, embedding_dim: int, prediction_steps
             name = _RENAME.get((OutputHead if kind is Head else kind, leaf), leaf)
             out.append(Param(f"{index}.{leaf}", tuple(p.shape),
                              _pieces(f"{module}.{prefix.format(j=j)}{name}", name, leaf, tuple(p.shape), heads,
-                                     vocab_size, module),
+                                     cfg.vocab_size, module),
                              module, index in has_target))
     return out
 
 
-def _target_layers(cfg: ModelConfig, padded: int, embedding_dim: int, steps: int) -> set[str]:
+def _target_layers(cfg: ModelConfig) -> set[str]:
     if cfg.type != "vljepa":
         return set()
-    return {name for name, _ in meta_model(cfg, padded, embedding_dim, steps, target=True).named_children()}
+    return {name for name, _ in meta_model(cfg, target=True).named_children()}
 
 
 def _place(kind: type, leaf: str) -> tuple[str, str]:

@@ -19,8 +19,8 @@ import torch
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
-from model.config import VisionConfig
-from model.gpt import Block, rms_norm
+from cromwell.model.config import VisionConfig
+from cromwell.model.gpt import Block, rms_norm
 
 
 def sincos_positions(grid: int, dim: int) -> torch.Tensor:

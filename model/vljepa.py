@@ -19,11 +19,11 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.config import ModelConfig
-from model.fusion import CrossBlock, Projector
-from model.gpt import Block, Embedding, OutputLoss, _no_init, rms_norm
-from model.jepa import Projections, TextPredictor, VisionPredictor
-from model.vit import PatchEmbed, VisionBlock, VisionNorm
+from cromwell.model.config import ModelConfig
+from cromwell.model.fusion import CrossBlock, Projector
+from cromwell.model.gpt import Block, Embedding, OutputLoss, _no_init, padded_vocab, rms_norm
+from cromwell.model.jepa import Projections, TextPredictor, VisionPredictor
+from cromwell.model.vit import PatchEmbed, VisionBlock, VisionNorm
 
 MODULES = ("vision_encoder", "cross_modal_fusion", "language_encoder", "autoregressive_head", "jepa_head")
 
@@ -40,30 +40,29 @@ class FinalNorm(nn.Module):
 class OutputHead(nn.Module):
     """The autoregressive head: the vocab-parallel output projection fused with its loss."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
         super().__init__()
-        self.proj = OutputLoss(cfg.hidden_size, vocab_size, config=mp, init_method=_no_init, bias=False,
+        self.proj = OutputLoss(cfg.hidden_size, padded_vocab(cfg, mp), config=mp, init_method=_no_init, bias=False,
                                gather_output=False)
 
 
-def layer_specs(cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig, embedding_dim: int,
-                prediction_steps: int) -> list[tuple[str, bool, type, tuple]]:
+def layer_specs(cfg: ModelConfig, mp: ModelParallelConfig) -> list[tuple[str, bool, type, tuple]]:
     """(seed module, has an EMA target, class, args) of every layer in order."""
     v = cfg.vision
     specs = [("vision_encoder", True, PatchEmbed, (v,))]
     specs += [("vision_encoder", True, VisionBlock, (v, mp))] * v.num_layers
     specs += [("vision_encoder", True, VisionNorm, (v,)), ("cross_modal_fusion", True, Projector, (cfg, mp)),
-              ("language_encoder", True, Embedding, (cfg, vocab_size, mp))]
+              ("language_encoder", True, Embedding, (cfg, mp))]
     for i in range(cfg.num_layers):
         specs.append(("language_encoder", True, Block, (cfg, mp)))
         if (i + 1) % cfg.fusion.every == 0:
             specs.append(("cross_modal_fusion", True, CrossBlock, (cfg, mp)))
     return specs + [
         ("language_encoder", True, FinalNorm, (cfg,)),
-        ("autoregressive_head", False, OutputHead, (cfg, vocab_size, mp)),
-        ("jepa_head", True, Projections, (cfg, embedding_dim)),
-        ("jepa_head", False, VisionPredictor, (cfg, embedding_dim, mp)),
-        ("jepa_head", False, TextPredictor, (cfg, embedding_dim, prediction_steps, mp)),
+        ("autoregressive_head", False, OutputHead, (cfg, mp)),
+        ("jepa_head", True, Projections, (cfg,)),
+        ("jepa_head", False, VisionPredictor, (cfg, mp)),
+        ("jepa_head", False, TextPredictor, (cfg, mp)),
     ]
 
 
@@ -84,13 +83,11 @@ class VLJEPA(nn.Module):
     """The online model, or with target=True the encoders and projections only (the EMA target);
     `only`: the names of the layers to build (a pipeline stage's), all by default."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, mp: ModelParallelConfig, embedding_dim: int,
-                 prediction_steps: int, checkpoint_activations: bool = False, kernels: str = "fused",
-                 target: bool = False, only: set[str] | None = None):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, checkpoint_activations: bool = False,
+                 kernels: str = "fused", target: bool = False, only: set[str] | None = None):
         super().__init__()
         self.modules_of = {}
-        for i, (module, has_target, cls, args) in enumerate(layer_specs(cfg, vocab_size, mp, embedding_dim,
-                                                                           prediction_steps)):
+        for i, (module, has_target, cls, args) in enumerate(layer_specs(cfg, mp)):
             if (has_target or not target) and (only is None or str(i) in only):
                 self.add_module(str(i), cls(*args))
                 self.modules_of[str(i)] = module

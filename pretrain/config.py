@@ -1,19 +1,24 @@
 """The typed run config: one YAML file per run, validated once, plus `--set key=value` overrides; and the
 curriculum file, which names a run config per stage.
 
-Section and field names follow the seed's training config (seed 000, section 2.2), so a block
-copied from the design document parses as is. Every number has one home here; the DeepSpeed JSON
-in ds_configs/ only carries what DeepSpeed alone needs (pretrain/parallelize.py fills in the rest and
-fails loudly where the JSON disagrees with this file). The model's own section is model/config.py.
+Section and field names follow the design's training config (docs/design.md), so a block copied
+from it parses as is; the three shape fields it keeps under training (vocabulary, JEPA embedding
+size, prediction steps) live in the model's section, and their old names still parse (RENAMED).
+
+Every number has one home here; the DeepSpeed JSON in ds_configs/ only carries what DeepSpeed alone
+needs (pretrain/parallelize.py fills in the rest and fails loudly where the JSON disagrees with this
+file). The model's own section is model/config.py.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import importlib.util
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -21,8 +26,8 @@ import yaml
 from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
                       field_validator, model_validator)
 
-from data.tokenizer import NUM_PREDICTOR_TOKENS
-from model.config import ModelConfig, Section
+from cromwell.data.tokenizer import NUM_PREDICTOR_TOKENS
+from cromwell.model.config import ModelConfig, Section
 
 
 class ConfigError(ValueError):
@@ -132,10 +137,10 @@ class CollapseConfig(Section):
 
 
 class JepaConfig(Section):
+    """How the JEPA objective trains (the JEPA head's shapes are the model's: model.predictor)."""
+
     mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.15
-    prediction_steps: PositiveInt = 3
-    step_weights: list[NonNegativeFloat] = [1.0, 0.8, 0.6]
-    embedding_dim: PositiveInt = 512
+    step_weights: list[NonNegativeFloat] = [1.0, 0.8, 0.6]  # one per model.predictor.prediction_steps
     masking: MaskingConfig = MaskingConfig()
     multiblock: MultiblockConfig = MultiblockConfig()
     span_length: PositiveInt = 32
@@ -144,19 +149,9 @@ class JepaConfig(Section):
     momentum: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = (0.996, 1.0)
     collapse: CollapseConfig = CollapseConfig()
 
-    @model_validator(mode="after")
-    def _consistent(self):
-        if len(self.step_weights) != self.prediction_steps:
-            raise ValueError(
-                f"training.jepa.step_weights has {len(self.step_weights)} entries but "
-                f"training.jepa.prediction_steps is {self.prediction_steps}"
-            )
-        return self
-
 
 class LMConfig(Section):
     context_length: PositiveInt = 4096
-    vocab_size: PositiveInt = 50000
     tie_embeddings: bool = False
 
     @model_validator(mode="after")
@@ -184,12 +179,13 @@ class HybridConfig(Section):
 
 
 class StepJepaConfig(Section):
-    """Step-JEPA / LLM-JEPA (seed 004): loss = gamma * LM + lbd * JEPA between two views of a chat."""
+    """Step-JEPA / LLM-JEPA (docs/design.md, Step-JEPA fine-tuning): loss = lm_weight * LM + jepa_weight *
+    JEPA between two views of a chat."""
 
     mode: Literal["step", "multistep", "two_view"] = "step"
     loss_type: Literal["cosine", "l2", "mse", "infonce"] = "cosine"
-    lbd: NonNegativeFloat = 0.1
-    gamma: NonNegativeFloat = 1.0
+    jepa_weight: NonNegativeFloat = 0.1  # lambda in LLM-JEPA's paper (pretrain/step_jepa.py --lbd)
+    lm_weight: NonNegativeFloat = 1.0  # gamma there (--gamma)
     # K predictor tokens after the source view, of the tokenizer's reserved ones.
     predictors: Annotated[int, Field(ge=1, le=NUM_PREDICTOR_TOKENS)] = 1
     single_pass: bool = True  # one packed forward; false: the seed's two passes
@@ -211,7 +207,7 @@ class TrainingConfig(Section):
     kernels: Literal["fused", "reference"] = "fused"  # reference: plain torch losses, for debugging
     # A step whose loss or gradient is not finite is skipped; this many in a row stop the run.
     max_nonfinite_steps: PositiveInt = 5
-    optimizers: OptimizerConfig = OptimizerConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     jepa: JepaConfig = JepaConfig()
     lm: LMConfig = LMConfig()
@@ -225,10 +221,10 @@ class TrainingConfig(Section):
 
     @model_validator(mode="after")
     def _lr_range(self):
-        o, s = self.optimizers, self.scheduler
+        o, s = self.optimizer, self.scheduler
         # Only a decaying schedule reaches min_lr; a constant one never reads it.
         if s.type != "constant" and s.min_lr > o.lr:
-            raise ValueError(f"training.scheduler.min_lr ({s.min_lr}) is above training.optimizers.lr ({o.lr}): "
+            raise ValueError(f"training.scheduler.min_lr ({s.min_lr}) is above training.optimizer.lr ({o.lr}): "
                              "the schedule would rise instead of decay")
         return self
 
@@ -306,6 +302,19 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, tree):
+        return migrate(tree) if isinstance(tree, dict) else tree
+
+    @model_validator(mode="after")
+    def _step_weights(self):
+        steps = self.model.predictor.prediction_steps
+        if len(self.training.jepa.step_weights) != steps:
+            raise ValueError(f"training.jepa.step_weights has {len(self.training.jepa.step_weights)} entries but "
+                             f"model.predictor.prediction_steps is {steps}")
+        return self
+
     @model_validator(mode="after")
     def _objective_inputs(self):
         if self.training.objective == "step_jepa" and not self.data.chats:
@@ -367,6 +376,50 @@ class Config(Section):
     def warmup_steps(self) -> float:
         s = self.training.scheduler
         return s.warmup_steps if s.warmup_steps is not None else s.warmup_tokens / self.tokens_per_step()
+
+
+# Keys that moved, old -> new. Everything that decides a tensor's shape lives in the model's section.
+RENAMED = {
+    "training.lm.vocab_size": "model.vocab_size",
+    "training.jepa.embedding_dim": "model.predictor.embedding_dim",
+    "training.jepa.prediction_steps": "model.predictor.prediction_steps",
+    "training.optimizers": "training.optimizer",  # one optimizer
+    "training.step_jepa.lbd": "training.step_jepa.jepa_weight",
+    "training.step_jepa.gamma": "training.step_jepa.lm_weight",
+}
+
+
+def migrate(tree: dict, where: str = "the config") -> dict:
+    """A config tree with the keys of RENAMED under their new names, saying so once per old key (configs
+    and checkpoints written before the move keep working). An old and a new key that disagree are an
+    error naming both."""
+    tree = copy.deepcopy(tree)
+    for old, new in RENAMED.items():
+        *parents, leaf = old.split(".")
+        node = tree
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        *new_parents, new_leaf = new.split(".")
+        target = tree
+        for key in new_parents:
+            target = target.setdefault(key, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"{old} moved to {new}, but {key} is not a section")
+        if isinstance(value, dict) and isinstance(target.get(new_leaf), dict):  # a section: merged field by field
+            clash = [k for k in value if k in target[new_leaf] and target[new_leaf][k] != value[k]]
+            value = {**target[new_leaf], **value} if not clash else value
+        else:
+            clash = new_leaf in target and target[new_leaf] != value
+        if clash:
+            raise ValueError(f"{old} ({value!r}) and {new} ({target[new_leaf]!r}) disagree; {old} is the old name of "
+                             f"{new}: keep {new} only")
+        target[new_leaf] = value
+        warnings.warn(f"{where}: config key {old} is now {new}; the old name still works", FutureWarning,
+                      stacklevel=2)
+    return tree
 
 
 def _set_path(tree: dict, dotted: str, raw: str) -> None:

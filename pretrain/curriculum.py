@@ -12,7 +12,7 @@ it draws one loss curve over all stages, boundaries marked, each loss component 
 
 from __future__ import annotations
 
-import pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+import cromwell.pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
 
 import argparse
 import gc
@@ -22,10 +22,10 @@ import os
 import sys
 from pathlib import Path
 
-from pretrain import checkpoint
-from pretrain.config import Config, ConfigError, load_curriculum, stage_args, stage_configs
-from pretrain.distributed import shutdown
-from pretrain.trainer import train
+from cromwell.pretrain import checkpoint
+from cromwell.pretrain.config import Config, ConfigError, load_curriculum, stage_args, stage_configs
+from cromwell.pretrain.distributed import shutdown
+from cromwell.pretrain.trainer import train
 
 COMPONENTS = ("loss", "lm", "jepa_text", "jepa_vision")
 

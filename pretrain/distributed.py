@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from pretrain.config import Config
+from cromwell.pretrain.config import Config
 
 
 def device_type() -> str:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from pretrain.objectives import Loss, Objective
+from cromwell.pretrain.objectives import Loss, Objective
 
 
 def to_device(batch, device):

@@ -8,7 +8,7 @@ import math
 import time
 from pathlib import Path
 
-from pretrain.config import Config
+from cromwell.pretrain.config import Config
 
 
 def _human(n: float) -> str:

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pretrain.config import Config
+from cromwell.pretrain.config import Config
 
 
 class SkippingAdamW(torch.optim.AdamW):
@@ -32,7 +32,7 @@ class SkippingAdamW(torch.optim.AdamW):
 
 
 def build_optimizer(model: nn.Module, cfg: Config, fused: bool, skip_nonfinite: bool = False) -> torch.optim.Optimizer:
-    o = cfg.training.optimizers
+    o = cfg.training.optimizer
     # Norm gains (1-D) are not decayed: shrinking them towards 0 only fights the normalisation.
     # A parameter partitioned by ZeRO-3 is an empty 1-D tensor; ds_shape is its real shape.
     matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in model.parameters()]
@@ -45,8 +45,8 @@ def build_optimizer(model: nn.Module, cfg: Config, fused: bool, skip_nonfinite: 
 
 def lr_at(step: int, cfg: Config) -> float:
     """Learning rate after `step` optimizer steps: linear warmup, then cosine (or linear) from
-    optimizers.lr to scheduler.min_lr at the last step, or constant."""
-    peak, floor = cfg.training.optimizers.lr, cfg.training.scheduler.min_lr
+    optimizer.lr to scheduler.min_lr at the last step, or constant."""
+    peak, floor = cfg.training.optimizer.lr, cfg.training.scheduler.min_lr
     total, warmup = cfg.train_steps(), cfg.warmup_steps()
     if step < warmup:
         return peak * (step + 1) / (warmup + 1)
@@ -60,5 +60,5 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.LambdaLR:
-    peak = cfg.training.optimizers.lr  # LambdaLR scales each group's initial lr, which is the peak
+    peak = cfg.training.optimizer.lr  # LambdaLR scales each group's initial lr, which is the peak
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / peak if peak else 0.0)

@@ -8,6 +8,7 @@ maths of an objective: the engine's forward is the objective's `forward` (pretra
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import json
 from pathlib import Path
 
@@ -16,19 +17,16 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import nn
 
-from data.tokenizer import NUM_PREDICTOR_TOKENS, predictor_token
-from model import hf
-from model.gpt import GPT, init_weights, megatron_config
-from model.vljepa import VLJEPA
-from pretrain import checkpoint
-from pretrain.config import Config, ConfigError, check_deepspeed_keys
-from pretrain.distributed import device_type
-from pretrain.objectives import Objective, vocab_size
-from pretrain.optim import build_optimizer, build_scheduler
-from pretrain.pipeline import attach_targets, build_pipeline
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
+from cromwell.data.tokenizer import NUM_PREDICTOR_TOKENS, predictor_token
+from cromwell.model import hf
+from cromwell.model.build import build
+from cromwell.model.gpt import init_weights, megatron_config
+from cromwell.pretrain import checkpoint
+from cromwell.pretrain.config import Config, ConfigError, check_deepspeed_keys
+from cromwell.pretrain.distributed import device_type
+from cromwell.pretrain.objectives import Objective
+from cromwell.pretrain.optim import build_optimizer, build_scheduler
+from cromwell.pretrain.pipeline import attach_targets, build_pipeline
 
 def precision(cfg: Config, device: str) -> str:
     if cfg.training.precision == "auto":
@@ -49,18 +47,27 @@ ZERO_BY_DEVICE = {
 }
 
 
+def _deepspeed_json(cfg: Config):
+    """parallel.ds_config, or the shipped JSON for the run's ZeRO stage or pipeline (package data of
+    cromwell.ds_configs, found from any directory and in an installed copy alike). A relative
+    ds_configs/NAME that is not a file from here names the shipped one."""
+    shipped = importlib.resources.files("cromwell.ds_configs")
+    name = cfg.parallel.ds_config
+    if name is None:
+        return shipped / ("pipeline.json" if cfg.parallel.pipeline > 1 else f"zero{cfg.parallel.zero_stage}.json")
+    path = Path(name)
+    if path.is_file():
+        return path
+    if not path.is_absolute() and path.parts[:1] == ("ds_configs",) and (shipped / path.name).is_file():
+        return shipped / path.name
+    raise ConfigError(f"parallel.ds_config: file not found: {name}")
+
+
 def deepspeed_config(cfg: Config, world_size: int, device: str) -> dict:
     """The DeepSpeed JSON: ds_configs/ (or parallel.ds_config) plus the fields the run config owns, and
     ZeRO's communication settings for `device` where the file leaves them unset. A file may repeat an
     owned field only with the same value."""
-    name = cfg.parallel.ds_config
-    if name is None:
-        name = "ds_configs/pipeline.json" if cfg.parallel.pipeline > 1 else f"ds_configs/zero{cfg.parallel.zero_stage}.json"
-    ds_path = Path(name)
-    if not ds_path.is_absolute() and not ds_path.exists():
-        ds_path = REPO_ROOT / ds_path
-    if not ds_path.is_file():
-        raise ConfigError(f"parallel.ds_config: file not found: {name}")
+    ds_path = _deepspeed_json(cfg)
     try:
         ds = json.loads(ds_path.read_text())
     except json.JSONDecodeError as e:
@@ -72,7 +79,7 @@ def deepspeed_config(cfg: Config, world_size: int, device: str) -> dict:
         "train_batch_size": (global_batch, "training.batch_size"),
         "train_micro_batch_size_per_gpu": (micro, "training.micro_batch_size"),
         "gradient_accumulation_steps": (accum, "training.gradient_accumulation_steps"),
-        "gradient_clipping": (cfg.training.optimizers.grad_clip, "training.optimizers.grad_clip"),
+        "gradient_clipping": (cfg.training.optimizer.grad_clip, "training.optimizer.grad_clip"),
         "zero_optimization.stage": (cfg.parallel.zero_stage, "parallel.zero_stage"),
         "bf16.enabled": (precision(cfg, device) == "bf16", "training.precision"),
     }
@@ -99,7 +106,7 @@ def deepspeed_config(cfg: Config, world_size: int, device: str) -> dict:
         if key in ds and (key != "fp16" or ds[key].get("enabled")):
             raise ConfigError(
                 f"{ds_path}: '{key}' is set in the DeepSpeed JSON; the optimizer, LR schedule and precision "
-                "come from the run config (training.optimizers, training.scheduler, training.precision)"
+                "come from the run config (training.optimizer, training.scheduler, training.precision)"
             )
     if cfg.parallel.zero_stage > 0:
         zero = ds.setdefault("zero_optimization", {})
@@ -164,23 +171,17 @@ def build_model(cfg: Config, objective: Objective, tokenizer, ds_config: dict) -
         model = hf.load_model(cfg.model.hf.path, len(tokenizer), cfg.model.hf, predictors,
                               checkpoint_activations=cfg.parallel.activation_checkpointing)
         return TrainModule(model, objective)
-    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     try:
-        vocab = cfg.model.padded_vocab_size(vocab_size(cfg, tokenizer), tp)
+        cfg.model.padded_vocab_size(cfg.parallel.tensor)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    mp = megatron_config(tp)
-    if pp > 1:
-        return build_pipeline(cfg, objective, vocab, mp)
+    mp = megatron_config(cfg.parallel.tensor)
+    if cfg.parallel.pipeline > 1:
+        return build_pipeline(cfg, objective, mp)
     building, materialize = _zero3_partitioned(cfg, ds_config)
     with building:
-        if cfg.model.type == "vljepa":
-            jepa = cfg.training.jepa
-            model = VLJEPA(cfg.model, vocab, mp, jepa.embedding_dim, jepa.prediction_steps,
-                           checkpoint_activations=cfg.parallel.activation_checkpointing, kernels=cfg.training.kernels)
-        else:
-            model = GPT(cfg.model, vocab, mp, checkpoint_activations=cfg.parallel.activation_checkpointing,
-                        kernels=cfg.training.kernels)
+        model = build(cfg.model, mp, checkpoint_activations=cfg.parallel.activation_checkpointing,
+                      kernels=cfg.training.kernels)
     for name, layer in model.named_children():
         init_weights(layer, int(name), cfg.model, cfg.run.seed, materialize)
         if cfg.model.type == "vljepa":

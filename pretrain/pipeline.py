@@ -30,15 +30,15 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state
 from megatron.core.model_parallel_config import ModelParallelConfig
 
-from model.fusion import CrossBlock, Projector
-from model.gpt import Block, Embedding, Head, init_weights, layer_specs
-from model.loss import lm_loss
-from model.jepa import Projections, TextPredictor, VisionPredictor
-from model.vit import PatchEmbed, VisionBlock, VisionNorm
-from model import vljepa
-from model.vljepa import FinalNorm, OutputHead
-from pretrain.config import Config, ConfigError
-from pretrain.objectives import Loss, Objective
+from cromwell.model.fusion import CrossBlock, Projector
+from cromwell.model.gpt import Block, Embedding, Head, init_weights, layer_specs
+from cromwell.model.loss import lm_loss
+from cromwell.model.jepa import Projections, TextPredictor, VisionPredictor
+from cromwell.model.vit import PatchEmbed, VisionBlock, VisionNorm
+from cromwell.model import vljepa
+from cromwell.model.vljepa import FinalNorm, OutputHead
+from cromwell.pretrain.config import Config, ConfigError
+from cromwell.pretrain.objectives import Loss, Objective
 
 
 def micro_batch(objective: Objective, batch, counts: torch.Tensor, scale: float) -> tuple:
@@ -293,11 +293,10 @@ def attach_targets(pipe: PipelineModule, target: torch.nn.Module | None) -> None
             layer.twin = [twins[name]] if name in twins else []
 
 
-def _vljepa_specs(cfg: Config, objective: Objective, vocab: int, mp: ModelParallelConfig):
-    """(seed module, LayerSpec) of every VL-JEPA pipeline layer, with the flags that say which slots
-    a layer is the last to read."""
-    jepa = cfg.training.jepa
-    specs = vljepa.layer_specs(cfg.model, vocab, mp, jepa.embedding_dim, jepa.prediction_steps)
+def _vljepa_specs(cfg: Config, objective: Objective, mp: ModelParallelConfig):
+    """(module of the design, LayerSpec) of every VL-JEPA pipeline layer, with the flags that say which
+    slots a layer is the last to read."""
+    specs = vljepa.layer_specs(cfg.model, mp)
     fusion = [i for i, (_, _, cls, _) in enumerate(specs) if cls is CrossBlock]
     out = []
     for i, (module, _, cls, args) in enumerate(specs):
@@ -314,21 +313,21 @@ def _vljepa_specs(cfg: Config, objective: Objective, vocab: int, mp: ModelParall
 # -- building ------------------------------------------------------------------------------------------
 
 
-def build_pipeline(cfg: Config, objective: Objective, vocab: int, mp: ModelParallelConfig) -> PipelineModule:
+def build_pipeline(cfg: Config, objective: Objective, mp: ModelParallelConfig) -> PipelineModule:
     """This rank's stage of the model as a PipelineModule ending in the objective's loss, initialised
     like the one-process model."""
     tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
     dp = dist.get_world_size() // (tp * pp)
     partition = cfg.parallel.partition_method
     if cfg.model.type == "vljepa":
-        specs = _vljepa_specs(cfg, objective, vocab, mp)
+        specs = _vljepa_specs(cfg, objective, mp)
         layers, checkpointable = [spec for _, spec, _ in specs], [c.__name__ for c in _VL_BLOCKS]
         if partition == "parameters":
             # Blocks counted, not parameters: the heads, which are weights but no work, then all fall
             # on the last stage, where the loss function calls them.
             partition = "type:^(" + "|".join(checkpointable) + ")$"
     else:
-        layers = [LayerSpec(_GPT_LAYERS[cls], *args) for cls, args in layer_specs(cfg.model, vocab, mp)]
+        layers = [LayerSpec(_GPT_LAYERS[cls], *args) for cls, args in layer_specs(cfg.model, mp)]
         # Blocks only: the head returns its weight, which a (reentrant) checkpoint cannot pass through
         # (its backward recurses forever), and the embedding's integer input gets no gradient anyway.
         checkpointable = [_PipeBlock.__name__]

@@ -38,16 +38,16 @@ from dataclasses import dataclass, field
 from deepspeed.runtime.utils import partition_balanced, partition_uniform
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
-from model.config import ModelConfig, swiglu_size
-from model.fusion import CrossBlock, Projector
-from model.gpt import Block, Embedding, Head
-from model.jepa import Projections, TextPredictor, VisionPredictor
-from model.kernels.ce_loss import chunk_rows_for
-from model.vit import PatchEmbed, VisionBlock, VisionNorm
-from model.vljepa import FinalNorm, OutputHead
-from pretrain.config import Config, ConfigError
-from pretrain.parallelize import precision
-from model.tensors import meta_model
+from cromwell.model.config import ModelConfig, swiglu_size
+from cromwell.model.fusion import CrossBlock, Projector
+from cromwell.model.gpt import Block, Embedding, Head
+from cromwell.model.jepa import Projections, TextPredictor, VisionPredictor
+from cromwell.model.kernels.ce_loss import chunk_rows_for
+from cromwell.model.vit import PatchEmbed, VisionBlock, VisionNorm
+from cromwell.model.vljepa import FinalNorm, OutputHead
+from cromwell.pretrain.config import Config, ConfigError
+from cromwell.pretrain.parallelize import precision
+from cromwell.model.tensors import meta_model
 
 FP32 = 4
 INT64 = 8
@@ -103,19 +103,16 @@ def layers_of(cfg: Config) -> list[Layer]:
     if cfg.model.type == "hf":
         raise ConfigError("model.type=hf: its shapes come from the Hugging Face checkpoint, which the planner "
                           "does not read; plan the project's own models (gpt, vljepa)")
-    jepa = cfg.training.jepa
-    padded = cfg.model.padded_vocab_size(cfg.training.lm.vocab_size)
-    model = meta_model(cfg.model, padded, jepa.embedding_dim, jepa.prediction_steps)
+    model = meta_model(cfg.model)
     targets = set()
     trains = lambda module: True  # noqa: E731
     if cfg.model.type == "vljepa":
-        from pretrain.objectives.hybrid import HybridJEPA
+        from cromwell.pretrain.objectives.hybrid import Hybrid
 
-        objective = HybridJEPA(cfg)
+        objective = Hybrid(cfg)
         trains = objective.trains
         if objective.predicts_embeddings:
-            targets = {name for name, _ in meta_model(cfg.model, padded, jepa.embedding_dim, jepa.prediction_steps,
-                                                      target=True).named_children()}
+            targets = {name for name, _ in meta_model(cfg.model, target=True).named_children()}
     out = []
     for name, layer in model.named_children():
         cut = {id(p) for m in layer.modules() if isinstance(m, _TP_LAYERS) for p in m.parameters(recurse=False)}
@@ -205,7 +202,7 @@ def micro_batch_tokens(cfg: Config, expected: bool = False) -> Tokens:
     span_units = max(1, int(seq * jepa.mask_ratio / jepa.span_length))
     units = max(random_units if jepa.masking.language == "random" else span_units,
                 random_units if jepa.masking.joint == "random" else span_units)
-    pairs = b * sum(max(units - k, 0) for k in range(jepa.prediction_steps))
+    pairs = b * sum(max(units - k, 0) for k in range(cfg.model.predictor.prediction_steps))
     return Tokens(b, seq, images, n, context, blocks, per_block, pairs, True)
 
 
@@ -240,7 +237,7 @@ def _activations(layer: Layer, m: ModelConfig, cfg: Config, tok: Tokens, tp: int
         whole = 6 * h * p + 2 * rstd + (h // heads * FP32 if rope else 0)
         return tokens * (whole + split / tp)
 
-    v, E = m.vision, cfg.training.jepa.embedding_dim
+    v, E = m.vision, m.predictor.embedding_dim
     if kind is Embedding:
         return T * INT64
     if kind is Block:
@@ -285,7 +282,7 @@ def saved_activations(cfg: Config, layers: list[Layer], tok: Tokens, tp: int, p:
     acts = [(layer, _activations(layer, cfg.model, cfg, tok, tp, p)) for layer in layers]
     saved = sum(a for _, a in acts)
     if tok.jepa and any(layer.kind is TextPredictor for layer in layers):
-        saved += _jepa_loss_activations(tok, cfg.training.jepa.embedding_dim)
+        saved += _jepa_loss_activations(tok, cfg.model.predictor.embedding_dim)
     if not checkpointing:
         return saved, 0.0
     blocks = [(layer, a) for layer, a in acts if issubclass(layer.kind, BLOCKS)]
@@ -440,7 +437,7 @@ def _stage_memory(cfg, layout: Layout, ds: DeepSpeedBuffers, device: str, saving
     tok = micro_batch_tokens(cfg)
     in_flight = min(layout.pp - stage, accum) if pipelined else 1
     saved, recompute = saved_activations(cfg, saving, tok, tp, p, layout.checkpointing)
-    vocab_local = cfg.model.padded_vocab_size(cfg.training.lm.vocab_size, tp) // tp
+    vocab_local = cfg.model.padded_vocab_size(tp) // tp
     ce_chunk = loss_held = target_pass = 0.0
     output = next((layer for layer in part if layer.kind in (OutputHead, Head)), None)
     if output:
@@ -551,7 +548,7 @@ def flops_per_step(cfg: Config, layers: list[Layer] | None = None) -> float:
     layers = layers or layers_of(cfg)
     tok = micro_batch_tokens(cfg, expected=True)
     m, v = cfg.model, cfg.model.vision
-    E = cfg.training.jepa.embedding_dim
+    E = m.predictor.embedding_dim
     total = 0.0
     for layer in layers:
         matmul = layer.split + (layer.whole if layer.kind in (Projections, PatchEmbed) else 0)

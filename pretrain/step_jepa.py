@@ -14,15 +14,15 @@ TensorBoard). --train_file holds chat records ({"messages": [system, user, assis
 output of tools/prepare_step_data.py or NL-RX-SYNTH. --lbd 0 is the plain fine-tuning baseline.
 A Hugging Face model is also saved to --output_dir at the end (adapters only with --lora).
 """
-import pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+import cromwell.pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
 
 import argparse
 import os
 
-from data.chats import read_chats
-from model.config import DEFAULT_LORA_TARGETS
-from pretrain.config import load_config
-from pretrain.trainer import run
+from cromwell.data.chats import read_chats
+from cromwell.model.config import DEFAULT_LORA_TARGETS
+from cromwell.pretrain.config import load_config
+from cromwell.pretrain.trainer import run
 
 HF_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "step_jepa.yaml")
 
@@ -87,10 +87,10 @@ def run_config(args, world_size: int):
         "training.objective=step_jepa", f"data.chats={args.train_file}", f"data.max_len={args.max_len}",
         f"run.output_dir={args.output_dir}", f"run.seed={args.seed}", f"data.seed={args.seed}",
         f"training.step_jepa.mode={args.mode}", f"training.step_jepa.loss_type={args.jepa_loss_type}",
-        f"training.step_jepa.lbd={args.lbd}", f"training.step_jepa.gamma={args.gamma}",
+        f"training.step_jepa.jepa_weight={args.lbd}", f"training.step_jepa.lm_weight={args.gamma}",
         f"training.step_jepa.predictors={args.predictors}", f"training.step_jepa.single_pass={args.single_pass}",
         f"training.micro_batch_size={args.batch_size}", f"training.gradient_accumulation_steps={args.grad_accum}",
-        f"training.optimizers.lr={args.learning_rate}", "training.scheduler.min_lr=0.0", f"logging.log_every={1 if args.debug else args.log_every}",
+        f"training.optimizer.lr={args.learning_rate}", "training.scheduler.min_lr=0.0", f"logging.log_every={1 if args.debug else args.log_every}",
     ] + args.set  # last, so that an explicit --set wins
     cfg = load_config(HF_CONFIG if args.model_name else args.config, sets)
     cfg.training.step_jepa.separator = args.separator  # a YAML round trip would mangle whitespace
@@ -109,7 +109,7 @@ def run_config(args, world_size: int):
 
 
 def show_first_example(cfg) -> None:
-    from pretrain.objectives import build_objective, load_run_tokenizer
+    from cromwell.pretrain.objectives import build_objective, load_run_tokenizer
 
     tokenizer = load_run_tokenizer(cfg)
     objective = build_objective(cfg, tokenizer)

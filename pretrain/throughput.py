@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.config import ModelConfig
+from cromwell.model.config import ModelConfig
 
 
 def flops_per_token(model_cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:

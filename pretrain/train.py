@@ -6,16 +6,16 @@ parallel sizes and precision come from the config; pretrain/trainer.py is the lo
 
 from __future__ import annotations
 
-import pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+import cromwell.pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
 
 import argparse
 import logging
 import os
 import sys
 
-from pretrain.config import ConfigError, load_config
-from pretrain.objectives import build_objective
-from pretrain.trainer import MakeObjective, run
+from cromwell.pretrain.config import ConfigError, load_config
+from cromwell.pretrain.objectives import build_objective
+from cromwell.pretrain.trainer import MakeObjective, run
 
 
 def parse_args(argv=None):

@@ -24,21 +24,21 @@ import torch.distributed as dist
 from deepspeed.runtime.utils import clip_grad_norm_
 from megatron.core import parallel_state
 
-from data.shards import ShardError
-from model import hf
-from pretrain import checkpoint, run_dir
-from pretrain.checkpoint import CheckpointError
-from pretrain.config import Config, ConfigError
-from pretrain.distributed import device_type, init_distributed, shutdown
-from pretrain.evaluation.held_out import collapse_check, engine_losses, held_out
-from pretrain.losses import step_counts, step_means, to_device
-from pretrain.metrics import MetricsLog
-from pretrain.objectives import Loss, Objective, build_objective, load_run_tokenizer, vocab_size
-from pretrain.parallelize import build_engine, model_of, setup_objective, whole_parameters
-from pretrain.pipeline import micro_batch
-from pretrain.run_dir import RunDirError
-from pretrain.signals import GracefulStop
-from pretrain.throughput import Throughput, flops_per_token, peak_flops_per_device
+from cromwell.data.shards import ShardError
+from cromwell.model import hf
+from cromwell.pretrain import checkpoint, run_dir
+from cromwell.pretrain.checkpoint import CheckpointError
+from cromwell.pretrain.config import Config, ConfigError
+from cromwell.pretrain.distributed import device_type, init_distributed, shutdown
+from cromwell.pretrain.evaluation.held_out import collapse_check, engine_losses, held_out
+from cromwell.pretrain.losses import step_counts, step_means, to_device
+from cromwell.pretrain.metrics import MetricsLog
+from cromwell.pretrain.objectives import Loss, Objective, build_objective, load_run_tokenizer
+from cromwell.pretrain.parallelize import build_engine, model_of, setup_objective, whole_parameters
+from cromwell.pretrain.pipeline import micro_batch
+from cromwell.pretrain.run_dir import RunDirError
+from cromwell.pretrain.signals import GracefulStop
+from cromwell.pretrain.throughput import Throughput, flops_per_token, peak_flops_per_device
 
 
 class NonFiniteError(RuntimeError):
@@ -265,7 +265,7 @@ def _flops_per_token(cfg: Config, engine, tokenizer) -> float:
     if cfg.model.type != "hf":
         # For the VL-JEPA: its language path per text token. The ViT, fusion, target pass and predictors
         # depend on how many samples hold an image, which a token count does not see; MFU undercounts.
-        return flops_per_token(cfg.model, cfg.model.padded_vocab_size(vocab_size(cfg, tokenizer), cfg.parallel.tensor), seq)
+        return flops_per_token(cfg.model, cfg.model.padded_vocab_size(cfg.parallel.tensor), seq)
     # A Hugging Face model: 6 FLOPs per weight and token (forward 2, backward 4), no attention term.
     embedding = engine.module.model.lm.get_input_embeddings().weight.numel()
     return 6.0 * (sum(p.numel() for p in engine.module.parameters()) - embedding)
@@ -326,7 +326,7 @@ def _schedule_from_config(engine, cfg: Config) -> None:
     """LambdaLR saves its base LR, so a resumed run would scale the old peak LR by the new schedule;
     the learning rate is a function of the step and the config in force now."""
     sched = engine.lr_scheduler
-    sched.base_lrs = [cfg.training.optimizers.lr] * len(sched.base_lrs)
+    sched.base_lrs = [cfg.training.optimizer.lr] * len(sched.base_lrs)
     lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
     for group, lr in zip(sched.optimizer.param_groups, lrs):
         group["lr"] = lr

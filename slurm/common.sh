@@ -37,8 +37,6 @@ if [[ -z ${PYTHON:-} ]]; then
     PYTHON=python3
     [[ -x .venv/bin/python ]] && PYTHON=$PWD/.venv/bin/python
 fi
-# This checkout's code, whatever an installed copy of the package points at.
-export PYTHONPATH=$CROMWELL_DIR${PYTHONPATH:+:$PYTHONPATH}
 RUN_DIR=${RUN_DIR:-runs/$SLURM_JOB_NAME/$SLURM_JOB_ID}
 MAX_REQUEUES=${MAX_REQUEUES:-3}
 export PYTHON STOP_GRACE_S=${STOP_GRACE_S:-600}

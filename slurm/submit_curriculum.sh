@@ -27,8 +27,8 @@ if [[ -z ${PYTHON:-} ]]; then
     [[ -x .venv/bin/python ]] && PYTHON=$PWD/.venv/bin/python
 fi
 
-stages=$("$PYTHON" -m pretrain.curriculum --curriculum "$curriculum" "${sets[@]}" --stages 2>/dev/null | grep $'^STAGE\t') \
-    || { "$PYTHON" -m pretrain.curriculum --curriculum "$curriculum" "${sets[@]}" --stages >/dev/null; exit 1; }
+stages=$("$PYTHON" -m cromwell.pretrain.curriculum --curriculum "$curriculum" "${sets[@]}" --stages 2>/dev/null | grep $'^STAGE\t') \
+    || { "$PYTHON" -m cromwell.pretrain.curriculum --curriculum "$curriculum" "${sets[@]}" --stages >/dev/null; exit 1; }
 
 dependency=()
 while IFS=$'\t' read -r -a fields; do

@@ -30,7 +30,7 @@ def _triton_problem() -> str | None:
     import numpy
     import triton
 
-    from model.kernels.dispatch import interpreter_problem
+    from cromwell.model.kernels.dispatch import interpreter_problem
 
     return interpreter_problem(triton.__version__, numpy.__version__)
 
@@ -54,7 +54,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # A model small enough that 2-4 CPU processes run several steps in seconds.
 TINY_MODEL = [
     "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.ffn_hidden_size=128",
-    "training.lm.context_length=64", "training.lm.vocab_size=512", "training.jepa.embedding_dim=64",
+    "training.lm.context_length=64", "model.vocab_size=512", "model.predictor.embedding_dim=64",
     "training.scheduler.warmup_tokens=1024", "logging.log_every=1", "logging.tensorboard=false",
     "data.num_workers=0",
 ]
@@ -71,8 +71,7 @@ def run(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.Co
     # variables in os.environ; a child must start its own.
     launcher_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
     env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
-    # The virtualenv's editable install may point at another checkout; children import this one.
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -132,7 +131,7 @@ VL = [
     "model.num_heads=4", "model.ffn_hidden_size=128", "model.vision.image_size=64", "model.vision.hidden_size=64",
     "model.vision.num_layers=2", "model.vision.num_heads=4", "model.vision.ffn_hidden_size=128",
     "model.fusion.every=1", "model.predictor.num_layers=1", "model.predictor.num_heads=4",
-    "training.lm.context_length=64", "training.lm.vocab_size=600", "training.jepa.embedding_dim=64",
+    "training.lm.context_length=64", "model.vocab_size=600", "model.predictor.embedding_dim=64",
     "training.jepa.span_length=8", "training.scheduler.warmup_tokens=1024", "training.batch_size=8",
     "training.micro_batch_size=2", "logging.log_every=1", "logging.tensorboard=false", "data.num_workers=0",
     "data.mixture={stdlib_code: 1, vision_text: 1}", "training.jepa.collapse.every_steps=1",

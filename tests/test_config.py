@@ -9,9 +9,9 @@ import pytest
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 from pydantic import BaseModel, ValidationError
 
-from pretrain.config import Config, ConfigError, check_deepspeed_keys, load_config, parse_count
-from pretrain.distributed import nccl_environment
-from pretrain.parallelize import deepspeed_config
+from cromwell.pretrain.config import Config, ConfigError, check_deepspeed_keys, load_config, parse_count
+from cromwell.pretrain.distributed import nccl_environment
+from cromwell.pretrain.parallelize import deepspeed_config
 
 TINY = "pretrain/configs/tiny.yaml"
 
@@ -20,7 +20,7 @@ def test_seed_defaults_and_tiny_config():
     cfg = load_config(TINY, ["training.batch_size=256", "training.micro_batch_size=4",
                              "training.gradient_accumulation_steps=64"])
     assert cfg.batch_sizes(world_size=1) == (256, 4, 64, 1)
-    o = cfg.training.optimizers
+    o = cfg.training.optimizer
     assert (o.beta1, o.beta2, o.weight_decay, o.grad_clip) == (0.9, 0.95, 0.1, 1.0)
     assert cfg.training.hybrid.alpha == 0.3 and cfg.training.hybrid.beta == 0.7
     assert cfg.training.lm.tie_embeddings is False
@@ -55,7 +55,7 @@ def test_accumulation_is_derived_when_left_out():
         (["training.batch_size=many"], "training.batch_size: Input should be a valid integer"),
         (["parallel.zero_stage=4"], "parallel.zero_stage"),
         (["parallel.pipeline=2", "parallel.zero_stage=2"], "parallel.zero_stage=2 cannot be combined with parallel.pipeline=2"),
-        (["training.jepa.prediction_steps=2"], "training.jepa.step_weights has 3 entries but training.jepa.prediction_steps is 2"),
+        (["model.predictor.prediction_steps=2"], "training.jepa.step_weights has 3 entries but model.predictor.prediction_steps is 2"),
         (["model.hidden_size=100", "model.num_heads=3"], "model.hidden_size (100) must be divisible by model.num_heads (3)"),
         (["training.hybrid.alpha=0", "training.hybrid.beta=0"], "training.hybrid.alpha and training.hybrid.beta are both 0"),
         (["training"], "--set expects key=value"),
@@ -79,17 +79,17 @@ def test_bad_values_name_the_field(override, message):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("training.optimizers.lr=-1.0e-4", "training.optimizers.lr: Input should be greater than or equal to 0 (got -0.0001)"),
-        ("training.optimizers.lr=.nan", "training.optimizers.lr: Input should be a finite number (got nan)"),
-        ("training.optimizers.lr=nan", "training.optimizers.lr: Input should be a finite number (got 'nan')"),
-        ("training.optimizers.lr=.inf", "training.optimizers.lr: Input should be a finite number (got inf)"),
+        ("training.optimizer.lr=-1.0e-4", "training.optimizer.lr: Input should be greater than or equal to 0 (got -0.0001)"),
+        ("training.optimizer.lr=.nan", "training.optimizer.lr: Input should be a finite number (got nan)"),
+        ("training.optimizer.lr=nan", "training.optimizer.lr: Input should be a finite number (got 'nan')"),
+        ("training.optimizer.lr=.inf", "training.optimizer.lr: Input should be a finite number (got inf)"),
         ("checkpoint.every_steps=0", "checkpoint.every_steps: Input should be greater than 0 (got 0)"),
         ("logging.log_every=0", "logging.log_every: Input should be greater than 0 (got 0)"),
         ("data.num_workers=-1", "data.num_workers: Input should be greater than or equal to 0 (got -1)"),
-        ("training.optimizers.beta2=1", "training.optimizers.beta2: Input should be less than 1 (got 1)"),
-        ("training.optimizers.eps=0", "training.optimizers.eps: Input should be greater than 0 (got 0)"),
+        ("training.optimizer.beta2=1", "training.optimizer.beta2: Input should be less than 1 (got 1)"),
+        ("training.optimizer.eps=0", "training.optimizer.eps: Input should be greater than 0 (got 0)"),
         ("training.scheduler.min_lr=0.01",
-         "training: training.scheduler.min_lr (0.01) is above training.optimizers.lr (0.003): the schedule would rise"),
+         "training: training.scheduler.min_lr (0.01) is above training.optimizer.lr (0.003): the schedule would rise"),
         ("training.jepa.step_weights=[1, -0.5, 0]",
          "training.jepa.step_weights.1: Input should be greater than or equal to 0 (got -0.5)"),
         ("training.jepa.mask_ratio=1", "training.jepa.mask_ratio: Input should be less than 1 (got 1)"),
@@ -119,7 +119,7 @@ NUMERIC_FIELDS = list(_numeric_fields(Config))
 
 
 def test_every_numeric_field_is_found():
-    assert {"training.optimizers.lr", "training.train_steps", "model.hf.lora_alpha", "run.seed"} <= set(NUMERIC_FIELDS)
+    assert {"training.optimizer.lr", "training.train_steps", "model.hf.lora_alpha", "run.seed"} <= set(NUMERIC_FIELDS)
     assert "parallel.zero_stage" not in NUMERIC_FIELDS  # a Literal: its own error
 
 
@@ -133,10 +133,10 @@ def test_every_numeric_field_has_a_range(path, value):
 
 
 def test_lr_zero_and_constant_schedule_are_accepted():
-    cfg = load_config(TINY, ["training.optimizers.lr=0", "training.scheduler.min_lr=0"])
-    assert cfg.training.optimizers.lr == 0
+    cfg = load_config(TINY, ["training.optimizer.lr=0", "training.scheduler.min_lr=0"])
+    assert cfg.training.optimizer.lr == 0
     # A constant schedule never reaches min_lr, so min_lr above lr does not matter.
-    load_config(TINY, ["training.optimizers.lr=0", "training.scheduler.type=constant"])
+    load_config(TINY, ["training.optimizer.lr=0", "training.scheduler.type=constant"])
 
 
 def test_inconsistent_batch_numbers_name_all_fields():
@@ -251,3 +251,17 @@ def test_deepspeed_refuses_unknown_zero_keys_itself():
     # refuse what they do not know. Should a DeepSpeed upgrade stop doing so, this fails.
     with pytest.raises(ValidationError, match="reduce_bucket_sise"):
         DeepSpeedZeroConfig(stage=1, reduce_bucket_sise=10)
+
+
+def test_shape_fields_under_their_old_names_still_parse_with_a_warning():
+    with pytest.warns(FutureWarning, match="training.lm.vocab_size is now model.vocab_size"):
+        cfg = load_config(TINY, ["training.lm.vocab_size=600", "training.jepa.embedding_dim=64",
+                                 "training.jepa.prediction_steps=2", "training.jepa.step_weights=[1, 0.5]"])
+    assert (cfg.model.vocab_size, cfg.model.predictor.embedding_dim, cfg.model.predictor.prediction_steps) == (600, 64, 2)
+    assert "vocab_size" not in cfg.training.lm.model_dump()
+
+
+def test_an_old_and_a_new_name_that_disagree_are_an_error():
+    with pytest.raises(ConfigError, match=r"training.lm.vocab_size \(600\) and model.vocab_size \(700\) disagree"):
+        load_config(TINY, ["training.lm.vocab_size=600", "model.vocab_size=700"])
+

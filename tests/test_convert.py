@@ -25,10 +25,10 @@ from megatron.core import parallel_state
 from safetensors.torch import load_file
 
 from conftest import PYTHON, REPO, launch, run, vl_sets
-from pretrain.checkpoint import _sha256, safe_load
-from pretrain.config import Config
-from tools import convert_ckpt
-from model.tensors import cut, join, plan
+from cromwell.pretrain.checkpoint import _sha256, safe_load
+from cromwell.pretrain.config import Config
+from cromwell.tools import convert_ckpt
+from cromwell.model.tensors import cut, join, plan
 
 CPP = REPO / "tools" / "cpp" / "build" / "cromwell_infer"
 TOKENS = [5, 17, 300, 42, 42, 9, 511, 120, 64, 3]
@@ -36,9 +36,9 @@ TOKENS = [5, 17, 300, 42, 42, 9, 511, 120, 64, 3]
 
 @pytest.fixture(scope="module", autouse=True)
 def process_group():
-    from pretrain.distributed import init_distributed
+    from cromwell.pretrain.distributed import init_distributed
 
-    from pretrain.config import load_config
+    from cromwell.pretrain.config import load_config
 
     init_distributed(load_config("pretrain/configs/tiny.yaml"))
     yield
@@ -63,12 +63,10 @@ def cpp_reader():
 
 def _model_from(cfg: Config, weights: dict):
     """The project's VL-JEPA at TP=1 holding `weights` ({parameter name: full tensor})."""
-    from model.gpt import megatron_config
-    from model.vljepa import VLJEPA
+    from cromwell.model.build import build
+    from cromwell.model.gpt import megatron_config
 
-    jepa = cfg.training.jepa
-    model = VLJEPA(cfg.model, cfg.model.padded_vocab_size(cfg.training.lm.vocab_size), megatron_config(1),
-                   jepa.embedding_dim, jepa.prediction_steps)
+    model = build(cfg.model, megatron_config(1))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not [k for k in missing if not k.endswith("_extra_state")] and not unexpected
     return model.eval()
@@ -86,8 +84,7 @@ def export_model(export: Path):
     """The model rebuilt from a safetensors export's tensors."""
     cfg = Config.model_validate(json.loads((export / "config.json").read_text())["run_config"])
     tensors = load_file(export / "model.safetensors")
-    jepa = cfg.training.jepa
-    params = plan(cfg.model, cfg.training.lm.vocab_size, jepa.embedding_dim, jepa.prediction_steps)
+    params = plan(cfg.model)
     return cfg, _model_from(cfg, {p.source: join(p, tensors) for p in params})
 
 
@@ -97,9 +94,9 @@ def text_logits(cfg: Config, model, tokens: list[int]) -> torch.Tensor:
     v = cfg.model.vision
     patches = torch.zeros(0, v.grid**2, 3 * v.patch_size**2)
     _, hidden = model(torch.tensor([tokens]), patches, torch.zeros(0, dtype=torch.long))
-    from model.vljepa import OutputHead
+    from cromwell.model.vljepa import OutputHead
 
-    return (hidden[0] @ model._of(OutputHead).proj.weight.T)[:, : cfg.training.lm.vocab_size]
+    return (hidden[0] @ model._of(OutputHead).proj.weight.T)[:, : cfg.model.vocab_size]
 
 
 def greedy(cfg, model, tokens: list[int], n: int) -> list[int]:
@@ -163,14 +160,13 @@ def test_every_layout_converts_to_the_one_process_weights(exports, layout):
 def test_the_kernel_copied_stretches_hold_the_tensors_bytes(vl_layouts, layout, tmp_path):
     """convert_ckpt copies a tensor file to file when its bytes are stretches of the checkpoint's files
     (DeepSpeedCheckpoint.runs); those bytes must be what reading and cutting the parameter gives."""
-    from pretrain.checkpoint.reader import DeepSpeedCheckpoint
+    from cromwell.pretrain.checkpoint.reader import DeepSpeedCheckpoint
 
     ckpt = DeepSpeedCheckpoint(vl_layouts[layout]["checkpoint"])
     cfg = ckpt.config
     copied, out = 0, tmp_path / "bytes"
     try:
-        for param in plan(cfg.model, cfg.training.lm.vocab_size, cfg.training.jepa.embedding_dim,
-                          cfg.training.jepa.prediction_steps):
+        for param in plan(cfg.model):
             for piece in param.pieces:
                 runs = ckpt.runs(param, piece)
                 if runs is None:
@@ -226,7 +222,7 @@ def test_transformers_llama_loads_the_hf_export_with_the_same_logits_and_greedy_
     generated = hf.generate(torch.tensor([TOKENS]), max_new_tokens=8, do_sample=False, eos_token_id=None,
                             pad_token_id=0)[0, len(TOKENS):].tolist()
     assert generated == greedy(cfg, model, TOKENS, 8)
-    from data.tokenizer import load_tokenizer
+    from cromwell.data.tokenizer import load_tokenizer
 
     text = "def add(a, b):\n    return a + b\n"
     ours = load_tokenizer(vl_layouts["single"]["checkpoint"] / "tokenizer.json").encode(text).ids
@@ -236,15 +232,15 @@ def test_transformers_llama_loads_the_hf_export_with_the_same_logits_and_greedy_
 def test_a_gpt_checkpoint_converts_to_a_llama_with_its_logits(tiny_data, tmp_path):
     """The project's GPT (model.type gpt: no vision, fusion or JEPA head), its checkpoint written here
     as the trainer lays out ZeRO-0's, through the same conversion."""
-    from pretrain.config import load_config
-    from model.gpt import GPT, init_weights, megatron_config
+    from cromwell.pretrain.config import load_config
+    from cromwell.model.gpt import GPT, init_weights, megatron_config
     from transformers import LlamaForCausalLM
 
     from conftest import TINY_MODEL
 
-    cfg = load_config("pretrain/configs/tiny.yaml", [*TINY_MODEL, "training.lm.vocab_size=600", "parallel.zero_stage=0",
+    cfg = load_config("pretrain/configs/tiny.yaml", [*TINY_MODEL, "model.vocab_size=600", "parallel.zero_stage=0",
                                                      f"data.tokenizer={tiny_data['tokenizer']}"])
-    model = GPT(cfg.model, 640, megatron_config(1)).eval()
+    model = GPT(cfg.model, megatron_config(1)).eval()
     for name, layer in model.named_children():
         init_weights(layer, int(name), cfg.model, seed=3)
     tag_dir = tmp_path / "checkpoints" / "global_step0"
@@ -274,7 +270,7 @@ def gguf_f16(vl_layouts, exports):
 def test_the_gguf_export_reads_back_tensor_for_tensor(exports, gguf_f16, kind):
     import gguf
 
-    from pretrain.checkpoint.formats import gguf_name, permute_for_gguf
+    from cromwell.pretrain.checkpoint.formats import gguf_name, permute_for_gguf
 
     reader = gguf.GGUFReader(exports / "single" / "gguf" / "model.gguf" if kind == "f32" else gguf_f16)
     fields = {f.name: f for f in reader.fields.values()}

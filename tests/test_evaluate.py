@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SHARED_DATA, launch
-from data.loader import TokenBatches
-from data.multimodal import JEPASamples
-from data.tokenizer import PAD_ID
-from pretrain.checkpoint import safe_load
-from pretrain.config import Config
+from cromwell.data.loader import TokenBatches
+from cromwell.data.multimodal import JEPASamples
+from cromwell.data.tokenizer import PAD_ID
+from cromwell.pretrain.checkpoint import safe_load
+from cromwell.pretrain.config import Config
 
 
 def evaluate(tmp_path: Path, *args, nproc: int = 1) -> dict:
@@ -29,8 +29,8 @@ def evaluate(tmp_path: Path, *args, nproc: int = 1) -> dict:
 def process_group():
     from megatron.core import parallel_state
 
-    from pretrain.config import load_config
-    from pretrain.distributed import init_distributed
+    from cromwell.pretrain.config import load_config
+    from cromwell.pretrain.distributed import init_distributed
 
     init_distributed(load_config("pretrain/configs/tiny.yaml"))
     yield
@@ -42,17 +42,15 @@ def process_group():
 def independent_perplexity(tag_dir: Path, valid_shards: str, micro: int) -> tuple[float, int]:
     """exp(mean next-token loss) over the held-out samples evaluate.py reads (every sample once, in the
     loader's order, whole micro batches), with the weights read by torch alone and torch's cross-entropy."""
-    from model.gpt import megatron_config
-    from model.vljepa import VLJEPA
+    from cromwell.model.gpt import megatron_config
+    from cromwell.model.build import build
 
     states = safe_load(tag_dir / "mp_rank_00_model_states.pt")
     cfg = Config.model_validate(states["config"])
-    jepa = cfg.training.jepa
-    model = VLJEPA(cfg.model, cfg.model.padded_vocab_size(cfg.training.lm.vocab_size), megatron_config(1),
-                   jepa.embedding_dim, jepa.prediction_steps)
+    model = build(cfg.model, megatron_config(1))
     model.load_state_dict({k.removeprefix("model."): v for k, v in states["module"].items() if v is not None})
     v = cfg.model.vision
-    loader = TokenBatches(valid_shards, weights=None, vocab_size=cfg.training.lm.vocab_size, global_batch=micro,
+    loader = TokenBatches(valid_shards, weights=None, vocab_size=cfg.model.vocab_size, global_batch=micro,
                           micro_batch_size=micro, dp_rank=0, dp_size=1, seed=cfg.data.seed,
                           sample_fn=JEPASamples(seed=0, pad_id=PAD_ID, image_size=v.image_size,
                                                 patch_size=v.patch_size, masks=False))
@@ -127,7 +125,7 @@ def test_image_to_code_reads_each_pair_and_scores_per_kind(vl_layouts, vl_data, 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    from tools.tiny_hf_model import build_tiny_llama
+    from cromwell.tools.tiny_hf_model import build_tiny_llama
 
     text = ["Natural language to regular expressions. Question: what is 2 + 3? Answer: 5.\n" * 20]
     return build_tiny_llama(str(tmp_path_factory.mktemp("llama") / "llama"), text, hidden=64, layers=2)

@@ -36,7 +36,7 @@ def _args(tiny_data, out_dir, extra=()) -> list[str]:
 
 def _config(tiny_data, out_dir, sets=()):
     """The run config the trainer would build, for checks made in this process."""
-    from pretrain.config import load_config
+    from cromwell.pretrain.config import load_config
 
     return load_config(REPO / "pretrain/configs/tiny.yaml", [a for a in _args(tiny_data, out_dir)[3:] if a != "--set"]
                        + list(sets))
@@ -52,7 +52,7 @@ def _start(tiny_data, out_dir, extra=(), nproc=2) -> tuple[subprocess.Popen, Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     log = out_dir.parent / f"{out_dir.name}.{time.monotonic_ns()}.log"
     env = {k: v for k, v in os.environ.items() if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port())] if nproc > 1 else [PYTHON]
     with log.open("w") as f:
         proc = subprocess.Popen(cmd + _args(tiny_data, out_dir, extra), cwd=REPO, env=env, stdout=f,
@@ -190,12 +190,12 @@ def test_resume_applies_a_new_learning_rate_and_lists_the_change(tiny_data, tmp_
     """The probe's hybrid schedule: the old peak LR scaled by the new schedule's ratio."""
     out = _copy_of(reference, tmp_path)
     shutil.rmtree(out / "checkpoints" / f"global_step{TOTAL}")
-    proc = _train(tiny_data, out, ["--resume", "--set", "training.optimizers.lr=0.002",
+    proc = _train(tiny_data, out, ["--resume", "--set", "training.optimizer.lr=0.002",
                                    "--set", "training.scheduler.min_lr=0.0002"])
-    assert "; training.optimizers.lr: 0.003 -> 0.002; training.scheduler.min_lr: 0.0001 -> 0.0002" in proc.stdout, proc.stdout[-2000:]
-    from pretrain.optim import lr_at
+    assert "; training.optimizer.lr: 0.003 -> 0.002; training.scheduler.min_lr: 0.0001 -> 0.0002" in proc.stdout, proc.stdout[-2000:]
+    from cromwell.pretrain.optim import lr_at
 
-    cfg = _config(tiny_data, out, ["training.optimizers.lr=0.002", "training.scheduler.min_lr=0.0002"])
+    cfg = _config(tiny_data, out, ["training.optimizer.lr=0.002", "training.scheduler.min_lr=0.0002"])
     records = _records(out)
     for step in (TOTAL - EVERY + 1, TOTAL - 2, TOTAL):
         assert records[step]["lr"] == pytest.approx(lr_at(step, cfg), rel=1e-9), step
@@ -204,8 +204,8 @@ def test_resume_applies_a_new_learning_rate_and_lists_the_change(tiny_data, tmp_
 
 def test_resume_refuses_a_changed_model_or_data_layout_listing_the_differences(tiny_data, reference):
     """The probe: a changed hidden size was 'truncated or incomplete', a changed micro batch a traceback."""
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.trainer import _resume_point
+    from cromwell.pretrain.checkpoint import CheckpointError
+    from cromwell.pretrain.trainer import _resume_point
 
     cfg = _config(tiny_data, reference[0], ["model.hidden_size=32", "training.batch_size=16"])
     with pytest.raises(CheckpointError) as e:
@@ -235,7 +235,7 @@ class Evil:
 torch.save({{"python": Evil()}}, "{planted}")
 """], check=True)
     # Whoever can plant a file can update the marker too: make the checkpoint look complete.
-    from pretrain.checkpoint import _sha256
+    from cromwell.pretrain.checkpoint import _sha256
 
     marker = json.loads((tag / "complete.json").read_text())
     marker["files"][planted.name] = {"size": planted.stat().st_size, "sha256": _sha256(planted)}
@@ -248,8 +248,8 @@ torch.save({{"python": Evil()}}, "{planted}")
 
 
 def test_a_fresh_run_into_a_used_directory_is_refused_and_overwrite_starts_over(tiny_data, tmp_path, reference):
-    from pretrain.run_dir import RunDirError, release
-    from pretrain.trainer import _claim
+    from cromwell.pretrain.run_dir import RunDirError, release
+    from cromwell.pretrain.trainer import _claim
 
     out = _copy_of(reference, tmp_path)
     cfg = _config(tiny_data, out)
@@ -261,8 +261,8 @@ def test_a_fresh_run_into_a_used_directory_is_refused_and_overwrite_starts_over(
 
 
 def test_a_second_run_on_a_directory_in_use_is_refused(tiny_data, tmp_path, capsys):
-    from pretrain.run_dir import LOCK, RunDirError, _start_ticks, release
-    from pretrain.trainer import _claim
+    from cromwell.pretrain.run_dir import LOCK, RunDirError, _start_ticks, release
+    from cromwell.pretrain.trainer import _claim
 
     out = tmp_path / "busy"
     out.mkdir()
@@ -287,7 +287,7 @@ def test_a_second_run_on_a_directory_in_use_is_refused(tiny_data, tmp_path, caps
 def test_divergence_stops_the_run_with_an_error(tiny_data, tmp_path):
     """The probe: a huge LR, every step skipped by DeepSpeed's overflow check, and 'finished'."""
     out = tmp_path / "diverged"
-    proc = _train(tiny_data, out, ["--set", "training.optimizers.lr=1e30", "--set", "training.scheduler.warmup_steps=0",
+    proc = _train(tiny_data, out, ["--set", "training.optimizer.lr=1e30", "--set", "training.scheduler.warmup_steps=0",
                                    "--set", "training.scheduler.type=constant"], nproc=1, check=False)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-3000:]
@@ -308,7 +308,7 @@ def test_a_corrupt_checkpoint_file_is_named(tiny_data, tmp_path, reference):
 
 def test_a_stale_extension_build_lock_is_named(tmp_path, capsys):
     """A build killed half-way left its lock; every later load of that op waited on it forever."""
-    from pretrain.distributed import _warn_about_stale_build_locks
+    from cromwell.pretrain.distributed import _warn_about_stale_build_locks
 
     stale, busy = tmp_path / "py311_cpu" / "cpu_adam" / "lock", tmp_path / "py311_cpu" / "fused_adam" / "lock"
     for lock in (stale, busy):

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from conftest import PYTHON, REPO, TINY_MODEL, launch, run
-from model.generate import HFDecoder, ModelDecoder, Sampling, attention_mask, generate
+from cromwell.model.generate import HFDecoder, ModelDecoder, Sampling, attention_mask, generate
 
-GPT_SETS = [s for s in TINY_MODEL if s.startswith("model.")] + ["training.lm.vocab_size=300"]
+GPT_SETS = [s for s in TINY_MODEL if s.startswith("model.")] + ["model.vocab_size=300"]
 VL_SETS = ["model.type=vljepa", "training.objective=hybrid", "model.hidden_size=64", "model.num_layers=2",
            "model.num_heads=4", "model.ffn_hidden_size=128", "model.vision.image_size=64", "model.vision.hidden_size=64",
            "model.vision.num_layers=2", "model.vision.num_heads=4", "model.vision.ffn_hidden_size=128",
-           "model.fusion.every=1", "training.jepa.embedding_dim=64", "training.lm.vocab_size=300"]
+           "model.fusion.every=1", "model.predictor.embedding_dim=64", "model.vocab_size=300"]
 
 
 def worker(tmp_path, name, sets, nproc=1, *flags):
@@ -51,8 +51,8 @@ def test_the_cache_gives_what_the_whole_sequence_gives_on_one_process_and_tp2(tm
 def models():
     from megatron.core import parallel_state
 
-    from pretrain.config import load_config
-    from pretrain.distributed import init_distributed
+    from cromwell.pretrain.config import load_config
+    from cromwell.pretrain.distributed import init_distributed
     from dist.generate_worker import build
 
     init_distributed(load_config(REPO / "pretrain/configs/tiny.yaml", GPT_SETS))
@@ -115,8 +115,8 @@ def test_padding_columns_see_themselves_only():
 
 
 def test_a_hugging_face_model_decodes_through_the_same_loop(tmp_path):
-    from model import hf
-    from tools.tiny_hf_model import build_tiny_llama
+    from cromwell.model import hf
+    from cromwell.tools.tiny_hf_model import build_tiny_llama
 
     path = build_tiny_llama(str(tmp_path / "llama"), ["def f(x):\n    return x + 1\n" * 50], hidden=64, layers=2)
     model = hf.load_model(path, vocab_size=_vocab(path)).eval()
@@ -144,7 +144,7 @@ def _vocab(path):
 def test_the_command_line_reads_a_checkpoint_and_its_export_alike(vl_layouts, vl_data, tmp_path):
     """tools/generate.py on the VL-JEPA's one-process checkpoint, its TP=2 checkpoint read by one process, and
     the safetensors export of the first, with an image and without: the same text every time."""
-    from tools import convert_ckpt
+    from cromwell.tools import convert_ckpt
 
     single = vl_layouts["single"]["checkpoint"]
     convert_ckpt.main(["--checkpoint", str(single), "--out", str(tmp_path / "export"), "--format", "safetensors"])

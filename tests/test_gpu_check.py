@@ -7,12 +7,12 @@ import subprocess
 
 import pytest
 
-from bench import gpu_check
+from cromwell.bench import gpu_check
 from conftest import PYTHON, REPO, needs_triton
 
 
 def test_without_cuda_every_check_is_skipped_with_a_reason_and_the_command_exits_0(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([PYTHON, "bench/gpu_check.py", "--out", str(tmp_path / "report.json"), "--data",
                            str(tmp_path / "data"), "--work", str(tmp_path / "work")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -34,7 +34,7 @@ def test_without_cuda_every_check_is_skipped_with_a_reason_and_the_command_exits
 def test_only_an_unknown_check_is_refused(tmp_path):
     proc = subprocess.run([PYTHON, "bench/gpu_check.py", "--only", "kernels,warp_speed", "--out",
                            str(tmp_path / "r.json")], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env=os.environ)
     assert proc.returncode == 2 and "unknown checks ['warp_speed']" in proc.stderr
 
 
@@ -72,7 +72,7 @@ def test_the_kernel_agreement_check_passes_the_kernels_and_catches_a_wrong_one(m
     assert problems == []
     assert set(agreement) == {"cross_entropy_float32", "cross_entropy_bfloat16", "masked_mse_float32",
                               "masked_mse_bfloat16"}
-    from bench import kernels
+    from cromwell.bench import kernels
 
     fused = kernels.fused_ce("triton")
     monkeypatch.setattr(kernels, "fused_ce", lambda impl: lambda h, w, t: fused(h, 1.01 * w, t))

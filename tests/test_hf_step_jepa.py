@@ -7,12 +7,12 @@ import sys
 import pytest
 import torch
 
-from data.chats import ChatBatches, hf_chat_encoder
-from data.tokenizer import NUM_PREDICTOR_TOKENS, load_hf_tokenizer, predictor_token
-from model import hf
-from model.config import HFConfig
+from cromwell.data.chats import ChatBatches, hf_chat_encoder
+from cromwell.data.tokenizer import NUM_PREDICTOR_TOKENS, load_hf_tokenizer, predictor_token
+from cromwell.model import hf
+from cromwell.model.config import HFConfig
 from test_step_jepa import evaluate, make_objective
-from tools.tiny_hf_model import build_tiny_llama
+from cromwell.tools.tiny_hf_model import build_tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = [
@@ -90,7 +90,7 @@ def test_single_pass_matches_two_pass(tiny_dir, attn, mode):
 
 
 def test_activation_checkpointing_same_gradients_less_memory(tiny_dir):
-    from bench.step_jepa_cost import saved_activation_bytes
+    from cromwell.bench.step_jepa_cost import saved_activation_bytes
 
     results = {}
     for ckpt in (False, True):
@@ -155,7 +155,7 @@ def test_entry_point_trains_and_saves(tiny_dir, tmp_path):
            "--model_name", tiny_dir, "--output_dir", str(out), "--lbd", "0.5", "--predictors", "2",
            "--batch_size", "2", "--grad_accum", "2", "--num_epochs", "5", "--learning_rate", "3e-3",
            "--log_every", "5", "--zero_stage", "1"]
-    env = {**{k: v for k, v in os.environ.items() if k not in DIST_ENV}, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**{k: v for k, v in os.environ.items() if k not in DIST_ENV}, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -187,7 +187,7 @@ def test_bad_model_dir_is_named(tmp_path):
 
 
 def test_answer_extraction():
-    from pretrain.evaluation.reasoning import extract_number, gsm8k_correct, regex_match
+    from cromwell.pretrain.evaluation.reasoning import extract_number, gsm8k_correct, regex_match
     assert extract_number("so 3 + 4 = 7\n#### 1,234") == 1234
     assert extract_number("first 12 then 7.5 apples") == 7.5
     assert extract_number("no digits") is None
@@ -197,7 +197,7 @@ def test_answer_extraction():
 
 
 def test_eval_runs_side_by_side(tiny_dir, tmp_path):
-    from tools.eval_reasoning import main as evaluate
+    from cromwell.tools.eval_reasoning import main as evaluate
     test = tmp_path / "test.jsonl"
     test.write_text("".join(json.dumps({"question": q, "answer": "\n".join(s) + "\n#### 1"}) + "\n" for q, s in STEPS))
     plot = tmp_path / "steps.png"

@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from conftest import REPO, SHARED_DATA
-from pretrain.evaluation import humaneval as he
-from pretrain.evaluation import sandbox
+from cromwell.pretrain.evaluation import humaneval as he
+from cromwell.pretrain.evaluation import sandbox
 
 ADD = {"task_id": "test/add", "prompt": 'def add(a, b):\n    """The sum of a and b."""\n',
        "canonical_solution": "    return a + b\n", "entry_point": "add",

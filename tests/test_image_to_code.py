@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 from PIL import Image
 
-from pretrain.evaluation.image_to_code import (CHART_THRESHOLD, chart_score, image_distance, normalise, pixels, read_pairs, score,
+from cromwell.pretrain.evaluation.image_to_code import (CHART_THRESHOLD, chart_score, image_distance, normalise, pixels, read_pairs, score,
                                  score_many, summarize)
-from data.corpus.vision_pairs import KINDS, make_pairs, render_chart
-from pretrain.evaluation.sandbox import SandboxResult
+from cromwell.data.corpus.vision_pairs import KINDS, make_pairs, render_chart
+from cromwell.pretrain.evaluation.sandbox import SandboxResult
 
 # Two series, so that one can go missing; values far enough apart that a changed one moves its marker.
 CHART = """import matplotlib.pyplot as plt

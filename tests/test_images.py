@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from data.images import IMAGE_SIZE, ImageError, patchify, preprocess
+from cromwell.data.images import IMAGE_SIZE, ImageError, patchify, preprocess
 
 WHERE = "shard s-00001.tar member 42.png"
 

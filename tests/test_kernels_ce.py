@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model.kernels import ce_loss, fused_linear_cross_entropy
-from model.kernels.dispatch import interpreter_problem
-from model.loss import lm_loss
+from cromwell.model.kernels import ce_loss, fused_linear_cross_entropy
+from cromwell.model.kernels.dispatch import interpreter_problem
+from cromwell.model.loss import lm_loss
 
 IMPLS = ["torch", "triton"]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.kernels import masked_mse, mse_torch
+from cromwell.model.kernels import masked_mse, mse_torch
 
 IMPLS = ["torch", "triton"]
 KINDS = ["mse", "cosine", "smooth_l1"]

@@ -9,8 +9,8 @@ import torch.multiprocessing as mp
 from megatron.core import parallel_state
 
 from conftest import HAS_TRITON
-from model.kernels import ce_loss, fused_linear_cross_entropy
-from model.loss import lm_loss
+from cromwell.model.kernels import ce_loss, fused_linear_cross_entropy
+from cromwell.model.loss import lm_loss
 
 WORLD = 2
 N, H, V = 29, 12, 2 * 70

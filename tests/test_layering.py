@@ -1,4 +1,4 @@
-"""Dependencies point one way: data/ and model/ at the bottom (neither imports the other nor anything
+"""Every import of the project goes through its one namespace, cromwell. Dependencies point one way: data/ and model/ at the bottom (neither imports the other nor anything
 above it), pretrain/ above them, tools/ and bench/ on top; commands (tools/*.py, bench/*.py and the
 training entry points) are imported by no library module and tools import no other command; and no
 module takes part in an import cycle."""
@@ -29,14 +29,22 @@ def _name(path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(tree: ast.AST):
-    """Every absolute import, also those inside functions (a lazy import is still a dependency)."""
+def _absolute_imports(tree: ast.AST):
+    """(line, module or module.name) of every absolute import, also those inside functions (a lazy import
+    is still a dependency)."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             yield from ((node.lineno, alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             yield node.lineno, node.module
             yield from ((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
+
+
+def _imports(tree: ast.AST):
+    """The project's imports, named without the namespace (cromwell.data.shards -> data.shards)."""
+    for line, name in _absolute_imports(tree):
+        if name.startswith("cromwell."):
+            yield line, name.removeprefix("cromwell.")
 
 
 def _graph() -> dict[str, set[str]]:
@@ -48,16 +56,29 @@ def _graph() -> dict[str, set[str]]:
         edges = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                edges |= {alias.name for alias in node.names}
+                edges |= {alias.name.removeprefix("cromwell.") for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                children = {f"{node.module}.{alias.name}" for alias in node.names} & modules.keys()
-                edges |= children if len(children) == len(node.names) else children | {node.module}
+                module = node.module.removeprefix("cromwell.")
+                children = {f"{module}.{alias.name}" for alias in node.names} & modules.keys()
+                edges |= children if len(children) == len(node.names) else children | {module}
         graph[name] = (edges & modules.keys()) - {name}
     return graph
 
 
 def _is_command(name: str) -> bool:
     return name.split(".")[0] in ("tools", "bench") and name not in ("tools", "bench") or name in ENTRY_POINTS
+
+
+def test_the_project_is_imported_through_its_namespace_only():
+    """`import data` would find the source tree only from its root, and load a second copy of modules
+    the namespace already loaded; a relative import hides what it imports from these checks."""
+    trees = [(path, tree) for _, path, tree in _modules()]
+    trees += [(path, ast.parse(path.read_text(), filename=str(path))) for path in sorted((REPO / "tests").rglob("*.py"))]
+    wrong = [f"{path.relative_to(REPO)}:{line} imports {name}" for path, tree in trees
+             for line, name in _absolute_imports(tree) if name.split(".")[0] in MAY_IMPORT]
+    wrong += [f"{path.relative_to(REPO)}:{node.lineno} imports relatively" for path, tree in trees
+              for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level > 0]
+    assert not wrong, "\n".join(wrong)
 
 
 def test_imports_point_down():
@@ -103,3 +124,12 @@ def test_there_is_no_import_cycle():
 def test_the_cycle_check_finds_cycles():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a -> b -> c -> a"]
     assert _cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_models_are_constructed_by_the_builder_only():
+    """pretrain/, tools/ and bench/ get their models from model/build.py, never from the classes."""
+    wrong = [f"{path.relative_to(REPO)}:{node.lineno} calls {ast.unparse(node.func)}"
+             for package, path, tree in _modules() if package in ("pretrain", "tools", "bench")
+             for node in ast.walk(tree)
+             if isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] in ("GPT", "VLJEPA")]
+    assert not wrong, "\n".join(wrong)

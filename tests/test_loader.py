@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import Plan, TokenBatches, rank_positions
-from data.mixture import Interleave, SourceOrder, integer_weights, key_of, permute
-from data.multimodal import JEPASamples
-from data.shards import Location, SampleError, ShardError, read_corpus, shard_name
-from data.tokenizer import IGNORE, PAD_ID
+from cromwell.data.loader import Plan, TokenBatches, rank_positions
+from cromwell.data.mixture import Interleave, SourceOrder, integer_weights, key_of, permute
+from cromwell.data.multimodal import JEPASamples
+from cromwell.data.shards import Location, SampleError, ShardError, read_corpus, shard_name
+from cromwell.data.tokenizer import IGNORE, PAD_ID
 from test_shards import image_bytes
-from tools.build_shards import write_source
+from cromwell.tools.build_shards import write_source
 
 CONTEXT = 8
 SPS = 11  # samples per shard
@@ -294,7 +294,7 @@ def test_a_script_that_never_closes_its_loader_still_exits(corpus):
     import subprocess
     import sys
 
-    script = (f"from data.loader import TokenBatches\n"
+    script = (f"from cromwell.data.loader import TokenBatches\n"
               f"b = TokenBatches({str(corpus)!r}, weights=None, vocab_size={VOCAB}, global_batch=6, "
               f"micro_batch_size=3, dp_rank=0, dp_size=1, seed=1, num_workers=2)\n"
               f"next(b)\nraise SystemExit(3)\n")

@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from data.masks import block_mask, mask_rng, multiblock_mask, random_mask, span_mask
+from cromwell.data.masks import block_mask, mask_rng, multiblock_mask, random_mask, span_mask
 
 DRAWS = 2000
 

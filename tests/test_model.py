@@ -4,19 +4,19 @@ import pytest
 import torch
 from megatron.core import parallel_state
 
-from bench.step_jepa_cost import saved_activation_bytes
-from model.config import ModelConfig
-from model.gpt import GPT, init_weights, megatron_config
-from model.loss import lm_loss
-from pretrain.config import load_config
-from pretrain.optim import lr_at
-from pretrain.distributed import init_distributed
+from cromwell.bench.step_jepa_cost import saved_activation_bytes
+from cromwell.model.config import ModelConfig
+from cromwell.model.gpt import GPT, init_weights, megatron_config
+from cromwell.model.loss import lm_loss
+from cromwell.pretrain.config import load_config
+from cromwell.pretrain.optim import lr_at
+from cromwell.pretrain.distributed import init_distributed
 
 
 @pytest.fixture(scope="module")
 def cfg():
     cfg = load_config("pretrain/configs/tiny.yaml", ["model.hidden_size=64", "model.num_layers=2",
-                                                     "model.ffn_hidden_size=128", "training.lm.vocab_size=300"])
+                                                     "model.ffn_hidden_size=128", "model.vocab_size=300"])
     init_distributed(cfg)
     yield cfg
     parallel_state.destroy_model_parallel()
@@ -24,20 +24,20 @@ def cfg():
 
 
 def _gpt(cfg, seed=0):
-    gpt = GPT(cfg.model, cfg.model.padded_vocab_size(cfg.training.lm.vocab_size), megatron_config(1))
+    gpt = GPT(cfg.model, megatron_config(1))
     for i, layer in enumerate(gpt.children()):
         init_weights(layer, i, cfg.model, seed)
     return gpt
 
 
 def test_vocab_padding_does_not_depend_on_the_tp_size():
-    m = ModelConfig()
+    m = ModelConfig(vocab_size=50000)
     # Megatron multiplies its divisor by the TP size (50000 -> 50048 at TP=1 but 50176 at TP=2),
     # so checkpoints could not move between TP sizes; here every TP size gets the same rows.
-    assert {m.padded_vocab_size(50000, tp) for tp in (1, 2, 4, 8, 16, 32, 64, 128)} == {50048}
-    assert ModelConfig(make_vocab_size_divisible_by=64).padded_vocab_size(600, 2) == 640
+    assert {m.padded_vocab_size(tp) for tp in (1, 2, 4, 8, 16, 32, 64, 128)} == {50048}
+    assert ModelConfig(vocab_size=600, make_vocab_size_divisible_by=64).padded_vocab_size(2) == 640
     with pytest.raises(ValueError, match=r"not divisible by parallel.tensor \(3\).*make_vocab_size_divisible_by"):
-        m.padded_vocab_size(50000, 3)
+        m.padded_vocab_size(3)
 
 
 def test_hidden_states_are_causal(cfg):
@@ -100,7 +100,7 @@ def test_lr_schedule_warms_up_then_decays_to_min(cfg):
     lrs = [lr_at(s, c) for s in range(steps + 1)]
     warm = 20_000 // per_step
     assert all(x < y for x, y in zip(lrs[:warm], lrs[1:warm + 1]))
-    assert max(lrs) <= c.training.optimizers.lr
+    assert max(lrs) <= c.training.optimizer.lr
     assert all(x >= y for x, y in zip(lrs[warm + 1:], lrs[warm + 2:]))
     assert lrs[-1] == pytest.approx(c.training.scheduler.min_lr)
 
@@ -125,7 +125,7 @@ def test_activation_checkpointing_same_gradients_less_memory(cfg):
 
 
 def test_document_mask_keeps_documents_apart(cfg):
-    from data.masks import document_positions_and_mask
+    from cromwell.data.masks import document_positions_and_mask
 
     eos = 2
     ids = torch.tensor([[5, 6, 7, eos, 8, 9, eos, 10, 11, 12], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])

@@ -15,7 +15,7 @@ STEPS = 3
 def _metrics(tiny_data, tmp_path, name, nproc, sets):
     out = tmp_path / name
     args = ["--config", "pretrain/configs/tiny.yaml", *tiny_overrides(tiny_data, out),
-            *[a for s in ["training.lm.vocab_size=600", "training.batch_size=8", "training.micro_batch_size=2",
+            *[a for s in ["model.vocab_size=600", "training.batch_size=8", "training.micro_batch_size=2",
                           f"training.train_steps={STEPS}", "checkpoint.every_steps=100", *sets] for a in ("--set", s)]]
     launch("tests/dist/custom_objective_worker.py", args, nproc)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

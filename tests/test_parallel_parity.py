@@ -21,7 +21,7 @@ STEPS = 3
 RTOL = 1e-4
 # Megatron's rule (128 x TP) would pad 600 to 640 at TP=1 but 768 at TP=2: with the TP-independent
 # padding both build the same 640-row embedding and start from the same weights.
-VOCAB = ["training.lm.vocab_size=600"]
+VOCAB = ["model.vocab_size=600"]
 
 
 def _run(tiny_data, tmp_path, name, nproc, sets, base=()):
@@ -95,7 +95,7 @@ def chats(tmp_path_factory):
 
 def _step_jepa(chats):
     return VOCAB + ["training.objective=step_jepa", f"data.chats={chats}", "training.step_jepa.mode=multistep",
-                    "training.step_jepa.lbd=1.0", "training.batch_size=4"]
+                    "training.step_jepa.jepa_weight=1.0", "training.batch_size=4"]
 
 
 def test_step_jepa_data_parallel_is_token_weighted(tiny_data, tmp_path, chats):

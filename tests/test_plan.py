@@ -11,25 +11,25 @@ import torch
 from megatron.core import parallel_state
 
 from conftest import DEEPSPEED, PYTHON, REPO, free_port, run, vl_sets
-from data.multimodal import JEPASamples
-from data.tokenizer import PAD_ID
-from model.gpt import GPT, init_weights, megatron_config
-from model.vljepa import VLJEPA
-from pretrain.config import load_config
-from pretrain.objectives.hybrid import HybridJEPA
-from pretrain.distributed import init_distributed
-from pretrain.parallelize import deepspeed_config
-from tools import plan as planner
-from pretrain.planner import DeepSpeedBuffers, Layout, Tokens, layers_of, memory, saved_activations
+from cromwell.data.multimodal import JEPASamples
+from cromwell.data.tokenizer import PAD_ID
+from cromwell.model.build import build
+from cromwell.model.gpt import init_weights, megatron_config
+from cromwell.pretrain.config import load_config
+from cromwell.pretrain.objectives.hybrid import Hybrid
+from cromwell.pretrain.distributed import init_distributed
+from cromwell.pretrain.parallelize import deepspeed_config
+from cromwell.tools import plan as planner
+from cromwell.pretrain.planner import DeepSpeedBuffers, Layout, Tokens, layers_of, memory, saved_activations
 
 GPT_SETS = ["model.hidden_size=64", "model.num_layers=3", "model.num_heads=4", "model.ffn_hidden_size=160",
-            "training.lm.vocab_size=300", "training.lm.context_length=48"]
+            "model.vocab_size=300", "training.lm.context_length=48"]
 VL_SETS = ["model.type=vljepa", "training.objective=hybrid", "model.hidden_size=64", "model.num_layers=2",
            "model.num_heads=4", "model.ffn_hidden_size=128", "model.vision.hidden_size=96", "model.vision.num_layers=2",
            "model.vision.num_heads=4", "model.vision.ffn_hidden_size=160", "model.vision.image_size=64",
            "model.vision.patch_size=8",
            "model.fusion.every=1", "model.predictor.num_layers=2", "model.predictor.num_heads=4",
-           "training.jepa.embedding_dim=32", "training.lm.vocab_size=300", "training.lm.context_length=48",
+           "model.predictor.embedding_dim=32", "model.vocab_size=300", "training.lm.context_length=48",
            "training.jepa.span_length=4"]
 
 
@@ -64,7 +64,7 @@ def kept_by_autograd(model, fn) -> int:
 
 def test_gpt_activations_are_what_autograd_keeps(process_group):
     cfg = config(*GPT_SETS)
-    model = GPT(cfg.model, 384, megatron_config(1))
+    model = build(cfg.model, megatron_config(1))
     for name, layer in model.named_children():
         init_weights(layer, int(name), cfg.model, 0)
     b, s = 3, cfg.training.lm.context_length
@@ -80,10 +80,10 @@ def test_vljepa_activations_are_what_autograd_keeps(process_group, vision):
     """The whole hybrid step's forward (ViT on the context, fusion on the image rows, language model,
     target pass, projections, both predictors, the losses) on a batch of 2 images in 3 rows."""
     cfg = config(*VL_SETS, f"training.jepa.masking.vision={vision}")
-    model = VLJEPA(cfg.model, 384, megatron_config(1), 32, cfg.training.jepa.prediction_steps)
+    model = build(cfg.model, megatron_config(1))
     for name, layer in model.named_children():
         init_weights(layer, int(name), cfg.model, 0)
-    objective = HybridJEPA(cfg)
+    objective = Hybrid(cfg)
     objective.setup(model, lambda params: torch.no_grad(), "cpu")
     v = cfg.model.vision
     samples = JEPASamples(seed=3, pad_id=PAD_ID, image_size=v.image_size, patch_size=v.patch_size, masks=True,

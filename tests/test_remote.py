@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.loader import TokenBatches
-from data.remote import RemoteError
-from data.shards import Location, shard_name
+from cromwell.data.loader import TokenBatches
+from cromwell.data.remote import RemoteError
+from cromwell.data.shards import Location, shard_name
 from tests.conftest import PYTHON, TINY_MODEL, run
-from tools.build_shards import write_source
+from cromwell.tools.build_shards import write_source
 
 CONTEXT = 8
 VOCAB = 500

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.shards import (
+from cromwell.data.shards import (
     Location, SampleError, ShardError, ShardReader, npy_header, read_corpus, sample_offsets, shard_bytes, shard_name,
     shard_problem, sha256_file, token_dtype,
 )
-from data.tokenizer import ASSISTANT, END, EOS, EOS_ID, PAD_ID, USER, load_tokenizer, special_id
-from tools import build_shards
-from tools import inspect_shards
-from tools import train_tokenizer
+from cromwell.data.tokenizer import ASSISTANT, END, EOS, EOS_ID, PAD_ID, USER, load_tokenizer, special_id
+from cromwell.tools import build_shards
+from cromwell.tools import inspect_shards
+from cromwell.tools import train_tokenizer
 
 CONTEXT = 16
 SPS = 7  # samples per shard

@@ -75,7 +75,7 @@ def curriculum(vl_data, tmp_path_factory):
                "stage3_hybrid": "{stdlib_code: 1, vision_text: 1}", "stage4_sft": "{code_edits: 1, vision_text: 1}"}
     stages = [{"name": name, "config": f"pretrain/configs/{name}.yaml",
                "tokens": (STAGE1_STEPS if name == "stage1_jepa" else 4) * tokens_per_step / total,
-               "set": [f"data.mixture={mix}", "training.optimizers.lr=3.0e-3", "training.scheduler.min_lr=3.0e-4",
+               "set": [f"data.mixture={mix}", "training.optimizer.lr=3.0e-3", "training.scheduler.min_lr=3.0e-4",
                        f"data.shards={instructions / 'shards' if name == 'stage4_sft' else vl_data['shards']}"]}
               for name, mix in mixture.items()]
     common = [s for s in VL if not s.startswith("data.mixture")] + [
@@ -162,7 +162,7 @@ def _frozen_at_step(cluster, run_dir: Path, step: int, job: str) -> list[int]:
 def _stage_args(curriculum: Path) -> dict[str, tuple[str, list[str]]]:
     """{stage: (run config, sbatch script arguments)} as submit_curriculum.sh passes them, but for the
     run directory."""
-    lines = run([PYTHON, "-m", "pretrain.curriculum", "--curriculum", str(curriculum), "--stages"]).stdout
+    lines = run([PYTHON, "-m", "cromwell.pretrain.curriculum", "--curriculum", str(curriculum), "--stages"]).stdout
     out = {}
     for line in lines.splitlines():
         if line.startswith("STAGE\t"):
@@ -211,7 +211,7 @@ def test_the_curriculum_runs_stage_after_stage_on_two_nodes(cluster, curriculum_
 
 def test_step_jepa_fine_tunes_a_local_llama_on_two_nodes(cluster, tmp_path):
     from tests.test_trainer import CHATS
-    from tools.tiny_hf_model import build_tiny_llama
+    from cromwell.tools.tiny_hf_model import build_tiny_llama
 
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{u} ({i})"},

@@ -13,7 +13,7 @@ import pytest
 import webdataset
 from PIL import Image
 
-from data.sources import ADAPTERS, Skipped, SourceError
+from cromwell.data.sources import ADAPTERS, Skipped, SourceError
 
 SEED_SOURCES = ["stack_v2", "codecontests", "github_prs", "arxiv", "openstax", "stackoverflow", "vision_text",
                 "financial_code"]

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from data.corpus.step_data import main
+from cromwell.data.corpus.step_data import main
 
 GSM8K_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k")
 

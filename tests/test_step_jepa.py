@@ -7,11 +7,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.chats import ChatEncoder
-from data.step_jepa import IGNORE, lm_batch, packed_batch, reference_view_batch
-from model.jepa import jepa_loss
-from pretrain.config import load_config
-from pretrain.objectives.step_jepa import StepJEPA
+from cromwell.data.chats import ChatEncoder
+from cromwell.data.chat_views import IGNORE, lm_batch, packed_batch, reference_view_batch
+from cromwell.model.jepa import jepa_loss
+from cromwell.pretrain.config import load_config
+from cromwell.pretrain.objectives.step_jepa import StepJEPA
 
 VOCAB, EOS, PAD = 128, 1, 0
 PRED = [2, 3, 4]
@@ -20,8 +20,8 @@ PRED = [2, 3, 4]
 def make_objective(mode="step", loss_type="cosine", lbd=0.1, gamma=1.0, single_pass=True) -> StepJEPA:
     cfg = load_config("pretrain/configs/tiny.yaml", [
         "training.objective=step_jepa", "data.chats=unused.jsonl", f"training.step_jepa.mode={mode}",
-        f"training.step_jepa.loss_type={loss_type}", f"training.step_jepa.lbd={lbd}",
-        f"training.step_jepa.gamma={gamma}", f"training.step_jepa.single_pass={single_pass}"])
+        f"training.step_jepa.loss_type={loss_type}", f"training.step_jepa.jepa_weight={lbd}",
+        f"training.step_jepa.lm_weight={gamma}", f"training.step_jepa.single_pass={single_pass}"])
     return StepJEPA(cfg, encoder, PRED, PAD)
 
 
@@ -233,15 +233,17 @@ def _project_gpt(vocab=VOCAB, kernels="fused"):
     """The project's GPT (model/gpt.py) in a one-process group, TP = 1."""
     from megatron.core import parallel_state
 
-    from model.config import ModelConfig
-    from model.gpt import GPT, init_weights, megatron_config
-    from pretrain.distributed import join_process_group
+    from cromwell.model.config import ModelConfig
+    from cromwell.model.gpt import GPT, init_weights, megatron_config
+    from cromwell.pretrain.distributed import join_process_group
 
     join_process_group()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
-    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64)
-    gpt = GPT(cfg, vocab, megatron_config(1), kernels=kernels)
+    # No padding: the toy backbones the GPT is compared with have exactly `vocab` rows.
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, ffn_hidden_size=64, vocab_size=vocab,
+                      make_vocab_size_divisible_by=1)
+    gpt = GPT(cfg, megatron_config(1), kernels=kernels)
     for i, layer in enumerate(gpt.children()):
         init_weights(layer, i, cfg, seed=3)
     return gpt
@@ -263,9 +265,9 @@ def test_project_gpt_single_pass_equals_two_pass(kernels):
 
 
 def test_project_chat_encoder_uses_role_tokens(tmp_path):
-    from data.chats import project_chat_encoder
-    from data.tokenizer import ASSISTANT, EOS_ID, SYSTEM
-    from tools.train_tokenizer import MIN_VOCAB_SIZE, train_tokenizer
+    from cromwell.data.chats import project_chat_encoder
+    from cromwell.data.tokenizer import ASSISTANT, EOS_ID, SYSTEM
+    from cromwell.tools.train_tokenizer import MIN_VOCAB_SIZE, train_tokenizer
 
     tok = train_tokenizer(["lines with the string 'dog'", "(dog)*", "Convert to regex."], MIN_VOCAB_SIZE + 20,
                           show_progress=False)
@@ -281,7 +283,7 @@ def test_project_chat_encoder_uses_role_tokens(tmp_path):
 def _run_entry_point(tmp_path, name, nproc=1, sets=(), args=()) -> list[dict]:
     """pretrain/step_jepa.py on the project's GPT (tiny.yaml shrunk) over 16 NL-RX-like chats; its log."""
     from conftest import launch
-    from tools.train_tokenizer import MIN_VOCAB_SIZE, train_tokenizer
+    from cromwell.tools.train_tokenizer import MIN_VOCAB_SIZE, train_tokenizer
 
     pairs = [("lines with the string 'dog'", ".*dog.*"), ("lines ending with a vowel", ".*[AEIOUaeiou]"),
              ("lines with a number", ".*[0-9].*"), ("lines starting with 'cat'", "cat.*")]
@@ -292,7 +294,7 @@ def _run_entry_point(tmp_path, name, nproc=1, sets=(), args=()) -> list[dict]:
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
     sets = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "model.ffn_hidden_size=64",
-            f"training.lm.vocab_size={tok.get_vocab_size()}", "training.kernels=reference", *sets]
+            f"model.vocab_size={tok.get_vocab_size()}", "training.kernels=reference", *sets]
     out = tmp_path / name
     launch("pretrain/step_jepa.py", ["--config", "pretrain/configs/tiny.yaml", *[a for s in sets for a in ("--set", s)],
                                      "--tokenizer", str(tmp_path / "tok.json"), "--train_file", str(data),

@@ -10,10 +10,10 @@ from megatron.core import parallel_state
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.config import ModelConfig
-from model.gpt import GPT, init_weights, megatron_config
-from pretrain.distributed import join_process_group
-from pretrain.throughput import Throughput, flops_per_token, gpu_memory_bandwidth, gpu_peak_flops, peak_flops_per_device
+from cromwell.model.config import ModelConfig
+from cromwell.model.gpt import GPT, init_weights, megatron_config
+from cromwell.pretrain.distributed import join_process_group
+from cromwell.pretrain.throughput import Throughput, flops_per_token, gpu_memory_bandwidth, gpu_peak_flops, peak_flops_per_device
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +34,9 @@ def model_parallel():
 # The second case takes the default SwiGLU width (192) and a vocabulary that gets padded (300 -> 384).
 @pytest.mark.parametrize("ffn_hidden_size, vocab, seq", [(128, 512, 32), (None, 300, 24)])
 def test_formula_equals_flop_counter_on_project_gpt(model_parallel, ffn_hidden_size, vocab, seq):
-    cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=ffn_hidden_size)
-    padded = cfg.padded_vocab_size(vocab, 1)
-    gpt = GPT(cfg, padded, megatron_config(1))
+    cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=ffn_hidden_size, vocab_size=vocab)
+    padded = cfg.padded_vocab_size()
+    gpt = GPT(cfg, megatron_config(1))
     for i, layer in enumerate(gpt.children()):
         init_weights(layer, i, cfg, seed=0)
     batch = 2

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from data.documents import iter_documents
-from data.tokenizer import (
+from cromwell.data.documents import iter_documents
+from cromwell.data.tokenizer import (
     BOS_ID, EOS, EOS_ID, NUM_PREDICTOR_TOKENS, PAD_ID, SPECIAL_TOKENS, USER, load_tokenizer,
     predictor_token, predictor_token_id, special_id,
 )
-from data.corpus import stdlib as stdlib_corpus
-from tools import train_tokenizer
+from cromwell.data.corpus import stdlib as stdlib_corpus
+from cromwell.tools import train_tokenizer
 
 VOCAB_SIZE = 400
 TINY_CONFIG = Path(__file__).parents[1] / "pretrain" / "configs" / "tiny.yaml"

@@ -41,7 +41,7 @@ def test_step_jepa_through_the_trainer_resumes_bit_identically(tiny_data, tmp_pa
                                                       {"role": "assistant", "content": a}]}) + "\n"
                              for i in range(5) for u, a in CHATS))
     sets = ["training.objective=step_jepa", f"data.chats={chats}", "training.step_jepa.mode=multistep",
-            "training.step_jepa.lbd=1.0", "training.batch_size=4", "training.micro_batch_size=1",
+            "training.step_jepa.jepa_weight=1.0", "training.batch_size=4", "training.micro_batch_size=1",
             "training.train_steps=6", "checkpoint.every_steps=100"]
     _train(tiny_data, tmp_path / "full", sets, nproc=2)
     _train(tiny_data, tmp_path / "split", sets, ["--stop-after", "3"], nproc=2)
@@ -107,7 +107,7 @@ def test_validation_reads_the_same_batches_every_time(tiny_data, tmp_path):
     is the loss of the first training step: it reads the stream's first micro batches every time,
     weighted as the training step weighs them."""
     out = tmp_path / "lr0"
-    _train(tiny_data, out, ["validation.every_steps=2", "validation.micro_batches=4", "training.optimizers.lr=0",
+    _train(tiny_data, out, ["validation.every_steps=2", "validation.micro_batches=4", "training.optimizer.lr=0",
                             "training.scheduler.min_lr=0", f"data.valid_shards={tiny_data['shards']}",
                             "training.train_steps=4"])
     records = _records(out)
@@ -153,7 +153,7 @@ def test_wandb_offline_logs_without_network(tiny_data, tmp_path):
 
 
 def test_seed_everything_seeds_python_numpy_and_torch():
-    from pretrain.trainer import seed_everything
+    from cromwell.pretrain.trainer import seed_everything
 
     draws = []
     for seed in (7, 7, 8):

@@ -7,12 +7,12 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from data.shards import ShardError
-from pretrain.config import ConfigError, load_config
-from pretrain.objectives import load_run_tokenizer
-from pretrain.objectives.lm import LanguageModeling
-from tools import train_tokenizer
-from tools.build_shards import write_source
+from cromwell.data.shards import ShardError
+from cromwell.pretrain.config import ConfigError, load_config
+from cromwell.pretrain.objectives import load_run_tokenizer
+from cromwell.pretrain.objectives.lm import LanguageModeling
+from cromwell.tools import train_tokenizer
+from cromwell.tools.build_shards import write_source
 
 TINY = "pretrain/configs/tiny.yaml"
 TOKENIZER_VOCAB = 300
@@ -29,7 +29,7 @@ def tokenizer_file(tmp_path_factory):
 
 
 def run_tokenizer(path, vocab_size=TOKENIZER_VOCAB):
-    return load_run_tokenizer(load_config(TINY, [f"data.tokenizer={path}", f"training.lm.vocab_size={vocab_size}"]))
+    return load_run_tokenizer(load_config(TINY, [f"data.tokenizer={path}", f"model.vocab_size={vocab_size}"]))
 
 
 def test_a_tokenizer_that_fits_the_model_loads(tokenizer_file):
@@ -53,7 +53,7 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_names_both_sizes(tokenizer
     with pytest.raises(ConfigError) as e:
         run_tokenizer(tokenizer_file, vocab_size=TOKENIZER_VOCAB - 1)
     assert str(e.value) == (f"data.tokenizer {tokenizer_file} has {TOKENIZER_VOCAB} tokens, more than "
-                            f"training.lm.vocab_size {TOKENIZER_VOCAB - 1}: the model could not embed every id")
+                            f"model.vocab_size {TOKENIZER_VOCAB - 1}: the model could not embed every id")
 
 
 def write_shards(directory, rows: np.ndarray, vocab_size: int = TOKENIZER_VOCAB):
@@ -67,7 +67,7 @@ def clean_rows(count: int) -> np.ndarray:
 
 
 def lm_batches(shards, vocab_size):
-    cfg = load_config(TINY, [f"data.shards={shards}", f"training.lm.vocab_size={vocab_size}",
+    cfg = load_config(TINY, [f"data.shards={shards}", f"model.vocab_size={vocab_size}",
                              f"training.lm.context_length={CONTEXT}", "training.micro_batch_size=2",
                              "training.batch_size=2", "data.num_workers=0"])
     return LanguageModeling(cfg).batches("train", dp_rank=0, dp_size=1)
@@ -87,5 +87,5 @@ def test_the_lm_loader_checks_ids_against_the_configured_vocabulary(tmp_path):
 def test_shards_of_a_larger_tokenizer_are_refused_before_reading(tmp_path):
     write_shards(tmp_path / "shards", clean_rows(8), vocab_size=TOKENIZER_VOCAB + 1)
     with pytest.raises(ConfigError, match=f"tokenizer vocab {TOKENIZER_VOCAB + 1} exceeds "
-                                          f"training.lm.vocab_size {TOKENIZER_VOCAB}"):
+                                          f"model.vocab_size {TOKENIZER_VOCAB}"):
         lm_batches(tmp_path / "shards", TOKENIZER_VOCAB)

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from conftest import PYTHON, REPO, run
-from data.sources import vision_text
-from data.corpus.vision_pairs import KINDS, MAX_SIDE, make_pairs
+from cromwell.data.sources import vision_text
+from cromwell.data.corpus.vision_pairs import KINDS, MAX_SIDE, make_pairs
 
 SEED = 3
 

@@ -10,24 +10,24 @@ import torch
 from megatron.core import parallel_state
 from PIL import Image
 
-from data.multimodal import JEPASamples, runs
-from data.tokenizer import PAD_ID
-from model.gpt import init_weights, megatron_config
-from model.jepa import collapse_stats, ema_update, momentum
-from model.vljepa import VLJEPA
-from pretrain.config import load_config
-from pretrain.evaluation.held_out import collapse_check
-from pretrain.objectives import Loss
-from pretrain.objectives.hybrid import HybridJEPA
-from pretrain.distributed import init_distributed
-from pretrain.parallelize import whole_parameters
+from cromwell.data.multimodal import JEPASamples, runs
+from cromwell.data.tokenizer import PAD_ID
+from cromwell.model.gpt import init_weights, megatron_config
+from cromwell.model.jepa import collapse_stats, ema_update, momentum
+from cromwell.model.vljepa import VLJEPA
+from cromwell.pretrain.config import load_config
+from cromwell.pretrain.evaluation.held_out import collapse_check
+from cromwell.pretrain.objectives import Loss
+from cromwell.pretrain.objectives.hybrid import Hybrid
+from cromwell.pretrain.distributed import init_distributed
+from cromwell.pretrain.parallelize import whole_parameters
 
 VOCAB = 300
 TINY = ["model.type=vljepa", "training.objective=hybrid", "model.hidden_size=64", "model.num_layers=2",
         "model.num_heads=4", "model.ffn_hidden_size=128", "model.vision.hidden_size=64", "model.vision.num_layers=2",
         "model.vision.num_heads=4", "model.vision.image_size=64", "model.fusion.every=1",
-        "model.predictor.num_layers=1", "model.predictor.num_heads=4", "training.jepa.embedding_dim=64",
-        "training.lm.vocab_size=300", "training.lm.context_length=32", "training.jepa.span_length=4",
+        "model.predictor.num_layers=1", "model.predictor.num_heads=4", "model.predictor.embedding_dim=64",
+        "model.vocab_size=300", "training.lm.context_length=32", "training.jepa.span_length=4",
         "training.train_steps=10"]
 
 
@@ -44,15 +44,14 @@ def process_group():
 
 
 def build(cfg, seed=0, open_gates=True):
-    model = VLJEPA(cfg.model, 384, megatron_config(1), cfg.training.jepa.embedding_dim,
-                   cfg.training.jepa.prediction_steps)
+    model = VLJEPA(cfg.model, megatron_config(1))
     for name, layer in model.named_children():
         init_weights(layer, int(name), cfg.model, seed)
     if open_gates:  # at init the gates are closed; opened, the text really reads the image
         for name, p in model.named_parameters():
             if name.endswith("gate"):
                 p.data.fill_(0.5)
-    objective = HybridJEPA(cfg)
+    objective = Hybrid(cfg)
     objective.setup(model, whole_parameters(_NoZero()), "cpu")
     return model, objective
 
@@ -303,8 +302,8 @@ def test_collapse_monitor_fires_on_collapsed_embeddings_only():
 
 
 def test_instruction_mode_trains_response_tokens_only():
-    from data.tokenizer import ASSISTANT, END, EOS_ID, USER, special_id
-    from pretrain.objectives.hybrid import responses
+    from cromwell.data.tokenizer import ASSISTANT, END, EOS_ID, USER, special_id
+    from cromwell.pretrain.objectives.hybrid import responses
 
     user, assistant, end = special_id(USER), special_id(ASSISTANT), special_id(END)
     #        0     1   2   3          4   5   6    7     8          9   10   11

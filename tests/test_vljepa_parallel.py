@@ -55,24 +55,24 @@ def curriculum_file(vl_data, tmp_path, steps=3) -> Path:
     path.write_text(json.dumps({
         "output_dir": str(tmp_path / "curriculum"), "total_tokens": 2 * tokens, "set": common,
         "stages": [{"name": "one", "config": "pretrain/configs/stage1_jepa.yaml", "tokens": 0.5,
-                    "set": ["training.optimizers.lr=1e-3", "training.scheduler.min_lr=1e-4",
+                    "set": ["training.optimizer.lr=1e-3", "training.scheduler.min_lr=1e-4",
                             "validation.every_steps=3", "validation.micro_batches=2",
                             f"data.valid_shards={vl_data['valid_shards']}"]},
                    {"name": "two", "config": "pretrain/configs/stage2_lm.yaml", "tokens": 0.5,
-                    "set": ["training.optimizers.lr=5e-4", "training.scheduler.min_lr=2e-4",
+                    "set": ["training.optimizer.lr=5e-4", "training.scheduler.min_lr=2e-4",
                             "data.mixture={stdlib_code: 1}"]}]}))
     return path
 
 
 def module_weights(tag_dir: Path) -> dict:
-    from pretrain.checkpoint import safe_load
+    from cromwell.pretrain.checkpoint import safe_load
 
     return safe_load(tag_dir / "mp_rank_00_model_states.pt")
 
 
 def test_the_curriculum_hands_weights_on_and_skips_finished_stages(vl_data, tmp_path):
-    from pretrain.config import load_curriculum, stage_configs
-    from pretrain.optim import lr_at
+    from cromwell.pretrain.config import load_curriculum, stage_configs
+    from cromwell.pretrain.optim import lr_at
 
     path = curriculum_file(vl_data, tmp_path)
     out = launch("pretrain/curriculum.py", ["--curriculum", str(path)], 1).stdout

@@ -9,7 +9,7 @@ import pytest
 from packaging.requirements import Requirement
 
 from conftest import REPO
-from tools import wheelhouse
+from cromwell.tools import wheelhouse
 
 ENV_312 = wheelhouse.target_environment("3.12", "x86_64")
 

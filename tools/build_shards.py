@@ -43,14 +43,14 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from data.documents import Chat, file_documents, input_files, input_source, plain_text
-from data.shards import (
+from cromwell.data.documents import Chat, file_documents, input_files, input_source, plain_text
+from cromwell.data.shards import (
     CORPUS_NAME, CRC_NAME, FORMAT_VERSION, MANIFEST_NAME, OFFSETS_NAME, SUMS_NAME, EncodedImage, ShardError,
     SourceManifest, parse_manifest, sample_crcs, sample_offsets, shard_bytes, sha256_file, shard_name, sums_line,
     token_dtype, write_json_atomically,
 )
-from data.sources import ADAPTERS, Skipped
-from data.tokenizer import ASSISTANT, END, EOS_ID, PAD_ID, SYSTEM, USER, load_tokenizer, special_id
+from cromwell.data.sources import ADAPTERS, Skipped
+from cromwell.data.tokenizer import ASSISTANT, END, EOS_ID, PAD_ID, SYSTEM, USER, load_tokenizer, special_id
 
 # 256 samples per shard gives the tiny run (about 2.5M tokens, 257-token samples) some 38 shards.
 DEFAULT_SAMPLES_PER_SHARD = 256
@@ -522,7 +522,7 @@ def write_source(output: Path, source: str, rows: np.ndarray, samples_per_shard:
 
 def _from_config(path: Path):
     # Imported here: the run config is only needed when --config is given.
-    from pretrain.config import load_config
+    from cromwell.pretrain.config import load_config
 
     return load_config(path)
 
@@ -554,13 +554,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give --context-length or --config")
     context_length = args.context_length
     if args.config is not None:
-        lm = _from_config(args.config).training.lm
-        context_length = context_length if context_length is not None else lm.context_length
+        cfg = _from_config(args.config)
+        context_length = context_length if context_length is not None else cfg.training.lm.context_length
         vocab_size = load_tokenizer(args.tokenizer).get_vocab_size()
-        if vocab_size > lm.vocab_size:
+        if vocab_size > cfg.model.vocab_size:
             parser.error(
-                f"tokenizer {args.tokenizer} has {vocab_size} tokens, more than training.lm.vocab_size "
-                f"{lm.vocab_size} in {args.config}: the model could not embed every id"
+                f"tokenizer {args.tokenizer} has {vocab_size} tokens, more than model.vocab_size "
+                f"{cfg.model.vocab_size} in {args.config}: the model could not embed every id"
             )
     start = time.perf_counter()
     build_shards(args.input, args.tokenizer, args.output, context_length, args.workers, args.samples_per_shard,

@@ -15,15 +15,15 @@ only when complete. How: pretrain/checkpoint/export.py.
 
 from __future__ import annotations
 
-import pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+import cromwell.pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
 
 import argparse
 import sys
 from pathlib import Path
 
-from pretrain.checkpoint import CheckpointError
-from pretrain.checkpoint.export import convert
-from pretrain.checkpoint.formats import FORMATS
+from cromwell.pretrain.checkpoint import CheckpointError
+from cromwell.pretrain.checkpoint.export import convert
+from cromwell.pretrain.checkpoint.formats import FORMATS
 
 
 def parse_args(argv=None):
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
         sys.exit(f"error: --out {args.out} exists; remove it or pass --overwrite")
     try:
         if args.to_deepspeed:
-            from pretrain.checkpoint.reshard import reshard  # imports torch.distributed and DeepSpeed
+            from cromwell.pretrain.checkpoint.reshard import reshard  # imports torch.distributed and DeepSpeed
 
             out = reshard(args)
         else:

@@ -11,7 +11,7 @@ Per run (a local HF model directory or a LoRA adapter directory saved by pretrai
          states of the plain causal pass, and the Step-JEPA views (predictor after step i vs
          step i+1 in isolation); and a PCA projection of the isolated step embeddings (PNG).
 """
-import pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+import cromwell.pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
 
 import argparse
 import json
@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data.chats import hf_chat_encoder
-from data.step_jepa import lm_batch, packed_batch
-from data.tokenizer import predictor_token
-from model.generate import Sampling
-from pretrain.checkpoint.load import load, locate
-from pretrain.evaluation.generation import answers
-from pretrain.evaluation.reasoning import gsm8k_correct, read_tasks, regex_match
+from cromwell.data.chats import hf_chat_encoder
+from cromwell.data.chat_views import lm_batch, packed_batch
+from cromwell.data.tokenizer import predictor_token
+from cromwell.model.generate import Sampling
+from cromwell.pretrain.checkpoint.load import load, locate
+from cromwell.pretrain.evaluation.generation import answers
+from cromwell.pretrain.evaluation.reasoning import gsm8k_correct, read_tasks, regex_match
 
 @torch.no_grad()
 def step_embeddings(model, tokenizer, chats: list[list[dict]], predictors: int, batch_size: int) -> dict:

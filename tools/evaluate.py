@@ -25,7 +25,7 @@ Writes --out (JSON) and a Markdown table beside it (.md), one column per checkpo
 
 from __future__ import annotations
 
-import pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+import cromwell.pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
 
 import argparse
 import json
@@ -37,20 +37,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.chats import hf_chat_encoder, project_chat_encoder
-from data.images import patchify, preprocess
-from data.shards import ShardError
-from model.generate import Sampling
-from pretrain.checkpoint import CheckpointError
-from pretrain.config import ConfigError
-from pretrain.evaluation.held_out import held_out
-from pretrain.objectives import build_objective
-from pretrain.distributed import device_type
-from pretrain.losses import to_device
-from pretrain.evaluation import humaneval as he
-from pretrain.evaluation.generation import answers, prompt_ids, setup
-from pretrain.checkpoint.load import Loaded, load, locate
-from pretrain.evaluation.reasoning import gsm8k_correct, read_tasks, regex_match
+from cromwell.data.chats import hf_chat_encoder, project_chat_encoder
+from cromwell.data.images import patchify, preprocess
+from cromwell.data.shards import ShardError
+from cromwell.model.generate import Sampling
+from cromwell.pretrain.checkpoint import CheckpointError
+from cromwell.pretrain.config import ConfigError
+from cromwell.pretrain.evaluation.held_out import held_out
+from cromwell.pretrain.objectives import build_objective
+from cromwell.pretrain.distributed import device_type
+from cromwell.pretrain.losses import to_device
+from cromwell.pretrain.evaluation import humaneval as he
+from cromwell.pretrain.evaluation.generation import answers, prompt_ids, setup
+from cromwell.pretrain.checkpoint.load import Loaded, load, locate
+from cromwell.pretrain.evaluation.reasoning import gsm8k_correct, read_tasks, regex_match
 
 TASKS = ("perplexity", "jepa_mse", "humaneval", "image_to_code", "gsm8k", "nlrx")
 SHARED = he.REPO.parent / "shared" / "data"
@@ -210,8 +210,8 @@ def _humaneval_scores(problems, completions, ks, args) -> dict:
 
 
 def image_to_code(loaded: Loaded, args) -> dict:
-    from pretrain.evaluation import image_to_code as i2c
-    from data.corpus.instructions import QUESTIONS
+    from cromwell.pretrain.evaluation import image_to_code as i2c
+    from cromwell.data.corpus.instructions import QUESTIONS
 
     if loaded.cfg is None or loaded.cfg.model.type != "vljepa":
         return {"skipped": "the model reads no images (not a VL-JEPA)"}

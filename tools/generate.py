@@ -13,7 +13,7 @@ decode together; rank 0 prints.
 
 from __future__ import annotations
 
-import pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+import cromwell.pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
 
 import argparse
 import sys
@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.images import ImageError
-from model.generate import Sampling, generate
-from pretrain.checkpoint import CheckpointError
-from pretrain.checkpoint.load import load, locate
-from pretrain.distributed import device_type
-from pretrain.evaluation.generation import decoder_for, end_ids, image_patches, prompt_ids, setup
+from cromwell.data.images import ImageError
+from cromwell.model.generate import Sampling, generate
+from cromwell.pretrain.checkpoint import CheckpointError
+from cromwell.pretrain.checkpoint.load import load, locate
+from cromwell.pretrain.distributed import device_type
+from cromwell.pretrain.evaluation.generation import decoder_for, end_ids, image_patches, prompt_ids, setup
 
 
 def parse_args(argv=None):

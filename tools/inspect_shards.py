@@ -15,7 +15,7 @@ import io
 import sys
 import time
 
-from data.shards import Location, ShardError, ShardReader, SourceManifest, read_corpus, shard_problem
+from cromwell.data.shards import Location, ShardError, ShardReader, SourceManifest, read_corpus, shard_problem
 
 
 def summary(location: Location, manifests: dict[str, SourceManifest]) -> str:
@@ -54,7 +54,7 @@ def describe(image: bytes | None) -> str:
         return ""
     from PIL import Image
 
-    from data.images import FORMATS
+    from cromwell.data.images import FORMATS
 
     try:
         with Image.open(io.BytesIO(image), formats=FORMATS) as decoded:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         manifests = {args.source: manifests[args.source]}
     print(summary(location, manifests))
     if args.decode:
-        from data.tokenizer import load_tokenizer
+        from cromwell.data.tokenizer import load_tokenizer
 
         path = args.tokenizer or next(iter(manifests.values())).build.get("tokenizer_path")
         if not path:

@@ -2,7 +2,7 @@
 
 The command over data/corpus/instructions.py: `python tools/make_instructions.py --help`."""
 
-from data.corpus.instructions import main
+from cromwell.data.corpus.instructions import main
 
 if __name__ == "__main__":
     main()

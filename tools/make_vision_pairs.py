@@ -2,7 +2,7 @@
 
 The command over data/corpus/vision_pairs.py: `python tools/make_vision_pairs.py --help`."""
 
-from data.corpus.vision_pairs import main
+from cromwell.data.corpus.vision_pairs import main
 
 if __name__ == "__main__":
     main()

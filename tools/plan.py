@@ -20,7 +20,7 @@ of the GPUs data-parallel):
 
 from __future__ import annotations
 
-import pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+import cromwell.pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
 
 import argparse
 import json
@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from model.config import swiglu_size
-from pretrain.config import Config, ConfigError, ParallelConfig, load_config, load_curriculum, parse_count, stage_configs
-from pretrain.parallelize import deepspeed_config, precision
-from pretrain.throughput import gpu_peak_flops
-from pretrain.planner import BLOCKS, DeepSpeedBuffers, Layout, communication, flops_per_step, layers_of, memory
+from cromwell.model.config import swiglu_size
+from cromwell.pretrain.config import Config, ConfigError, ParallelConfig, load_config, load_curriculum, parse_count, stage_configs
+from cromwell.pretrain.parallelize import deepspeed_config, precision
+from cromwell.pretrain.throughput import gpu_peak_flops
+from cromwell.pretrain.planner import BLOCKS, DeepSpeedBuffers, Layout, communication, flops_per_step, layers_of, memory
 
 # Memory the driver reports per card (nvidia-smi's MiB), and the name the FLOP/s table knows it by.
 GPUS = {"h100": (81559 * 2**20, "H100 SXM"), "h200": (143771 * 2**20, "H200 SXM"),
@@ -193,11 +193,11 @@ def _unsupported(cfg: Config, layout: Layout) -> str | None:
     if m.type == "vljepa":
         widths += [("model.vision.num_heads", m.vision.num_heads), ("model.vision.ffn_hidden_size", m.vision.ffn_size),
                    ("model.predictor.num_heads", m.predictor.num_heads),
-                   ("the predictor's ffn", swiglu_size(t.jepa.embedding_dim))]
+                   ("the predictor's ffn", swiglu_size(m.predictor.embedding_dim))]
     for field, value in widths:
         if value % layout.tp:
             return f"{field} ({value}) is not divisible by tensor parallelism {layout.tp}"
-    if m.padded_vocab_size(t.lm.vocab_size) % layout.tp:
+    if m.padded_vocab_size() % layout.tp:
         return f"the padded vocabulary is not divisible by tensor parallelism {layout.tp}"
     return None
 

@@ -2,7 +2,7 @@
 
 The command over data/corpus/step_data.py: `python tools/prepare_step_data.py --help`."""
 
-from data.corpus.step_data import main
+from cromwell.data.corpus.step_data import main
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,7 @@
 
 The command over data/corpus/stdlib.py: `python tools/stdlib_corpus.py --help`."""
 
-from data.corpus.stdlib import main
+from cromwell.data.corpus.stdlib import main
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@
 Inputs are files, directories of files or jsonl (field "text"; see data.documents.iter_documents).
 The vocabulary size counts the special tokens, which take the first ids in the fixed order of
 data.tokenizer.SPECIAL_TOKENS, and the 256 byte tokens, so every string encodes and decodes back
-exactly. --vocab-size wins over the config's training.lm.vocab_size.
+exactly. --vocab-size wins over the config's model.vocab_size.
 """
 
 import argparse
@@ -16,8 +16,8 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data.documents import iter_documents, plain_text
-from data.tokenizer import SPECIAL_TOKENS
+from cromwell.data.documents import iter_documents, plain_text
+from cromwell.data.tokenizer import SPECIAL_TOKENS
 
 BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(BYTE_ALPHABET)
@@ -45,9 +45,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool =
 
 def vocab_size_from_config(path: Path) -> int:
     # Imported here: the run config is only needed when --config is given.
-    from pretrain.config import load_config
+    from cromwell.pretrain.config import load_config
 
-    return load_config(path).training.lm.vocab_size
+    return load_config(path).model.vocab_size
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input", required=True, nargs="+", type=Path, help="files, directories or jsonl")
     parser.add_argument("--output", required=True, type=Path, help="tokenizer.json to write")
     parser.add_argument("--vocab-size", type=int, help="vocabulary size including the special tokens")
-    parser.add_argument("--config", type=Path, help="run config giving training.lm.vocab_size")
+    parser.add_argument("--config", type=Path, help="run config giving model.vocab_size")
     args = parser.parse_args(argv)
     if args.vocab_size is None and args.config is None:
         parser.error("give --vocab-size or --config")

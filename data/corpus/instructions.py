@@ -30,8 +30,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data.sources import vision_text
-from data.corpus.stamp import done_before, forget, mark_done
+from cromwell.data.sources import vision_text
+from cromwell.data.corpus.stamp import done_before, forget, mark_done
 
 SWAPS = {"==": "!=", "!=": "==", "<": "<=", "<=": "<", ">": ">=", ">=": ">", "+": "-", "-": "+", "and": "or",
          "or": "and"}

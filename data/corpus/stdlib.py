@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data.corpus.stamp import done_before, forget, mark_done
+from cromwell.data.corpus.stamp import done_before, forget, mark_done
 
 EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
 TOPICS_FILE = Path("pydoc_data") / "topics.py"

@@ -51,8 +51,8 @@ from pygments.formatters import ImageFormatter
 from pygments.lexers import PythonLexer
 from tqdm import tqdm
 
-from data.corpus.stamp import done_before, forget, mark_done
-from data.corpus.stdlib import stdlib_code_files
+from cromwell.data.corpus.stamp import done_before, forget, mark_done
+from cromwell.data.corpus.stdlib import stdlib_code_files
 
 matplotlib.use("Agg")   # charts are drawn off-screen, the same on any machine
 

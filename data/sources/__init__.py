@@ -10,11 +10,11 @@ shared by many reads) and each file's count is logged as one warning line when t
 from pathlib import Path
 from typing import Iterator, Protocol
 
-from data.sources import (
+from cromwell.data.sources import (
     arxiv, codecontests, financial_code, github_prs, openstax, stack_v2, stackoverflow, vision_text,
 )
-from data.sources.errors import OnError, Skipped, SourceError
-from data.sources.record import Document
+from cromwell.data.sources.errors import OnError, Skipped, SourceError
+from cromwell.data.sources.record import Document
 
 __all__ = ["ADAPTERS", "Adapter", "Document", "OnError", "Skipped", "SourceError"]
 

@@ -6,10 +6,10 @@ one paper per JSON line, {"text": cleaned LaTeX, "meta": {"timestamp", "yymm", "
 from pathlib import Path
 from typing import Any, Iterator
 
-from data.sources.errors import OnError, Skipped
-from data.sources.fields import optional, require
-from data.sources.jsonl import read_jsonl
-from data.sources.record import Document
+from cromwell.data.sources.errors import OnError, Skipped
+from cromwell.data.sources.fields import optional, require
+from cromwell.data.sources.jsonl import read_jsonl
+from cromwell.data.sources.record import Document
 
 SOURCE = "arxiv"
 

@@ -13,10 +13,10 @@ Language ids and source ids are named as the dataset card defines them.
 from pathlib import Path
 from typing import Any, Iterator
 
-from data.sources.errors import OnError, RecordError, Skipped
-from data.sources.fields import optional, require
-from data.sources.jsonl import read_jsonl
-from data.sources.record import Document
+from cromwell.data.sources.errors import OnError, RecordError, Skipped
+from cromwell.data.sources.fields import optional, require
+from cromwell.data.sources.jsonl import read_jsonl
+from cromwell.data.sources.record import Document
 
 SOURCE = "codecontests"
 # PYTHON is Python 2, as on the card.

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal, TypeVar
 
-from data.sources.record import Document
+from cromwell.data.sources.record import Document
 
 OnError = Literal["raise", "skip"]
 T = TypeVar("T")

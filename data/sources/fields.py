@@ -2,7 +2,7 @@
 
 from typing import Any, get_args, get_origin
 
-from data.sources.errors import RecordError
+from cromwell.data.sources.errors import RecordError
 
 MISSING = object()
 

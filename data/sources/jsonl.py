@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from data.sources.errors import OnError, RecordError, Skipped, read_records
-from data.sources.record import Document
+from cromwell.data.sources.errors import OnError, RecordError, Skipped, read_records
+from cromwell.data.sources.record import Document
 
 
 def read_jsonl(

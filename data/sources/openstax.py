@@ -15,9 +15,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterator
 
-from data.sources.errors import OnError, RecordError, Skipped, SourceError, read_records
-from data.sources.record import Document
-from data.sources.text import TextBuilder
+from cromwell.data.sources.errors import OnError, RecordError, Skipped, SourceError, read_records
+from cromwell.data.sources.record import Document
+from cromwell.data.sources.text import TextBuilder
 
 SOURCE = "openstax"
 COL = "{http://cnx.rice.edu/collxml}"

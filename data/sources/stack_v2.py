@@ -11,10 +11,10 @@ JSON lines first (e.g. `datasets`' to_json). Document text = content.
 from pathlib import Path
 from typing import Any, Iterator
 
-from data.sources.errors import OnError, Skipped
-from data.sources.fields import optional, require
-from data.sources.jsonl import read_jsonl
-from data.sources.record import Document
+from cromwell.data.sources.errors import OnError, Skipped
+from cromwell.data.sources.fields import optional, require
+from cromwell.data.sources.jsonl import read_jsonl
+from cromwell.data.sources.record import Document
 
 SOURCE = "stack_v2"
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Iterator
 from xml.parsers import expat
 
-from data.sources.errors import BadRecords, OnError, RecordError, Skipped, SourceError
-from data.sources.record import Document
-from data.sources.text import TextBuilder
+from cromwell.data.sources.errors import BadRecords, OnError, RecordError, Skipped, SourceError
+from cromwell.data.sources.record import Document
+from cromwell.data.sources.text import TextBuilder
 
 SOURCE = "stackoverflow"
 QUESTION, ANSWER = 1, 2

@@ -23,8 +23,8 @@ import tarfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from data.sources.errors import OnError, RecordError, Skipped, SourceError, read_records
-from data.sources.record import Document
+from cromwell.data.sources.errors import OnError, RecordError, Skipped, SourceError, read_records
+from cromwell.data.sources.record import Document
 
 SOURCE = "vision_text"
 KINDS = {"caption", "ocr", "vqa", "code", "chart", "ui", "statement", "doc"}

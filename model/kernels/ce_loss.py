@@ -11,8 +11,8 @@ import importlib
 import torch
 import torch.distributed as dist
 
-from model.kernels import ce_torch, reference
-from model.kernels.dispatch import resolve_impl
+from cromwell.model.kernels import ce_torch, reference
+from cromwell.model.kernels.dispatch import resolve_impl
 
 # Bytes of fp32 logits per chunk: large enough that the chunk matmuls stay efficient, small
 # next to the [N, V] logits the chunking avoids.
@@ -105,7 +105,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, ignore_index, label_smoothing, z_loss, reduction,
                 tp_group, impl, grad_enabled):
-        ops = ce_torch if impl == "torch" else importlib.import_module("model.kernels.ce_triton")
+        ops = ce_torch if impl == "torch" else importlib.import_module("cromwell.model.kernels.ce_triton")
         chunk_rows = chunk_rows_for(hidden.shape[0], weight.shape[0], impl)
         # needs_input_grad ignores grad mode (forward always runs without it, hence the flag):
         # under no_grad a weight that requires grad would get a gradient computed for nothing.

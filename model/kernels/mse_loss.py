@@ -5,8 +5,8 @@ import importlib
 
 import torch
 
-from model.kernels import mse_torch, reference
-from model.kernels.dispatch import resolve_impl
+from cromwell.model.kernels import mse_torch, reference
+from cromwell.model.kernels.dispatch import resolve_impl
 
 KINDS = ("mse", "cosine", "smooth_l1")
 
@@ -14,7 +14,7 @@ KINDS = ("mse", "cosine", "smooth_l1")
 class _MaskedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, target, mask, weights, kind, impl):
-        backend = mse_torch if impl == "torch" else importlib.import_module("model.kernels.mse_triton")
+        backend = mse_torch if impl == "torch" else importlib.import_module("cromwell.model.kernels.mse_triton")
         row_loss, stats = backend.forward(pred, target, mask, kind)
         row_weight = mask.float() if weights is None else torch.where(mask, weights.float(), 0.0)
         row_coef = row_weight / mask.sum().clamp(min=1)

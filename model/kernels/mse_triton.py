@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from model.kernels.mse_torch import COSINE_EPS
+from cromwell.model.kernels.mse_torch import COSINE_EPS
 
 KINDS = {"mse": 0, "cosine": 1, "smooth_l1": 2}
 

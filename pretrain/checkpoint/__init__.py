@@ -26,6 +26,8 @@ import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from megatron.core import parallel_state
 
+from cromwell.pretrain.config import migrate
+
 MARKER = "complete.json"
 _TAG = re.compile(r"global_step(\d+)")
 
@@ -255,10 +257,9 @@ def init_source(source: Path, cfg) -> Path:
     why = "no complete checkpoint in it" if tag_dir is None else problem(tag_dir)
     if why:
         raise CheckpointError(f"run.init_from {source}: {why}")
-    saved = _flat(read_marker(tag_dir)["config"])
+    saved = _flat(migrate(read_marker(tag_dir)["config"], f"{tag_dir}'s run config"))
     current = _flat(json.loads(json.dumps(cfg.model_dump())))
-    shape = ("training.lm.vocab_size", "training.jepa.embedding_dim", "training.jepa.prediction_steps",
-             "parallel.tensor", "parallel.pipeline")
+    shape = ("parallel.tensor", "parallel.pipeline")  # every other shape is in the model's section
     differ = [k for k in sorted(saved.keys() | current.keys())
               if (k.startswith("model.") or k in shape) and saved.get(k) != current.get(k)]
     if differ:
@@ -321,7 +322,7 @@ def load(engine, tag_dir: Path) -> dict:
 
 # What a resumed run may change. Anything else (the model, vocabulary, tokenizer, TP/PP, ZeRO stage,
 # precision, objective) would not match the saved tensors or would silently train another model.
-_MAY_CHANGE = ("run.init_from", "training.optimizers.lr", "training.scheduler.", "training.train_tokens",
+_MAY_CHANGE = ("run.init_from", "training.optimizer.lr", "training.scheduler.", "training.train_tokens",
                "training.train_steps", "training.max_nonfinite_steps", "training.kernels", "parallel.activation_checkpointing", "logging.",
                "checkpoint.", "validation.", "run.name", "run.output_dir", "data.valid_shards", "data.valid_chats",
                "data.num_workers", "data.on_error", "data.cache_dir", "data.remote_", "training.micro_batch_size",
@@ -346,7 +347,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def config_changes(saved: dict, current: dict, saved_dp: int, dp: int) -> list[str]:
     """The fields that differ from the checkpoint's, as 'field: old -> new'. Raises CheckpointError
     listing those a resumed run cannot change."""
-    old, new = _flat(saved), _flat(current)
+    old, new = _flat(migrate(saved, "the checkpoint's run config")), _flat(current)
     old["data-parallel size"], new["data-parallel size"] = saved_dp, dp
     changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.tensors import cut, plan
-from pretrain.checkpoint import CheckpointError, publish
-from pretrain.checkpoint.formats import FORMATS, CppWriter, GGUFWriter, HFWriter, WholeModelWriter, gguf_name, hf_name
-from pretrain.checkpoint.reader import DeepSpeedCheckpoint, dumps, find_tag
+from cromwell.model.tensors import cut, plan
+from cromwell.pretrain.checkpoint import CheckpointError, publish
+from cromwell.pretrain.checkpoint.formats import FORMATS, CppWriter, GGUFWriter, HFWriter, WholeModelWriter, gguf_name, hf_name
+from cromwell.pretrain.checkpoint.reader import DeepSpeedCheckpoint, dumps, find_tag
 
 TARGET = "target."  # prefix of the EMA target encoder's tensors
 
@@ -39,8 +39,8 @@ def export_config(cfg, ckpt: DeepSpeedCheckpoint) -> dict:
         "model_type": m.type,
         "language": {"hidden_size": m.hidden_size, "num_layers": m.num_layers, "num_heads": m.num_heads,
                      "ffn_size": m.ffn_size, "norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
-                     "vocab_size": cfg.training.lm.vocab_size, "context_length": cfg.training.lm.context_length},
-        "padded_vocab_size": m.padded_vocab_size(cfg.training.lm.vocab_size),
+                     "vocab_size": m.vocab_size, "context_length": cfg.training.lm.context_length},
+        "padded_vocab_size": m.padded_vocab_size(),
         # cross_modal_fusion.layers.<j> follows language_encoder.layers.<every * (j + 1) - 1>
         "fusion_every": m.fusion.every if m.type == "vljepa" else None,
         "source": {"checkpoint": str(ckpt.dir.resolve()), "layout": ckpt.layout, "zero_stage": ckpt.zero},
@@ -95,9 +95,8 @@ def convert(args) -> Path:
     tag_dir = find_tag(args.checkpoint, args.tag)
     ckpt = DeepSpeedCheckpoint(tag_dir)
     cfg = ckpt.config
-    jepa = cfg.training.jepa
     try:
-        params = plan(cfg.model, cfg.training.lm.vocab_size, jepa.embedding_dim, jepa.prediction_steps)
+        params = plan(cfg.model)
     except ValueError as e:
         raise CheckpointError(f"{tag_dir}: {e}") from None
     expected, found = {p.source for p in params}, ckpt.names()

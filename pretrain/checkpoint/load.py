@@ -17,14 +17,14 @@ import torch
 from megatron.core import parallel_state
 from torch import nn
 
-from data.tokenizer import EOS_ID, PAD_ID, load_hf_tokenizer, load_tokenizer
-from model.gpt import GPT, megatron_config
-from model.vljepa import VLJEPA
-from pretrain import checkpoint
-from pretrain.checkpoint import CheckpointError
-from pretrain.config import Config
-from pretrain.checkpoint.reader import DeepSpeedCheckpoint, find_tag
-from model.tensors import join, plan, tp_shard
+from cromwell.data.tokenizer import EOS_ID, PAD_ID, load_hf_tokenizer, load_tokenizer
+from cromwell.model.build import build
+from cromwell.model.gpt import megatron_config
+from cromwell.model.tensors import join, plan, tp_shard
+from cromwell.pretrain import checkpoint
+from cromwell.pretrain.checkpoint import CheckpointError
+from cromwell.pretrain.checkpoint.reader import DeepSpeedCheckpoint, find_tag
+from cromwell.pretrain.config import Config
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Loaded:
     cfg: Config | None  # the run config (None for a Hugging Face model)
     model: nn.Module  # GPT, VLJEPA or model.hf.HFCausalLM, in eval mode
     tokenizer: object  # a tokenizers.Tokenizer, or a Hugging Face tokenizer
-    target: VLJEPA | None = None  # the EMA target encoder
+    target: nn.Module | None = None  # the VL-JEPA's EMA target encoder
     step: int | None = None
 
     @property
@@ -101,12 +101,7 @@ def load(source: Source) -> Loaded:
 
 def _build(cfg: Config, target: bool = False) -> nn.Module:
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    vocab = cfg.model.padded_vocab_size(cfg.training.lm.vocab_size, tp)
-    jepa = cfg.training.jepa
-    if cfg.model.type == "vljepa":
-        return VLJEPA(cfg.model, vocab, megatron_config(tp), jepa.embedding_dim, jepa.prediction_steps,
-                      kernels=cfg.training.kernels, target=target)
-    return GPT(cfg.model, vocab, megatron_config(tp), kernels=cfg.training.kernels)
+    return build(cfg.model, megatron_config(tp), kernels=cfg.training.kernels, target=target)
 
 
 def _fill(module: nn.Module, full) -> None:
@@ -120,8 +115,7 @@ def _fill(module: nn.Module, full) -> None:
 def _params(cfg: Config) -> dict:
     if cfg.model.type == "hf":
         raise CheckpointError("a model.type=hf run saves a Hugging Face folder at its end: load that folder")
-    jepa = cfg.training.jepa
-    return {q.source: q for q in plan(cfg.model, cfg.training.lm.vocab_size, jepa.embedding_dim, jepa.prediction_steps)}
+    return {q.source: q for q in plan(cfg.model)}
 
 
 def _from_checkpoint(source: Source) -> Loaded:
@@ -167,7 +161,7 @@ def _from_export(source: Source) -> Loaded:
 
 
 def _from_hf(source: Source) -> Loaded:
-    from model import hf
+    from cromwell.model import hf
 
     if parallel_state.model_parallel_is_initialized() and parallel_state.get_tensor_model_parallel_world_size() > 1:
         raise CheckpointError(f"{source.path}: a Hugging Face model loads whole on one process (--tp 1)")

@@ -39,10 +39,10 @@ from pathlib import Path
 
 import torch
 
-from pretrain import checkpoint
-from pretrain.checkpoint import CheckpointError, safe_load
-from pretrain.config import Config
-from model.tensors import Param, Piece, split_dim
+from cromwell.pretrain import checkpoint
+from cromwell.pretrain.checkpoint import CheckpointError, safe_load
+from cromwell.pretrain.config import Config
+from cromwell.model.tensors import Param, Piece, split_dim
 
 
 def find_tag(directory: Path, tag: str | None) -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from pretrain.checkpoint import CheckpointError, publish
+from cromwell.pretrain.checkpoint import CheckpointError, publish
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,7 +43,7 @@ def _export_files(export: Path) -> dict:
 
 def reshard(args) -> Path:
     """Parent side: check, write the new run config, launch the workers, rename into place."""
-    from pretrain.config import Config
+    from cromwell.pretrain.config import Config
 
     files = _export_files(args.checkpoint)
     config = json.loads(files["config.json"].read_text())
@@ -65,7 +65,7 @@ def reshard(args) -> Path:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         launcher = str(Path(sys.executable).parent / "deepspeed")
-        env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
         cmd = [launcher, "--num_gpus", str(args.tp * args.pp * args.dp), "--master_port", str(port),
                str(Path(__file__).resolve()), "--export", str(args.checkpoint), "--config", str(work / "run_config.yaml"),
                "--out", str(work)]
@@ -109,12 +109,12 @@ def worker(argv=None) -> None:
     from megatron.core import parallel_state
     from safetensors import safe_open
 
-    from pretrain import checkpoint
-    from pretrain.config import load_config
-    from pretrain.objectives import build_objective, load_run_tokenizer
-    from pretrain.distributed import init_distributed, shutdown
-    from pretrain.parallelize import build_engine, model_of, setup_objective
-    from model.tensors import join, plan, tp_shard
+    from cromwell.pretrain import checkpoint
+    from cromwell.pretrain.config import load_config
+    from cromwell.pretrain.objectives import build_objective, load_run_tokenizer
+    from cromwell.pretrain.distributed import init_distributed, shutdown
+    from cromwell.pretrain.parallelize import build_engine, model_of, setup_objective
+    from cromwell.model.tensors import join, plan, tp_shard
 
     p = argparse.ArgumentParser()
     p.add_argument("--export", type=Path, required=True)
@@ -123,9 +123,8 @@ def worker(argv=None) -> None:
     p.add_argument("--local_rank", type=int, default=0)
     args = p.parse_args(argv)
     cfg = load_config(args.config)
-    jepa = cfg.training.jepa
     # Before the tensor-parallel groups exist: the plan holds the full (TP=1) shapes.
-    params = {q.source: q for q in plan(cfg.model, cfg.training.lm.vocab_size, jepa.embedding_dim, jepa.prediction_steps)}
+    params = {q.source: q for q in plan(cfg.model)}
     init_distributed(cfg)
     tokenizer = load_run_tokenizer(cfg)
     objective = build_objective(cfg, tokenizer)

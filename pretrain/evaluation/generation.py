@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from data.images import patchify, preprocess
-from data.tokenizer import ASSISTANT, END, USER, special_id
-from model.generate import HFDecoder, ModelDecoder, Sampling, generate
-from pretrain.checkpoint.load import Loaded
-from pretrain.distributed import join_process_group
+from cromwell.data.images import patchify, preprocess
+from cromwell.data.tokenizer import ASSISTANT, END, USER, special_id
+from cromwell.model.generate import HFDecoder, ModelDecoder, Sampling, generate
+from cromwell.pretrain.checkpoint.load import Loaded
+from cromwell.pretrain.distributed import join_process_group
 
 
 def setup(tp: int) -> None:

@@ -13,10 +13,10 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from model.jepa import collapse_stats
-from pretrain.losses import loss_groups, step_counts, step_means, to_device
-from pretrain.objectives import Loss, Objective
-from pretrain.pipeline import micro_batch
+from cromwell.model.jepa import collapse_stats
+from cromwell.pretrain.losses import loss_groups, step_counts, step_means, to_device
+from cromwell.pretrain.objectives import Loss, Objective
+from cromwell.pretrain.pipeline import micro_batch
 
 
 def perplexity(mean_nll: float) -> float:

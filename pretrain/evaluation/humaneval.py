@@ -24,7 +24,7 @@ import secrets
 from pathlib import Path
 from statistics import fmean
 
-from pretrain.evaluation import sandbox
+from cromwell.pretrain.evaluation import sandbox
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PATH = REPO.parent / "shared/data/humaneval/HumanEval.jsonl.gz"

@@ -55,9 +55,9 @@ import numpy as np
 from PIL import Image
 from rapidfuzz.distance import Levenshtein
 
-from data.sources import vision_text
-from pretrain.evaluation import sandbox
-from data.corpus.vision_pairs import KINDS
+from cromwell.data.sources import vision_text
+from cromwell.pretrain.evaluation import sandbox
+from cromwell.data.corpus.vision_pairs import KINDS
 
 PIXEL_TOLERANCE = 5      # levels of 255 a channel may differ by before its pixel counts as different
 CHART_THRESHOLD = 1e-4   # largest fraction of differing pixels that still scores 1 (see above)

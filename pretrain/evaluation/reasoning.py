@@ -6,7 +6,7 @@ import json
 import re
 import sys
 
-from data.corpus.step_data import convert
+from cromwell.data.corpus.step_data import convert
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 

@@ -16,12 +16,12 @@ and an entry in `build_objective`; docs/extending.md walks through one.
 
 from __future__ import annotations
 
-from data.tokenizer import PAD_ID, load_hf_tokenizer, load_tokenizer, predictor_token, predictor_token_id
-from pretrain.config import Config, ConfigError
-from pretrain.objectives.base import Batches, Collated, Heads, Loss, Objective, Whole, token_batches
+from cromwell.data.tokenizer import PAD_ID, load_hf_tokenizer, load_tokenizer, predictor_token, predictor_token_id
+from cromwell.pretrain.config import Config, ConfigError
+from cromwell.pretrain.objectives.base import Batches, Collated, Heads, Loss, Objective, Whole, token_batches
 
 __all__ = ["Batches", "Collated", "Heads", "Loss", "Objective", "Whole", "token_batches", "build_objective",
-           "load_run_tokenizer", "vocab_size"]
+           "load_run_tokenizer"]
 
 
 def load_run_tokenizer(cfg: Config):
@@ -32,28 +32,23 @@ def load_run_tokenizer(cfg: Config):
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data.tokenizer: {e}") from None
-    if tokenizer.get_vocab_size() > cfg.training.lm.vocab_size:
+    if tokenizer.get_vocab_size() > cfg.model.vocab_size:
         raise ConfigError(f"data.tokenizer {cfg.data.tokenizer} has {tokenizer.get_vocab_size()} tokens, more than "
-                          f"training.lm.vocab_size {cfg.training.lm.vocab_size}: the model could not embed every id")
+                          f"model.vocab_size {cfg.model.vocab_size}: the model could not embed every id")
     return tokenizer
-
-
-def vocab_size(cfg: Config, tokenizer) -> int:
-    """Rows of the model's embedding before padding."""
-    return len(tokenizer) if cfg.model.type == "hf" else cfg.training.lm.vocab_size
 
 
 def build_objective(cfg: Config, tokenizer) -> Objective:
     if cfg.training.objective == "lm":
-        from pretrain.objectives.lm import LanguageModeling
+        from cromwell.pretrain.objectives.lm import LanguageModeling
 
         return LanguageModeling(cfg)
     if cfg.training.objective == "hybrid":
-        from pretrain.objectives.hybrid import HybridJEPA
+        from cromwell.pretrain.objectives.hybrid import Hybrid
 
-        return HybridJEPA(cfg)
-    from data.chats import hf_chat_encoder, project_chat_encoder
-    from pretrain.objectives.step_jepa import StepJEPA
+        return Hybrid(cfg)
+    from cromwell.data.chats import hf_chat_encoder, project_chat_encoder
+    from cromwell.pretrain.objectives.step_jepa import StepJEPA
 
     sj = cfg.training.step_jepa
     if cfg.model.type == "hf":

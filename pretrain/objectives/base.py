@@ -10,9 +10,9 @@ from typing import Callable, ContextManager, Iterator, Protocol
 import torch
 from torch import nn
 
-from data.loader import TokenBatches
-from data.shards import Location
-from pretrain.config import Config, ConfigError
+from cromwell.data.loader import TokenBatches
+from cromwell.data.shards import Location
+from cromwell.pretrain.config import Config, ConfigError
 
 
 @dataclass
@@ -163,7 +163,7 @@ def token_batches(cfg: Config, split: str, dp_rank: int, dp_size: int, sample_fn
     location = Location(shards, d.cache_dir, d.remote_retries, d.remote_backoff_s,
                         None if d.cache_limit_gb is None else int(d.cache_limit_gb * 1e9))
     loader = TokenBatches(
-        location, weights=d.mixture if split == "train" else None, vocab_size=lm.vocab_size,
+        location, weights=d.mixture if split == "train" else None, vocab_size=cfg.model.vocab_size,
         global_batch=cfg.training.batch_size if split == "train" else micro * dp_size,
         micro_batch_size=micro, dp_rank=dp_rank, dp_size=dp_size, seed=d.seed,
         num_workers=d.num_workers if split == "train" else 0, shuffle_window=d.shuffle_window,
@@ -171,7 +171,7 @@ def token_batches(cfg: Config, split: str, dp_rank: int, dp_size: int, sample_fn
     if loader.context_length != lm.context_length:
         raise ConfigError(f"{shards}: shards hold sequences of context length {loader.context_length} but "
                           f"training.lm.context_length is {lm.context_length}")
-    if loader.manifest.vocab_size > lm.vocab_size:
+    if loader.manifest.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"{shards}: tokenizer vocab {loader.manifest.vocab_size} exceeds "
-                          f"training.lm.vocab_size {lm.vocab_size}")
+                          f"model.vocab_size {cfg.model.vocab_size}")
     return loader

@@ -34,15 +34,16 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-from data.multimodal import JEPASamples
-from data.tokenizer import ASSISTANT, END, EOS_ID, IGNORE, PAD_ID, special_id
-from model.gpt import megatron_config
-from model.jepa import ema_update, momentum, span_means, target_embeddings
-from model.kernels import impl_of, masked_mse
-from model.vit import select
-from model.vljepa import VLJEPA, Heads
-from pretrain.config import Config
-from pretrain.objectives.base import Collated, Loss, Objective, token_batches
+from cromwell.data.multimodal import JEPASamples
+from cromwell.data.tokenizer import ASSISTANT, END, EOS_ID, IGNORE, PAD_ID, special_id
+from cromwell.model.build import build
+from cromwell.model.gpt import megatron_config
+from cromwell.model.jepa import ema_update, momentum, span_means, target_embeddings
+from cromwell.model.kernels import impl_of, masked_mse
+from cromwell.model.vit import select
+from cromwell.model.vljepa import VLJEPA, Heads
+from cromwell.pretrain.config import Config
+from cromwell.pretrain.objectives.base import Collated, Loss, Objective, token_batches
 
 ASSISTANT_ID, END_ID = special_id(ASSISTANT), special_id(END)
 
@@ -76,7 +77,7 @@ class HybridBatch:
         return HybridBatch(*(None if t is None else t.to(device) for t in (getattr(self, f.name) for f in fields(self))))
 
 
-class HybridJEPA(Objective):
+class Hybrid(Objective):
     components = ("lm", "jepa_text", "jepa_vision")
     dynamic_shape = True  # images, masks and predictions vary in number from micro batch to micro batch
 
@@ -135,7 +136,7 @@ class HybridJEPA(Objective):
         """Text predictions: from the context before each unit u, step k predicts unit u + k."""
         out = []
         for row, u in enumerate(units):
-            for k in range(self.jepa.prediction_steps):
+            for k in range(self.cfg.model.predictor.prediction_steps):
                 n = len(u) - k
                 if n > 0:
                     out.append(np.stack([np.full(n, row), u[:n, 0] - 1, u[k:, 0], u[k:, 1], np.full(n, k)], axis=1))
@@ -219,9 +220,8 @@ class HybridJEPA(Objective):
             return
         cfg = self.cfg
         stage = {name for name, _ in model.named_children()}
-        vocab = cfg.model.padded_vocab_size(cfg.training.lm.vocab_size, cfg.parallel.tensor)
-        self.target = VLJEPA(cfg.model, vocab, megatron_config(cfg.parallel.tensor), self.jepa.embedding_dim,
-                             self.jepa.prediction_steps, kernels=cfg.training.kernels, target=True, only=stage)
+        self.target = build(cfg.model, megatron_config(cfg.parallel.tensor), kernels=cfg.training.kernels,
+                            target=True, only=stage)
         self.target.requires_grad_(False).to(device=device, dtype=torch.float32)
         for p in self.target.parameters():
             p.zero_()  # megatron's layers leave their weights uninitialised, and 0 x NaN is NaN

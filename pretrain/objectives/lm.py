@@ -7,10 +7,10 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from data.masks import document_positions_and_mask
-from data.tokenizer import EOS_ID, IGNORE
-from pretrain.config import Config
-from pretrain.objectives.base import Collated, Loss, Objective, token_batches
+from cromwell.data.masks import document_positions_and_mask
+from cromwell.data.tokenizer import EOS_ID, IGNORE
+from cromwell.pretrain.config import Config
+from cromwell.pretrain.objectives.base import Collated, Loss, Objective, token_batches
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Step-JEPA / LLM-JEPA fine-tuning of a causal LM (docs/design.md): gamma * LM on assistant tokens +
-lambda * JEPA between two views of each chat; see data/step_jepa.py for the views and the batch layouts."""
+lambda * JEPA between two views of each chat; see data/chat_views.py for the views and the batch layouts."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from data.chats import ChatBatches, ChatEncoder, read_chats
-from data.step_jepa import IGNORE, Batch, lm_batch, packed_batch, reference_view_batch
-from model.jepa import jepa_loss
-from pretrain.config import Config, ConfigError
-from pretrain.objectives.base import Collated, Loss, Objective
+from cromwell.data.chats import ChatBatches, ChatEncoder, read_chats
+from cromwell.data.chat_views import IGNORE, Batch, lm_batch, packed_batch, reference_view_batch
+from cromwell.model.jepa import jepa_loss
+from cromwell.pretrain.config import Config, ConfigError
+from cromwell.pretrain.objectives.base import Collated, Loss, Objective
 
 
 def _gather(hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,7 @@ class StepJEPA(Objective):
     def __init__(self, cfg: Config, encoder: ChatEncoder, predictor_ids: list[int], pad_id: int):
         self.cfg, self.encoder, self.predictor_ids, self.pad_id = cfg, encoder, predictor_ids, pad_id
         self.sj = cfg.training.step_jepa
-        self.weights = (self.sj.gamma, self.sj.lbd)
+        self.weights = (self.sj.lm_weight, self.sj.jepa_weight)
         if cfg.parallel.pipeline > 1 and not self.sj.single_pass:
             raise ConfigError(f"parallel.pipeline={cfg.parallel.pipeline} needs training.step_jepa.single_pass: the "
                               "two-pass reference runs two forwards per micro batch; use parallel.pipeline=1 for it")
@@ -60,7 +60,7 @@ class StepJEPA(Objective):
     def collate(self, examples: list) -> Batch | TwoPass:
         """A packed single-pass Batch, the reference layout's TwoPass, or a plain LM Batch (lambda 0
         or no pair in the micro batch: one causal pass, no view)."""
-        if self.sj.lbd == 0 or not any(e.pairs(self.sj.mode) for e in examples):
+        if self.sj.jepa_weight == 0 or not any(e.pairs(self.sj.mode) for e in examples):
             return lm_batch(examples, self.pad_id)
         if self.sj.single_pass:
             return packed_batch(examples, self.sj.mode, self.predictor_ids, self.pad_id)

@@ -4,9 +4,9 @@ after next from the same hidden states, through the model's own output projectio
 
 import torch
 
-from data.tokenizer import IGNORE
-from pretrain.objectives import Collated, Loss, Objective, token_batches
-from pretrain.train import main
+from cromwell.data.tokenizer import IGNORE
+from cromwell.pretrain.objectives import Collated, Loss, Objective, token_batches
+from cromwell.pretrain.train import main
 
 
 class NextAndSkip(Objective):

@@ -8,23 +8,18 @@ import json
 import torch
 import torch.distributed as dist
 
-from model.generate import ModelDecoder, Sampling, generate
-from model.gpt import GPT, init_weights, megatron_config
-from model.vljepa import VLJEPA
-from pretrain.config import load_config
-from pretrain.distributed import init_distributed, shutdown
+from cromwell.model.generate import ModelDecoder, Sampling, generate
+from cromwell.model.build import build
+from cromwell.model.gpt import init_weights, megatron_config
+from cromwell.pretrain.config import load_config
+from cromwell.pretrain.distributed import init_distributed, shutdown
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18, 19, 20, 21, 22, 23]]
 VOCAB = 300
 
 
-def build(cfg, tp: int):
-    padded = cfg.model.padded_vocab_size(VOCAB, tp)
-    if cfg.model.type == "vljepa":
-        jepa = cfg.training.jepa
-        model = VLJEPA(cfg.model, padded, megatron_config(tp), jepa.embedding_dim, jepa.prediction_steps)
-    else:
-        model = GPT(cfg.model, padded, megatron_config(tp))
+def initialised(cfg, tp: int):
+    model = build(cfg.model, megatron_config(tp))
     for name, layer in model.named_children():
         init_weights(layer, int(name), cfg.model, 0)
     for name, p in model.named_parameters():
@@ -50,8 +45,8 @@ def main():
     args = p.parse_args()
     cfg = load_config(args.config, args.set)
     init_distributed(cfg)
-    model = build(cfg, cfg.parallel.tensor)
-    decoder = ModelDecoder(model, VOCAB, images(cfg) if args.image else None)
+    model = initialised(cfg, cfg.parallel.tensor)
+    decoder = ModelDecoder(model, cfg.model.vocab_size, images(cfg) if args.image else None)
     sampling = Sampling(max_new_tokens=24, temperature=args.temperature, top_p=0.9, seed=5)
     runs = {name: generate(decoder, PROMPTS, sampling, eos_id=2, pad_id=0, use_cache=cache, keep_logits=True)
             for name, cache in (("cache", True), ("no_cache", False))}

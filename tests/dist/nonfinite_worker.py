@@ -5,9 +5,9 @@ import os
 
 import torch.distributed as dist
 
-from pretrain.objectives import Loss
-from pretrain.objectives.lm import LanguageModeling
-from pretrain.train import main
+from cromwell.pretrain.objectives import Loss
+from cromwell.pretrain.objectives.lm import LanguageModeling
+from cromwell.pretrain.train import main
 
 BAD = {int(s) for s in os.environ["NAN_STEPS"].split(",")}
 ACCUM = int(os.environ["ACCUM"])

@@ -16,16 +16,16 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from pretrain import checkpoint
-from pretrain.config import load_config
-from pretrain.objectives import build_objective, load_run_tokenizer
-from model.jepa import momentum
-from pretrain.distributed import init_distributed, shutdown
-from pretrain.evaluation.held_out import engine_losses
-from pretrain.losses import step_counts, step_means
-from pretrain.parallelize import build_engine, model_of, setup_objective, whole_parameters
-from pretrain.trainer import train_step
-from pretrain.trainer import seed_everything
+from cromwell.pretrain import checkpoint
+from cromwell.pretrain.config import load_config
+from cromwell.pretrain.objectives import build_objective, load_run_tokenizer
+from cromwell.model.jepa import momentum
+from cromwell.pretrain.distributed import init_distributed, shutdown
+from cromwell.pretrain.evaluation.held_out import engine_losses
+from cromwell.pretrain.losses import step_counts, step_means
+from cromwell.pretrain.parallelize import build_engine, model_of, setup_objective, whole_parameters
+from cromwell.pretrain.trainer import train_step
+from cromwell.pretrain.trainer import seed_everything
 
 
 def dp_slices(cfg, tokenizer, world):

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from pretrain.train import main  # noqa: E402
+from cromwell.pretrain.train import main
 
 
 def peak_live_bytes(prof) -> int:

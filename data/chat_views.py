@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from data.chats import Example
-from data.tokenizer import IGNORE
+from cromwell.data.chats import Example
+from cromwell.data.tokenizer import IGNORE
 
 
 
