@@ -422,6 +422,17 @@ def migrate(tree: dict, where: str = "the config") -> dict:
     return tree
 
 
+def _current_name(dotted: str) -> str:
+    """An override's key under its current name: `--set training.lm.vocab_size=N` sets model.vocab_size,
+    whichever name the file uses."""
+    for old, new in RENAMED.items():
+        if dotted == old or dotted.startswith(old + "."):
+            warnings.warn(f"--set {dotted}: config key {old} is now {new}; the old name still works", FutureWarning,
+                          stacklevel=3)
+            return new + dotted[len(old):]
+    return dotted
+
+
 def _set_path(tree: dict, dotted: str, raw: str) -> None:
     keys = dotted.split(".")
     node = tree
@@ -447,7 +458,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), raw)
+        _set_path(tree, _current_name(key.strip()), raw)
     try:
         return Config.model_validate(tree)
     except ValidationError as e:

@@ -261,7 +261,18 @@ def test_shape_fields_under_their_old_names_still_parse_with_a_warning():
     assert "vocab_size" not in cfg.training.lm.model_dump()
 
 
-def test_an_old_and_a_new_name_that_disagree_are_an_error():
+def test_an_old_and_a_new_name_in_one_file_that_disagree_are_an_error(tmp_path):
+    path = tmp_path / "both.yaml"
+    path.write_text("model:\n  vocab_size: 700\ntraining:\n  lm:\n    vocab_size: 600\n")
     with pytest.raises(ConfigError, match=r"training.lm.vocab_size \(600\) and model.vocab_size \(700\) disagree"):
-        load_config(TINY, ["training.lm.vocab_size=600", "model.vocab_size=700"])
+        load_config(path)
+
+
+def test_an_old_section_name_is_merged_into_the_new_one(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("training:\n  optimizers:\n    lr: 0.002\n  optimizer:\n    beta2: 0.9\n")
+    with pytest.warns(FutureWarning, match="training.optimizers is now training.optimizer"):
+        cfg = load_config(path, ["training.optimizers.weight_decay=0.0"])
+    o = cfg.training.optimizer
+    assert (o.lr, o.beta2, o.weight_decay) == (0.002, 0.9, 0.0)
 

@@ -34,7 +34,7 @@ def test_a_non_editable_install_imports_and_trains_from_site_packages(tiny_data,
     assert (site / "cromwell" / "ds_configs" / "zero1.json").is_file()
     assert not any((site / name).exists() for name in ("data", "model", "pretrain", "tools", "bench"))
 
-    probe = ("import importlib.util, cromwell.model.build, cromwell.pretrain.trainer\n"
+    probe = ("import importlib.util, cromwell.pretrain.quiet, cromwell.model.build, cromwell.pretrain.trainer\n"
              "print(cromwell.model.build.__file__)\n"
              "print([n for n in ('data', 'model', 'pretrain', 'tools') if importlib.util.find_spec(n)])\n")
     out = subprocess.run([python, "-c", probe], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
