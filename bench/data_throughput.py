@@ -1,7 +1,7 @@
-"""Data path throughput: the mixture loader against direct reads, start-up at the seed's scale, and
+"""Data path throughput: the mixture loader against direct reads, start-up at the full corpus's scale, and
 tokenization against the tokenizer alone.
 
-Loader: tokens/s of data.loader.TokenBatches (the seed's eight weights; 1 and 2 workers, and in
+Loader: tokens/s of data.loader.TokenBatches (the stage-1 mixture's eight weights; 1 and 2 workers, and in
 the training process) against reading the same shards' token arrays directly with tarfile + numpy
 (sequentially, every member), and against webdataset's own reader, in interleaved rounds on a
 synthetic corpus of 2048-token samples. Target: loader / direct >= 0.8 (RESULT: the lower of 1 and

@@ -1,4 +1,4 @@
-"""Training-step cost of plain LM vs Step-JEPA (seed's two passes) vs single-pass Step-JEPA,
+"""Training-step cost of plain LM vs Step-JEPA (the reference two passes) vs single-pass Step-JEPA,
 on the same model and the same GSM8K batches, in one run.
 
 Model: a random-init Llama (transformers) of the given size; weights do not change the cost.

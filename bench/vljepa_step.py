@@ -182,7 +182,7 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--batch_size", type=int, default=4)
-    ap.add_argument("--images", type=int, default=1, help="rows of each batch with an image (seed: 25%%)")
+    ap.add_argument("--images", type=int, default=1, help="rows of each batch with an image (stage 1: 25%%)")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

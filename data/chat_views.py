@@ -1,4 +1,4 @@
-"""Step-JEPA / LLM-JEPA batch layouts (seed 004): chat examples -> tensors for one forward.
+"""Step-JEPA / LLM-JEPA batch layouts (docs/design.md, Step-JEPA fine-tuning): chat examples -> tensors for one forward.
 
 Loss = gamma * LM + lambda * JEPA, where LM is next-token prediction on assistant tokens and JEPA
 aligns two embeddings ("views") per pair:
@@ -9,9 +9,9 @@ aligns two embeddings ("views") per pair:
           computed in isolation: the target sees only itself.
 
 Two layouts give the same value and gradients:
-  reference (seed): pass 1 = plain causal LM on the original sequence (`lm_batch`); pass 2 = the
-      sequence with predictors inserted and the target isolated, one row per pair
-      (`reference_view_batch`).
+  reference (the design's original two passes): pass 1 = plain causal LM on the original sequence
+      (`lm_batch`); pass 2 = the sequence with predictors inserted and the target isolated, one row per
+      pair (`reference_view_batch`).
   single pass (`packed_batch`): per example, [original | predictors_1 | target copy_1 | ...] with a
       block attention mask and the position ids the reference pass 2 would give, so one forward
       yields the LM loss and both views; the extra length is K + |target| per pair instead of a
@@ -63,7 +63,7 @@ def lm_batch(examples: list[Example], pad_id: int) -> Batch:
 
 
 def reference_view_batch(examples: list[Example], mode: str, predictor_ids: list[int], pad_id: int) -> Batch:
-    """The seed's second pass: one row per pair, predictors inserted at the cut, the target
+    """The reference layout's second pass: one row per pair, predictors inserted at the cut, the target
     sees only itself, everything else causal."""
     k = len(predictor_ids)
     rows, cuts = [], []

@@ -8,7 +8,7 @@ Why cross-attention rather than prepending the image's tokens to the text:
 - The text sequence keeps its length. 256 image tokens before a 256-4096-token context would cost
   up to twice the attention and activations on every image sample. Worse, a batch that mixes samples
   with and without an image would need a different layout per row.
-- Most of the corpus has no image (75% by the seed's weights). A row without one skips every fusion
+- Most of the corpus has no image (75% by the stage-1 mixture's weights). A row without one skips every fusion
   block, so a text-only sample computes exactly the language model (a test checks it). The tanh gates
   start at 0, so at initialisation even a row with an image sees the language model unchanged:
   fusing cannot disturb a language model trained before it.

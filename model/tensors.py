@@ -2,8 +2,8 @@
 
 The trainer names a parameter by its layer's position in the flat layer list ("12.attn.qkv.weight")
 and stores fused projections (QKV interleaved per head, key/value per head, gate/up per unit; see
-model/gpt.py) padded to a vocabulary multiple. An export names it by the seed's five modules
-(seed 000, section 5.1) and keeps every matrix a reader expects:
+model/gpt.py) padded to a vocabulary multiple. An export names it by the design's five modules
+(docs/design.md, The model: five modules) and keeps every matrix a reader expects:
 
     vision_encoder.layers.0.attn.q.weight       <- 1.attn.qkv.weight, rows of part 0 of each head
     language_encoder.embedding.weight           <- word.weight without its padding rows
@@ -35,7 +35,7 @@ from cromwell.model.jepa import Projections, TextPredictor, VisionPredictor
 from cromwell.model.vit import PatchEmbed, VisionBlock, VisionNorm
 from cromwell.model.vljepa import FinalNorm, OutputHead
 
-# (seed module, prefix inside it) of each layer class; blocks add their index among their kind.
+# (which of the five modules, prefix inside it) of each layer class; blocks add their index among their kind.
 _PLACE = {
     PatchEmbed: ("vision_encoder", "patch_embed."), VisionBlock: ("vision_encoder", "layers.{j}."),
     VisionNorm: ("vision_encoder", ""), Projector: ("cross_modal_fusion", "projector."),

@@ -1,9 +1,9 @@
-"""The vision-language JEPA (seed 000): vision encoder (model/vit.py), cross-modal fusion
-(model/fusion.py), language encoder and autoregressive head (model/gpt.py's layers), and the JEPA head
-(model/jepa.py).
+"""The vision-language JEPA (docs/design.md, The model: five modules): vision encoder (model/vit.py),
+cross-modal fusion (model/fusion.py), language encoder and autoregressive head (model/gpt.py's layers),
+and the JEPA head (model/jepa.py).
 
 Like GPT, the model is a flat list of layers named "0", "1", ... so that every layout names parameters
-alike, and `MODULES[i]` says which of the seed's five checkpoint modules layer i belongs to (what
+alike, and `MODULES[i]` says which of the design's five checkpoint modules layer i belongs to (what
 checkpoint conversion groups by). The target encoder (`VLJEPA(..., target=True)`) is built from the
 same list minus the layers that have no target (the output projection, the predictors): its
 parameters carry the online model's names, which is how the EMA pairs them.
@@ -47,7 +47,7 @@ class OutputHead(nn.Module):
 
 
 def layer_specs(cfg: ModelConfig, mp: ModelParallelConfig) -> list[tuple[str, bool, type, tuple]]:
-    """(seed module, has an EMA target, class, args) of every layer in order."""
+    """(which of the five modules, has an EMA target, class, args) of every layer in order."""
     v = cfg.vision
     specs = [("vision_encoder", True, PatchEmbed, (v,))]
     specs += [("vision_encoder", True, VisionBlock, (v, mp))] * v.num_layers

@@ -42,7 +42,7 @@ _SUFFIX = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
 
 def parse_count(value) -> int:
-    """Token budgets are written like the seed writes them: 5B, 80B, 1.5M, or a plain integer."""
+    """Token budgets are written like the design writes them: 5B, 80B, 1.5M, or a plain integer."""
     if isinstance(value, bool):
         raise ValueError(f"expected a count such as 5B or 1000000, got {value!r}")
     if isinstance(value, int):
@@ -109,9 +109,9 @@ class SchedulerConfig(Section):
 
 
 class MaskingConfig(Section):
-    """Seed 1.3: which mask each modality gets. `language` is for samples without an image, `joint`
-    for the text of samples with one; `vision` for the image's patches (block: the seed's random
-    16x16-pixel blocks, i.e. patches; multiblock: I-JEPA's target blocks with a disjoint context)."""
+    """Which mask each modality gets (docs/design.md, JEPA masking). `language` is for samples without an
+    image, `joint` for the text of samples with one; `vision` for the image's patches (block: the design's
+    random 16x16-pixel blocks, i.e. patches; multiblock: I-JEPA's target blocks with a disjoint context)."""
 
     vision: Literal["block", "multiblock"] = "block"
     language: Literal["random", "span"] = "random"
@@ -157,17 +157,18 @@ class LMConfig(Section):
     @model_validator(mode="after")
     def _untied(self):
         if self.tie_embeddings:
-            raise ValueError("training.lm.tie_embeddings=true is not supported yet (the seed trains untied embeddings)")
+            raise ValueError("training.lm.tie_embeddings=true is not supported yet "
+                             "(the design trains untied embeddings)")
         return self
 
 
 class HybridConfig(Section):
     alpha: NonNegativeFloat = 0.3  # JEPA weight; 0: pure LM (no target pass, the JEPA head is frozen)
     beta: NonNegativeFloat = 0.7  # LM weight; 0: pure JEPA (the output projection is frozen)
-    # Instruction tuning (seed stage 4): the LM loss covers response tokens only, those after an
+    # Instruction tuning (stage 4 of the curriculum): the LM loss covers response tokens only, those after an
     # <|assistant|> up to its <|end|>; prompts and text outside any chat are not trained.
     instruction: bool = False
-    # Seed modules this stage leaves as they are (a language-only stage need not move the ViT).
+    # Which of the five modules this stage leaves as they are (a language-only stage need not move the ViT).
     freeze: list[Literal["vision_encoder", "cross_modal_fusion", "language_encoder", "autoregressive_head",
                          "jepa_head"]] = []
 
@@ -188,7 +189,7 @@ class StepJepaConfig(Section):
     lm_weight: NonNegativeFloat = 1.0  # gamma there (--gamma)
     # K predictor tokens after the source view, of the tokenizer's reserved ones.
     predictors: Annotated[int, Field(ge=1, le=NUM_PREDICTOR_TOKENS)] = 1
-    single_pass: bool = True  # one packed forward; false: the seed's two passes
+    single_pass: bool = True  # one packed forward; false: the reference two passes
     separator: str = "\n\n"
     temperature: PositiveFloat = 0.1  # infonce only
 

@@ -1,4 +1,4 @@
-"""The seed's four-stage curriculum (seed 2.1), one stage after another in one job:
+"""The four-stage curriculum (docs/design.md, The curriculum), one stage after another in one job:
 
     deepspeed --num_gpus N pretrain/curriculum.py --curriculum pretrain/configs/curriculum.yaml [--set k=v ...]
 

@@ -76,7 +76,7 @@ class Layout:
 class Layer:
     index: int
     kind: type
-    module: str  # the seed's checkpoint module (model/vljepa.MODULES)
+    module: str  # which of the five modules (model/vljepa.MODULES)
     params: tuple[tuple[int, bool], ...]  # (whole-model size, cut by tensor parallelism) of each parameter
     trains: bool
     has_target: bool = False  # the EMA target keeps an fp32 copy of this layer

@@ -1,4 +1,5 @@
-"""Step-JEPA / LLM-JEPA fine-tuning under DeepSpeed (seed 004), with the seed's command line.
+"""Step-JEPA / LLM-JEPA fine-tuning under DeepSpeed, with the design's command line (docs/design.md, Step-JEPA
+fine-tuning).
 
   deepspeed --num_gpus 2 pretrain/step_jepa.py --train_file steps.jsonl --model_name /models/Llama-3.2-1B-Instruct \\
       --output_dir runs/step_jepa --lora --lora_rank 16 --lbd 0.1 --gamma 1.0 --jepa_loss_type cosine
@@ -47,7 +48,7 @@ def parse_args(argv=None):
                     help="step: step1->step2; multistep: step i->i+1; two_view: user->assistant (LLM-JEPA)")
     ap.add_argument("--predictors", type=int, default=1, help="K predictor tokens after the source")
     ap.add_argument("--single_pass", action=argparse.BooleanOptionalAction, default=True,
-                    help="one packed forward (default) or the seed's two passes")
+                    help="one packed forward (default) or the reference two passes")
     ap.add_argument("--separator", default="\n\n")
     ap.add_argument("--max_len", type=int, default=1024)
     ap.add_argument("--batch_size", type=int, default=4, help="micro batch per data-parallel rank")

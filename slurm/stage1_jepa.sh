@@ -1,5 +1,5 @@
 #!/bin/bash
-# Seed stage 1: JEPA pre-training of the VL-JEPA (pretrain/configs/stage1_jepa.yaml).
+# Stage 1 of the curriculum: JEPA pre-training of the VL-JEPA (pretrain/configs/stage1_jepa.yaml).
 #   sbatch slurm/stage1_jepa.sh [--set KEY=VALUE ...]            (from the repository root)
 # The #SBATCH lines are this stage's defaults: edit them here, or override any on sbatch's command line.
 # Partition and account: add #SBATCH --partition= / --account= lines, or set SBATCH_PARTITION and

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Seed stage 2: language modelling (pretrain/configs/stage2_lm.yaml).
+# Stage 2 of the curriculum: language modelling (pretrain/configs/stage2_lm.yaml).
 #   sbatch slurm/stage2_lm.sh [--set KEY=VALUE ...]            (from the repository root)
 # The #SBATCH lines are this stage's defaults: edit them here, or override any on sbatch's command line.
 # Partition and account: add #SBATCH --partition= / --account= lines, or set SBATCH_PARTITION and

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Seed stage 3: the hybrid JEPA + LM objective (pretrain/configs/stage3_hybrid.yaml).
+# Stage 3 of the curriculum: the hybrid JEPA + LM objective (pretrain/configs/stage3_hybrid.yaml).
 #   sbatch slurm/stage3_hybrid.sh [--set KEY=VALUE ...]            (from the repository root)
 # The #SBATCH lines are this stage's defaults: edit them here, or override any on sbatch's command line.
 # Partition and account: add #SBATCH --partition= / --account= lines, or set SBATCH_PARTITION and

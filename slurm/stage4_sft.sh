@@ -1,5 +1,5 @@
 #!/bin/bash
-# Seed stage 4: instruction tuning (pretrain/configs/stage4_sft.yaml).
+# Stage 4 of the curriculum: instruction tuning (pretrain/configs/stage4_sft.yaml).
 #   sbatch slurm/stage4_sft.sh [--set KEY=VALUE ...]            (from the repository root)
 # The #SBATCH lines are this stage's defaults: edit them here, or override any on sbatch's command line.
 # Partition and account: add #SBATCH --partition= / --account= lines, or set SBATCH_PARTITION and

@@ -1,5 +1,6 @@
 #!/bin/bash
-# Step-JEPA fine-tuning of a causal LM on reasoning steps (pretrain/configs/step_jepa.yaml, seed 004).
+# Step-JEPA fine-tuning of a causal LM on reasoning steps (pretrain/configs/step_jepa.yaml; docs/design.md,
+# Step-JEPA fine-tuning).
 #   sbatch slurm/step_jepa.sh [--set KEY=VALUE ...]            (from the repository root)
 # The #SBATCH lines are this stage's defaults: edit them here, or override any on sbatch's command line.
 # Partition and account: add #SBATCH --partition= / --account= lines, or set SBATCH_PARTITION and

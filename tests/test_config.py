@@ -1,4 +1,4 @@
-"""The run config: the seed's fields parse, and every bad value is an error naming its field."""
+"""The run config: every field the design names parses, and every bad value is an error naming its field."""
 
 import json
 import types

@@ -130,7 +130,7 @@ def test_one_process_conversion_cuts_the_fused_weights_exactly(vl_layouts, expor
     target = safe_load(tag_dir / "objective_state_tp00_pp00.pt")["ema_target"]
     assert torch.equal(got["target.vision_encoder.norm.weight"], target["3.norm.weight"])
     assert not torch.equal(target["3.norm.weight"], module["model.3.norm.weight"])  # the EMA is its own copy
-    # The seed's five modules, and the same tensors in every whole-model format.
+    # The design's five modules, and the same tensors in every whole-model format.
     assert {k.split(".")[0] for k in got if not k.startswith("target.")} == {
         "vision_encoder", "cross_modal_fusion", "language_encoder", "autoregressive_head", "jepa_head"}
     meta = json.loads((exports / "single" / "cpp" / "metadata.json").read_text())

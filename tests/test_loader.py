@@ -309,7 +309,7 @@ def test_an_id_past_the_vocabulary_names_shard_and_member(corpus):
 
 
 def test_start_up_reads_no_shard_and_state_does_not_grow_with_shards(tmp_path):
-    """A manifest of the seed's scale (120,000 shards) and one of 100: the loader is built from the
+    """A manifest of the full corpus's scale (120,000 shards) and one of 100: the loader is built from the
     manifests alone (no shard file exists here), and the state is the same size."""
     states = []
     for shards in (100, 120_000):

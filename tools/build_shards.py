@@ -5,7 +5,7 @@
         [--workers N] [--samples-per-shard K] [--on-error raise|skip]
 
 --input reads plain files (one document each, source: the input's name) and jsonl ({"text",
-"source"?} per line); --source NAME=PATH reads PATH's files with the adapter of seed source NAME
+"source"?} per line); --source NAME=PATH reads PATH's files with the adapter of data source NAME
 (data/sources/). Documents are tokenized by --workers processes, results taken in input order, so
 a build gives the same bytes every time. Each document, followed by <|eos|>, is appended to its
 source's token stream, cut into sequences of context_length + 1 tokens: a sample never mixes
@@ -538,7 +538,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--input", nargs="+", type=Path, default=[], help="files, directories or jsonl")
     parser.add_argument("--source", nargs="+", type=_source_arg, default=[], metavar="NAME=PATH",
-                        help=f"a seed source read with its adapter: {', '.join(ADAPTERS)}")
+                        help=f"a data source read with its adapter: {', '.join(ADAPTERS)}")
     parser.add_argument("--tokenizer", required=True, type=Path, help="tokenizer.json from tools/train_tokenizer.py")
     parser.add_argument("--output", required=True, type=Path, help="corpus directory: one directory per source")
     parser.add_argument("--context-length", type=int, help="tokens a model sees per sequence")

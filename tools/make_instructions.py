@@ -1,4 +1,5 @@
-"""Instruction-tuning chats for the curriculum's stage 4 (seed 2.1: code editing tasks, multimodal QA),
+"""Instruction-tuning chats for the curriculum's stage 4 (code editing tasks, multimodal QA; docs/design.md,
+The curriculum), made offline from what every machine has.
 
 The command over data/corpus/instructions.py: `python tools/make_instructions.py --help`."""
 

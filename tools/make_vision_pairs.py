@@ -1,4 +1,4 @@
-"""Generate image -> text pairs of the seed's Vision-Text Pairs kinds, offline, as webdataset tar shards.
+"""Generate image -> text pairs of the kinds the design names for vision_text, offline, as webdataset tar shards.
 
 The command over data/corpus/vision_pairs.py: `python tools/make_vision_pairs.py --help`."""
 

@@ -6,7 +6,7 @@
 For each config (a curriculum: each stage, with its share of the token budget) on --gpus GPUs in the
 config's own layout (parallel.tensor, parallel.pipeline, ZeRO stage, activation checkpointing; the rest
 of the GPUs data-parallel):
-- parameters per seed module (vision encoder, fusion, language encoder, heads) and on each GPU;
+- parameters per module (vision encoder, fusion, language encoder, heads) and on each GPU;
 - memory per GPU: weights, gradients, fp32 master copy, optimizer states, EMA target, DeepSpeed's
   buffers, activations, the transients at the peak, and which moment of a step peaks (pretrain/planner.py;
   checked against measured peaks of real runs, tests/test_plan.py);

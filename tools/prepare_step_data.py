@@ -1,4 +1,4 @@
-"""Turn reasoning jsonl records into Step-JEPA chat records (seed 004, section 1).
+"""Turn reasoning jsonl records into Step-JEPA chat records (docs/design.md, Step-JEPA fine-tuning).
 
 The command over data/corpus/step_data.py: `python tools/prepare_step_data.py --help`."""
 

@@ -1,5 +1,5 @@
-"""Instruction-tuning chats for the curriculum's stage 4 (seed 2.1: code editing tasks, multimodal QA),
-made offline from what every machine has:
+"""Instruction-tuning chats for the curriculum's stage 4 (code editing tasks, multimodal QA; docs/design.md,
+The curriculum), made offline from what every machine has:
 
     python tools/make_instructions.py --output DIR [--pairs PAIRS_DIR] [--count N] [--seed S]
 

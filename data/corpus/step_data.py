@@ -1,4 +1,4 @@
-"""Turn reasoning jsonl records into Step-JEPA chat records (seed 004, section 1).
+"""Turn reasoning jsonl records into Step-JEPA chat records (docs/design.md, Step-JEPA fine-tuning).
 
 Inputs, detected per record (or forced with --format):
   deepseek: {"question": ..., "deepseek_response": "step\\n\\nstep\\n\\n..."}

@@ -1,4 +1,4 @@
-"""Generate image -> text pairs of the seed's Vision-Text Pairs kinds, offline, as webdataset tar shards.
+"""Generate image -> text pairs of the kinds the design names for vision_text, offline, as webdataset tar shards.
 
     python tools/make_vision_pairs.py --output DIR --count N [--seed S] [--samples-per-shard K] \
         [--kinds code,chart,ui,statement,doc]

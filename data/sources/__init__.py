@@ -1,6 +1,7 @@
-"""Source adapters: each seed data source's published format -> Documents.
+"""Source adapters: each data source's published format -> Documents (docs/design.md, Data: eight
+sources and their mixture).
 
-ADAPTERS maps the source names of the seed's data-source table to readers of one file each:
+ADAPTERS maps the source names of the design's data-source table to readers of one file each:
 `read(path, on_error="raise", skipped=None)` yields Documents. A bad record (not JSON, a missing
 field, a wrong type, a member escaping its archive...) raises SourceError naming the file and the
 line, member or chapter; with on_error="skip" it is counted in `skipped` (a Skipped, which may be

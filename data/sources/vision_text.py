@@ -1,4 +1,4 @@
-"""Vision-text pairs: this project's multimodal sample format (the seed's Vision-Text Pairs; the
+"""Vision-text pairs: this project's multimodal sample format (the design's vision-text pairs; the
 generator that writes them is a later issue's), webdataset tar shards, since the token shards are too.
 
 A shard (`.tar`, or compressed `.tar.gz`...) holds samples whose members share a key, adjacent, the
@@ -7,7 +7,7 @@ key being the member name up to the first dot of its base name (webdataset's gro
 - `<key>.txt`: the UTF-8 text read with it (required);
 - `<key>.json`: optional metadata, a JSON object. Its "kind" (default "caption") says what the text is:
   "caption" (describes the image), "ocr" (the text in it), "vqa" (a question about it and the answer),
-  or the seed's pairs, the image rendered from the text: "code" (a code screenshot -> the source
+  or the design's generated pairs, the image rendered from the text: "code" (a code screenshot -> the source
   code), "chart" (-> plotting code), "ui" (a UI mockup -> frontend code), "statement" (a financial
   statement -> extraction code), "doc" (a documentation image -> LaTeX/Markdown). A "prompt" string
   makes the sample an instruction: the prompt asks about the image, the text answers (tools/build_shards.py

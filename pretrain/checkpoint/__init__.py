@@ -1,5 +1,5 @@
-"""Checkpoints: DeepSpeed's own format (model, optimizer, scheduler, ZeRO partitions) plus the seed's
-training-state fields (seed 000, section 5.1) and each rank's RNG state, so --resume is exact.
+"""Checkpoints: DeepSpeed's own format (model, optimizer, scheduler, ZeRO partitions) plus the design's
+training-state fields (docs/design.md, Checkpoints and conversion) and each rank's RNG state, so --resume is exact.
 
 A checkpoint is complete or invisible. Every rank writes into the step's folder; only when all of
 them have finished does rank 0 write `complete.json` (every file's size and sha256, the config and
@@ -195,7 +195,7 @@ def _objective_file(tag_dir: Path) -> Path:
 
 def save(engine, directory: Path, step: int, training_state: dict, write_tokenizer: Callable[[Path], None],
          layout: dict, keep: int | None = None, objective_state: dict | None = None) -> Path:
-    """Collective: every rank calls it. training_state holds the seed's fields (epoch, tokens_seen,
+    """Collective: every rank calls it. training_state holds the design's fields (epoch, tokens_seen,
     train_loss, eval_metrics, config, tokenizer) and the loader position; it is stored with the
     model states. write_tokenizer(tag_dir) puts the tokenizer's files beside them (rank 0). layout
     (world and parallel sizes) goes into the marker, for resume to compare. keep: how many complete

@@ -1,6 +1,6 @@
 """The export formats, each written one tensor at a time (nothing holds the model):
 
-- cpp: the seed's C++-loadable layout (seed 000, section 5.2): `<name>.bin`, raw float32
+- cpp: the design's C++-loadable layout (docs/design.md, Checkpoints and conversion): `<name>.bin`, raw float32
   little-endian in C order, and `metadata.json` {name: {path, shape, dtype}}; read by tools/cpp/.
 - safetensors: the whole model in one `model.safetensors`. Its header (names, shapes, offsets) is
   known before any tensor is read, so the file is written front to back; the format is a length,

@@ -89,7 +89,7 @@ class Hybrid(Objective):
         self.predicts_embeddings = self.hybrid.alpha > 0
 
     def trains(self, module: str) -> bool:
-        """Whether the seed module `module` gets an optimizer (model/vljepa.MODULES)."""
+        """Whether `module`, one of the model's five modules (model/vljepa.MODULES), gets an optimizer."""
         if module == "jepa_head" and not self.predicts_embeddings or module == "autoregressive_head" and self.hybrid.beta == 0:
             return False
         return module not in self.hybrid.freeze
