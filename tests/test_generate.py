@@ -53,10 +53,10 @@ def models():
 
     from cromwell.pretrain.config import load_config
     from cromwell.pretrain.distributed import init_distributed
-    from dist.generate_worker import build
+    from dist.generate_worker import initialised
 
     init_distributed(load_config(REPO / "pretrain/configs/tiny.yaml", GPT_SETS))
-    yield {name: build(load_config(REPO / "pretrain/configs/tiny.yaml", sets), 1)
+    yield {name: initialised(load_config(REPO / "pretrain/configs/tiny.yaml", sets), 1)
            for name, sets in (("gpt", GPT_SETS), ("vl", VL_SETS))}
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
