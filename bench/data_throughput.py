@@ -50,7 +50,7 @@ from cromwell.data.shards import CRC_NAME, Location, read_corpus, sample_crcs
 from cromwell.model.config import ModelConfig
 from cromwell.pretrain.config import load_config
 from cromwell.pretrain.throughput import flops_per_token, peak_flops_per_device
-from cromwell.tools.build_shards import build_shards, write_corpus_index, write_shard, write_source
+from cromwell.data.writer import build_shards, write_corpus_index, write_shard, write_source
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

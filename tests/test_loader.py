@@ -16,7 +16,7 @@ from cromwell.data.multimodal import JEPASamples
 from cromwell.data.shards import Location, SampleError, ShardError, read_corpus, shard_name
 from cromwell.data.tokenizer import IGNORE, PAD_ID
 from test_shards import image_bytes
-from cromwell.tools.build_shards import write_source
+from cromwell.data.writer import write_source
 
 CONTEXT = 8
 SPS = 11  # samples per shard

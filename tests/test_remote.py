@@ -15,7 +15,7 @@ from cromwell.data.loader import TokenBatches
 from cromwell.data.remote import RemoteError
 from cromwell.data.shards import Location, shard_name
 from tests.conftest import PYTHON, TINY_MODEL, run
-from cromwell.tools.build_shards import write_source
+from cromwell.data.writer import write_source
 
 CONTEXT = 8
 VOCAB = 500

@@ -17,6 +17,7 @@ from cromwell.data.shards import (
     shard_problem, sha256_file, token_dtype,
 )
 from cromwell.data.tokenizer import ASSISTANT, END, EOS, EOS_ID, PAD_ID, USER, load_tokenizer, special_id
+from cromwell.data import writer
 from cromwell.tools import build_shards
 from cromwell.tools import inspect_shards
 from cromwell.tools import train_tokenizer
@@ -43,7 +44,7 @@ def write_corpus(directory: Path) -> list[tuple[str, str]]:
 
 
 def build(root, out, workers=2, **kw):
-    return build_shards.build_shards([root / "corpus"], root / "tokenizer.json", out, CONTEXT, workers=workers,
+    return writer.build_shards([root / "corpus"], root / "tokenizer.json", out, CONTEXT, workers=workers,
                                      samples_per_shard=kw.pop("samples_per_shard", SPS), show_progress=False, **kw)
 
 
@@ -122,7 +123,7 @@ def test_literal_special_token_text_is_not_the_special_id(tmp_path, built):
     root = built[0]
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "doc.txt").write_text(f"abc {EOS} def " * 10)
-    m = build_shards.build_shards([tmp_path / "in"], root / "tokenizer.json", tmp_path / "out", 8, workers=1,
+    m = writer.build_shards([tmp_path / "in"], root / "tokenizer.json", tmp_path / "out", 8, workers=1,
                                   samples_per_shard=4, show_progress=False)["in"]
     tokens = np.concatenate([r for i in range(m.num_shards) for r in tar_rows(tmp_path / "out" / "in" / shard_name(i))])
     assert np.flatnonzero(tokens == EOS_ID).tolist() in ([], [len(tokens) - 1])  # only the document's own end
@@ -132,7 +133,7 @@ def test_chats_get_role_markers_and_their_text_stays_data(tmp_path, built):
     root = built[0]
     messages = [{"role": "user", "content": f"say {END}"}, {"role": "assistant", "content": "abc def"}]
     (tmp_path / "chats.jsonl").write_text((json.dumps({"messages": messages, "source": "chats"}) + "\n") * 10)
-    m = build_shards.build_shards([tmp_path / "chats.jsonl"], root / "tokenizer.json", tmp_path / "out", CONTEXT,
+    m = writer.build_shards([tmp_path / "chats.jsonl"], root / "tokenizer.json", tmp_path / "out", CONTEXT,
                                   workers=1, samples_per_shard=4, show_progress=False)["chats"]
     tokenizer = load_tokenizer(root / "tokenizer.json")
     tokenizer.encode_special_tokens = True
@@ -143,7 +144,7 @@ def test_chats_get_role_markers_and_their_text_stays_data(tmp_path, built):
     assert tokens.tolist() == (want * 10)[:len(tokens)]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:1: message 0 must be"):
-        build_shards.build_shards([tmp_path / "bad.jsonl"], root / "tokenizer.json", tmp_path / "out2", CONTEXT,
+        writer.build_shards([tmp_path / "bad.jsonl"], root / "tokenizer.json", tmp_path / "out2", CONTEXT,
                                   workers=1, samples_per_shard=4, show_progress=False)
 
 
@@ -151,9 +152,9 @@ def test_a_build_smaller_than_a_shard_finishes(tmp_path, built, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "doc.txt").write_text("abc def " * 10)
     args = ([tmp_path / "in"], built[0] / "tokenizer.json", tmp_path / "out", 8)
-    m = build_shards.build_shards(*args, workers=1, samples_per_shard=100, show_progress=False)["in"]
+    m = writer.build_shards(*args, workers=1, samples_per_shard=100, show_progress=False)["in"]
     assert m.num_shards == 1 and m.num_samples < 100
-    build_shards.build_shards(*args, workers=1, samples_per_shard=100, show_progress=False)
+    writer.build_shards(*args, workers=1, samples_per_shard=100, show_progress=False)
     assert "nothing to do" in capsys.readouterr().out
 
 
@@ -198,14 +199,14 @@ def test_an_interrupted_build_continues_to_the_same_shards(tmp_path, built, stop
     written = sorted((tmp_path / "out").glob("*/shard-*.tar"))
     assert 0 < len(written) < sum(m.num_shards for m in manifests.values())
     # Shards written after the last saved progress (whole, or cut short) are redone, not kept.
-    saved = json.loads((tmp_path / "out" / build_shards.STATE_DIR / "progress.json").read_text())
+    saved = json.loads((tmp_path / "out" / writer.STATE_DIR / "progress.json").read_text())
     done = saved["sources"]["code"]["shards"]
     (tmp_path / "out" / "code" / shard_name(done)).write_bytes(b"garbage")
     (tmp_path / "out" / "code" / (shard_name(done + 1) + ".tmp")).write_bytes(b"half")
     build(root, tmp_path / "out")
     assert "continuing an interrupted build" in capsys.readouterr().out
     assert digests(tmp_path / "out") == digests(root / "out")
-    assert not (tmp_path / "out" / build_shards.STATE_DIR / "progress.json").exists()
+    assert not (tmp_path / "out" / writer.STATE_DIR / "progress.json").exists()
 
 
 def test_cli_takes_context_from_config_and_reports_leftovers(tmp_path, built, capsys):
@@ -232,9 +233,9 @@ def test_adapter_sources_are_built_and_bad_records_skipped_and_counted(tmp_path,
     (stack / "part-0.jsonl").write_text("\n".join(lines) + "\n")
     args = dict(sources=[("stack_v2", stack)])
     with pytest.raises(ValueError, match=rf"{stack / 'part-0.jsonl'} line 6"):
-        build_shards.build_shards([], root / "tokenizer.json", tmp_path / "out", 8, workers=1, samples_per_shard=4,
+        writer.build_shards([], root / "tokenizer.json", tmp_path / "out", 8, workers=1, samples_per_shard=4,
                                   show_progress=False, **args)
-    m = build_shards.build_shards([], root / "tokenizer.json", tmp_path / "out", 8, workers=1, samples_per_shard=4,
+    m = writer.build_shards([], root / "tokenizer.json", tmp_path / "out", 8, workers=1, samples_per_shard=4,
                                   show_progress=False, on_error="skip", **args)["stack_v2"]
     assert m.documents == 40
     assert "skipped 1 bad input records" in capsys.readouterr().out
@@ -242,7 +243,7 @@ def test_adapter_sources_are_built_and_bad_records_skipped_and_counted(tmp_path,
 
 def test_an_unknown_adapter_is_named(tmp_path, built):
     with pytest.raises(ValueError, match=r"no adapter named 'stack_v3' \(there are \["):
-        build_shards.build_shards([], built[0] / "tokenizer.json", tmp_path / "o", 8, workers=1, samples_per_shard=4,
+        writer.build_shards([], built[0] / "tokenizer.json", tmp_path / "o", 8, workers=1, samples_per_shard=4,
                                   show_progress=False, sources=[("stack_v3", tmp_path)])
 
 
@@ -521,7 +522,7 @@ def vision(tmp_path, built):
     (tmp_path / "notes.txt").write_text("plain text notes " * 3)  # one sample, written when the build ends
 
     def run(out, **kw):
-        return build_shards.build_shards([tmp_path / "notes.txt"], root / "tokenizer.json", out, CONTEXT, workers=1,
+        return writer.build_shards([tmp_path / "notes.txt"], root / "tokenizer.json", out, CONTEXT, workers=1,
                                          samples_per_shard=3, show_progress=False, sources=[("vision_text", raw)], **kw)
     return root, images, run
 
@@ -559,7 +560,7 @@ def test_an_interrupted_image_build_continues_to_the_same_files(tmp_path, vision
 
     with pytest.raises(Interrupt):
         run(tmp_path / "out", after_shard=interrupt)
-    state = tmp_path / "out" / build_shards.STATE_DIR
+    state = tmp_path / "out" / writer.STATE_DIR
     saved = json.loads((state / "progress.json").read_text())
     with np.load(state / saved["pending"]) as pending:
         assert len(pending["vision_text.image_sizes"]) == pending_images
@@ -576,7 +577,7 @@ def test_an_image_after_text_only_documents_of_its_source_is_refused(tmp_path, v
     _, _, run = vision
     (tmp_path / "text.jsonl").write_text(json.dumps({"text": "no image", "source": "vision_text"}) + "\n")
     with pytest.raises(ValueError, match="source 'vision_text': a document with an image follows documents without"):
-        build_shards.build_shards([tmp_path / "text.jsonl"], built[0] / "tokenizer.json", tmp_path / "o", CONTEXT,
+        writer.build_shards([tmp_path / "text.jsonl"], built[0] / "tokenizer.json", tmp_path / "o", CONTEXT,
                                   workers=1, samples_per_shard=3, show_progress=False,
                                   sources=[("vision_text", tmp_path / "raw")])
 

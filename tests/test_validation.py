@@ -12,7 +12,7 @@ from cromwell.pretrain.config import ConfigError, load_config
 from cromwell.pretrain.objectives import load_run_tokenizer
 from cromwell.pretrain.objectives.lm import LanguageModeling
 from cromwell.tools import train_tokenizer
-from cromwell.tools.build_shards import write_source
+from cromwell.data.writer import write_source
 
 TINY = "pretrain/configs/tiny.yaml"
 TOKENIZER_VOCAB = 300

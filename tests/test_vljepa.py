@@ -44,7 +44,7 @@ def process_group():
 
 
 def build(cfg, seed=0, open_gates=True):
-    model = VLJEPA(cfg.model, megatron_config(1))
+    model = VLJEPA(cfg.model, megatron_config(1), kernels=cfg.training.kernels)
     for name, layer in model.named_children():
         init_weights(layer, int(name), cfg.model, seed)
     if open_gates:  # at init the gates are closed; opened, the text really reads the image
@@ -318,3 +318,20 @@ def test_instruction_mode_trains_response_tokens_only():
     b = objective.collate((rows[:, :-1], rows[:, 1:], [{}]))
     trained = (b.labels[0] != -100).nonzero().flatten().tolist()
     assert [rows[0, j + 1].item() for j in trained] == [50, 51, end, 60, end]
+
+
+@pytest.mark.parametrize("kernels,impl", [("fused", "auto"), ("reference", "reference")])
+def test_training_kernels_reaches_the_jepa_loss_and_the_cross_entropy(monkeypatch, kernels, impl):
+    """One switch: the config's training.kernels picks the implementation of both fused losses."""
+    import cromwell.model.gpt as gpt
+    from cromwell.pretrain.objectives import hybrid
+
+    seen = {"mse": [], "ce": []}
+    real_mse, real_ce = hybrid.masked_mse, gpt.lm_loss
+    monkeypatch.setattr(hybrid, "masked_mse", lambda *a, **kw: seen["mse"].append(kw["impl"]) or real_mse(*a, **kw))
+    monkeypatch.setattr(gpt, "lm_loss", lambda *a: seen["ce"].append(a[3]) or real_ce(*a))
+    cfg = config(f"training.kernels={kernels}")
+    model, objective = build(cfg)
+    b = batch(objective, cfg, ids(8), [png(9), None, png(10)])
+    objective.forward(model, b)
+    assert seen["mse"] == [impl, impl] and seen["ce"] == [kernels]
