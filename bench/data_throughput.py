@@ -54,7 +54,7 @@ from cromwell.data.writer import build_shards, write_corpus_index, write_shard, 
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-SEED_WEIGHTS = {"stack_v2": 30, "codecontests": 10, "github_prs": 10, "arxiv": 10, "openstax": 5,
+DESIGN_WEIGHTS = {"stack_v2": 30, "codecontests": 10, "github_prs": 10, "arxiv": 10, "openstax": 5,
                 "stackoverflow": 5, "vision_text": 25, "financial_code": 5}
 CONTEXT = 2048
 VOCAB = 32_000
@@ -64,7 +64,7 @@ H100_BF16_DENSE = 989e12
 
 def synthetic_corpus(root: Path, samples_per_source: int) -> None:
     rng = np.random.default_rng(0)
-    for name in SEED_WEIGHTS:
+    for name in DESIGN_WEIGHTS:
         write_source(root, name, rng.integers(0, VOCAB, (samples_per_source, CONTEXT + 1)), SAMPLES_PER_SHARD, VOCAB)
 
 
@@ -89,7 +89,7 @@ def webdataset_reader(root: Path):
 
 def bench_loader(root: Path, rounds: int, samples: int) -> dict:
     micro = 8
-    loaders = {w: TokenBatches(root, weights=SEED_WEIGHTS, vocab_size=VOCAB, global_batch=micro, micro_batch_size=micro,
+    loaders = {w: TokenBatches(root, weights=DESIGN_WEIGHTS, vocab_size=VOCAB, global_batch=micro, micro_batch_size=micro,
                                dp_rank=0, dp_size=1, seed=1, num_workers=w) for w in (0, 1, 2)}
     for loader in loaders.values():
         next(loader)  # workers started outside the timing
@@ -137,18 +137,18 @@ def scaled_corpus(root: Path, shards: int) -> None:
     """Manifests for `shards` shards of about 5 MB per source (8 sources), with only the shards that
     the first micro batch reads written: the others are never opened at start-up."""
     per_shard = 5_000_000 // (2 * (CONTEXT + 1) + 1024)
-    num_samples = shards // len(SEED_WEIGHTS) * per_shard
-    for name in SEED_WEIGHTS:
+    num_samples = shards // len(DESIGN_WEIGHTS) * per_shard
+    for name in DESIGN_WEIGHTS:
         (root / name).mkdir(parents=True)
         (root / name / "manifest.json").write_text(json.dumps({
             "format_version": 2, "source": name, "context_length": CONTEXT, "dtype": "uint16", "vocab_size": VOCAB,
             "tokenizer_sha256": "0" * 64, "samples_per_shard": per_shard, "num_samples": num_samples,
             "documents": 0, "input_tokens": 0, "leftover_tokens": 0, "build": {}}))
     write_corpus_index(root)
-    plan = Plan(read_corpus(Location(root)), integer_weights(SEED_WEIGHTS), 1, 8)
+    plan = Plan(read_corpus(Location(root)), integer_weights(DESIGN_WEIGHTS), 1, 8)
     source, shard, _ = plan.locate(np.arange(8))
     rng = np.random.default_rng(0)
-    for name in SEED_WEIGHTS:  # sparse: only the entries of the shards written below hold data
+    for name in DESIGN_WEIGHTS:  # sparse: only the entries of the shards written below hold data
         with open(root / name / CRC_NAME, "wb") as f:
             f.truncate(4 * num_samples)
     for j, s in set(zip(source.tolist(), shard.tolist())):
@@ -168,7 +168,7 @@ def bench_startup(tmp: Path, rounds: int) -> dict:
 
     def start(shards):
         def fn():
-            loader = TokenBatches(roots[shards], weights=SEED_WEIGHTS, vocab_size=VOCAB, global_batch=8,
+            loader = TokenBatches(roots[shards], weights=DESIGN_WEIGHTS, vocab_size=VOCAB, global_batch=8,
                                   micro_batch_size=8, dp_rank=0, dp_size=1, seed=1, num_workers=0)
             next(loader)
             states[shards] = loader.state_dict()
@@ -254,7 +254,7 @@ def main() -> None:
     best = max(loader["tokens_per_s"]["loader_1w"], loader["tokens_per_s"]["loader_2w"])
     result = {
         "benchmark": "data_throughput", "machine": at_start, "load_average_at_end": os.getloadavg(),
-        "wall_s": time.time() - started, "context_length": CONTEXT, "weights": SEED_WEIGHTS,
+        "wall_s": time.time() - started, "context_length": CONTEXT, "weights": DESIGN_WEIGHTS,
         "loader": loader, "consumption": use,
         "loader_over_tiny_cpu_consumption": best / use["tiny_cpu_tokens_per_s"],
         "loader_over_1b_h100_consumption": best / use["one_b_h100_tokens_per_s"],

@@ -2,8 +2,8 @@
 data/shards.py defines and reads (tools/build_shards.py is the command).
 
 `build_shards` reads plain files (one document each, source: the input's name) and jsonl ({"text",
-"source"?} per line); --source NAME=PATH reads PATH's files with the adapter of data source NAME
-(data/sources/). Documents are tokenized by --workers processes, results taken in input order, so
+"source"?} per line); `sources` [(NAME, PATH)] reads PATH's files with the adapter of data source NAME
+(data/sources/). Documents are tokenized by `workers` processes, results taken in input order, so
 a build gives the same bytes every time. Each document, followed by <|eos|>, is appended to its
 source's token stream, cut into sequences of context_length + 1 tokens: a sample never mixes
 sources. Tokens at the end of a source that fill no sequence are counted as leftover_tokens.

@@ -16,7 +16,7 @@ from cromwell.pretrain.parallelize import deepspeed_config
 TINY = "pretrain/configs/tiny.yaml"
 
 
-def test_seed_defaults_and_tiny_config():
+def test_design_defaults_and_tiny_config():
     cfg = load_config(TINY, ["training.batch_size=256", "training.micro_batch_size=4",
                              "training.gradient_accumulation_steps=64"])
     assert cfg.batch_sizes(world_size=1) == (256, 4, 64, 1)
@@ -26,7 +26,7 @@ def test_seed_defaults_and_tiny_config():
     assert cfg.training.lm.tie_embeddings is False
 
 
-def test_counts_parse_like_the_seed_writes_them():
+def test_counts_parse_like_the_design_writes_them():
     assert parse_count("5B") == 5_000_000_000
     assert parse_count("1.5M") == 1_500_000
     assert parse_count(1024) == 1024

@@ -3,6 +3,7 @@ a fresh environment imports it from site-packages (and nothing under a common na
 finds the shipped DeepSpeed JSON as package data, and trains a step from outside the source tree."""
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -28,8 +29,11 @@ def test_a_non_editable_install_imports_and_trains_from_site_packages(tiny_data,
     # The dependencies (torch, DeepSpeed, ...) from this environment, as a plain path: the .pth files
     # there, this environment's editable install of the project among them, are not run.
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # From a copy: setuptools builds in the source tree (build/), and the checkout stays as it was.
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".*", "runs", "build", "__pycache__", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-                    "--no-build-isolation", "--no-index", "--disable-pip-version-check", str(REPO)],
+                    "--no-build-isolation", "--no-index", "--disable-pip-version-check", str(source)],
                    check=True, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PIP_CONFIG_FILE": "/dev/null"})
     assert (site / "cromwell" / "ds_configs" / "zero1.json").is_file()
     assert not any((site / name).exists() for name in ("data", "model", "pretrain", "tools", "bench"))

@@ -197,7 +197,7 @@ def plan(*argv):
     return planner.run(planner.parse_args(list(argv)))
 
 
-def test_the_seed_curriculum_fits_on_64_h100(capsys):
+def test_the_design_curriculum_fits_on_64_h100(capsys):
     plans = plan("--curriculum", str(REPO / "pretrain/configs/curriculum.yaml"), "--gpus", "64", "--gpu", "h100")
     assert [p.name for p in plans] == ["stage1_jepa", "stage2_lm", "stage3_hybrid", "stage4_sft"]
     assert all(p.fits and p.layout == "TP2 x PP1 x DP32, ZeRO-1" for p in plans)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from cromwell.data.sources import ADAPTERS, Skipped, SourceError
 
-SEED_SOURCES = ["stack_v2", "codecontests", "github_prs", "arxiv", "openstax", "stackoverflow", "vision_text",
+DESIGN_SOURCES = ["stack_v2", "codecontests", "github_prs", "arxiv", "openstax", "stackoverflow", "vision_text",
                 "financial_code"]
 
 
@@ -34,8 +34,8 @@ def read_all(source: str, path: Path, **kwargs) -> list:
     return list(ADAPTERS[source](path, **kwargs))
 
 
-def test_every_seed_source_has_an_adapter():
-    assert sorted(ADAPTERS) == sorted(SEED_SOURCES)
+def test_every_design_source_has_an_adapter():
+    assert sorted(ADAPTERS) == sorted(DESIGN_SOURCES)
 
 
 STACK_V2 = {"blob_id": "b1", "directory_id": "d1", "path": "src/app.py", "content_id": "c1",
