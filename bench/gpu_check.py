@@ -11,7 +11,7 @@ figures start from zero) and within its share of the time budget:
   train_gpt     the 1.1B GPT of bench/configs/gpu_check_gpt.yaml (context 4096, bf16, ZeRO-1): 25 steps of
   train_vljepa  pretrain/train.py; and the 1.3B VL-JEPA (images, EMA target) of gpu_check_vljepa.yaml: loss
                 falls, no non-finite step, no DeepSpeed op compiled; tokens/s, TFLOP/s and MFU as the
-                trainer logs them (median after 3 warm-up steps); tools/plan_model's predicted peak against
+                trainer logs them (median after 3 warm-up steps); pretrain/planner.py's predicted peak against
                 torch.cuda.max_memory_allocated
   decode        KV-cached greedy decoding of the 1.1B GPT at batch 1 and 32; batch 1 against the bound of
                 reading every weight once per token at the datasheet's memory bandwidth
@@ -69,7 +69,7 @@ def gpu_name() -> str | None:
 
 
 def planned_peak(config: Path, sets: list[str] = ()) -> float:
-    """tools/plan_model's peak bytes per GPU for `config` trained on one GPU in bf16, with the DeepSpeed
+    """pretrain/planner.py's peak bytes per GPU for `config` trained on one GPU in bf16, with the DeepSpeed
     JSON the trainer would use there."""
     from cromwell.pretrain.config import load_config
     from cromwell.pretrain.parallelize import deepspeed_config

@@ -1,7 +1,7 @@
 """The cost model behind tools/plan.py: parameters, memory, communication and FLOPs of a run config
 in a parallel layout (TP x PP x DP, a ZeRO stage, activation checkpointing).
 
-Parameters are the model code's own: the model is built on the meta device (tools/export_tensors), so
+Parameters are the model code's own: the model is built on the meta device (model/tensors.py), so
 whatever model/ builds, the plan counts. Tensor-parallel layers (megatron-core's column, row and
 vocab-parallel) are cut by TP; the rest is replicated. Pipeline stages are cut exactly as the trainer's
 PipelineModule cuts them (DeepSpeed's own partitioner on the same per-layer weights).

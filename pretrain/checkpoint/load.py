@@ -69,7 +69,7 @@ class Source:
     path: Path
     kind: str
     cfg: Config | None = None
-    params: dict | None = None  # parameter name -> tools/export_tensors.Param (full shapes, exported pieces)
+    params: dict | None = None  # parameter name -> model/tensors.Param (full shapes, exported pieces)
 
 
 def locate(path: Path, tag: str | None = None) -> Source:

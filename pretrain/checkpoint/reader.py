@@ -352,7 +352,7 @@ def _range(parts: list[torch.Tensor], offset: int, numel: int) -> list[torch.Ten
 
 
 def _piece_rows(piece: Piece, rows: int) -> list[tuple[int, int]]:
-    """(first row, rows) of the full parameter that make up the piece, in order (as export_tensors.cut)."""
+    """(first row, rows) of the full parameter that make up the piece, in order (as model/tensors.cut)."""
     lo, hi, _ = piece.rows.indices(rows // piece.parts)
     if piece.parts == 1:
         return [(lo, hi - lo)]
