@@ -188,7 +188,7 @@ class Interrupt(Exception):
 @pytest.mark.parametrize("stop_after", [1, 30, 80])
 def test_an_interrupted_build_continues_to_the_same_shards(tmp_path, built, stop_after, capsys, monkeypatch):
     root, _, manifests = built
-    monkeypatch.setattr(build_shards, "TASK_CHARS", 300)  # progress is saved per task: many of them
+    monkeypatch.setattr(writer, "TASK_CHARS", 300)  # progress is saved per task: many of them
 
     def interrupt(n):
         if n >= stop_after:
@@ -384,7 +384,7 @@ def image_member(n: int, image: tuple[str, bytes]) -> str:
 @pytest.fixture
 def image_source(tmp_path):
     rows = np.random.default_rng(1).integers(1, 320, (len(IMAGES), CONTEXT + 1))
-    m = build_shards.write_source(tmp_path, "v", rows, IMAGE_SPS, 320, images=IMAGES)
+    m = writer.write_source(tmp_path, "v", rows, IMAGE_SPS, 320, images=IMAGES)
     return tmp_path, m, rows, ShardReader(Location(tmp_path), m)
 
 
@@ -552,7 +552,7 @@ def test_an_interrupted_image_build_continues_to_the_same_files(tmp_path, vision
                                                                   monkeypatch, capsys):
     _, _, run = vision
     run(tmp_path / "whole")
-    monkeypatch.setattr(build_shards, "TASK_CHARS", 150)
+    monkeypatch.setattr(writer, "TASK_CHARS", 150)
 
     def interrupt(n):
         if n >= stop_after:
