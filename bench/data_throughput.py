@@ -25,6 +25,8 @@ measured 1-process rate.
 
 from __future__ import annotations
 
+import cromwell.pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+
 import argparse
 import contextlib
 import io

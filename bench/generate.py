@@ -13,6 +13,8 @@ step reads every weight once: bandwidth / model bytes tokens/s).
 
 from __future__ import annotations
 
+import cromwell.pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+
 import argparse
 import json
 import math

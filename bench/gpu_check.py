@@ -28,6 +28,8 @@ as `RESULT name value`; exits 1 when a check failed.
 
 from __future__ import annotations
 
+import cromwell.pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+
 import argparse
 import json
 import math

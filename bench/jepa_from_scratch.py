@@ -10,6 +10,8 @@ well under an hour on 2 cores, so it measures the method at a very different sca
   python bench/jepa_from_scratch.py                               # CPU
   python bench/jepa_from_scratch.py --hidden 512 --layers 8 --steps 3000 --batch_size 64   # GPU
 """
+import cromwell.pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+
 import argparse
 import json
 import multiprocessing

@@ -23,6 +23,8 @@ the GPU's peak.
 Writes bench/results/kernels_<device>.json; prints `RESULT name value` lines last (the worst
 case over the shapes).
 """
+import cromwell.pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+
 import argparse
 import json
 import math

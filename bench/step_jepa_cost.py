@@ -14,6 +14,8 @@ changes), deduplicated by storage.
   python bench/step_jepa_cost.py            # CPU defaults, a few minutes
   python bench/step_jepa_cost.py --hidden 1024 --layers 8 --batch_size 16   # on a GPU
 """
+import cromwell.pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+
 import argparse
 import json
 import os

@@ -17,6 +17,8 @@ its logged MFU, which is measured against each rank's matmul peak measured at st
 
 from __future__ import annotations
 
+import cromwell.pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+
 import argparse
 import contextlib
 import json
@@ -34,7 +36,7 @@ import torch
 from cromwell.bench.machine import machine
 from cromwell.bench.timing import interleaved, paired_ratio
 from cromwell.pretrain.config import load_config
-from cromwell.pretrain.objectives.lm import LanguageModeling
+from cromwell.pretrain.objectives.lm import LanguageModeling, TokenBatch
 from cromwell.pretrain.optim import build_optimizer, build_scheduler
 from cromwell.pretrain.distributed import device_type, init_distributed
 from cromwell.pretrain.parallelize import build_engine, build_model, deepspeed_config
@@ -55,7 +57,7 @@ def plain_step(module, objective, optimizer, scheduler, micro_batches, clip, aut
     counts = sum(objective.counts(b) for b in micro_batches)
     for batch in micro_batches:
         with autocast():
-            sums = module(batch)
+            sums, _, _ = module(batch)
         objective.total(sums, counts).backward()
     torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
     optimizer.step()
@@ -72,7 +74,7 @@ def overhead(args) -> dict:
     gen = torch.Generator().manual_seed(0)
     seq, micro = cfg.training.lm.context_length, cfg.training.micro_batch_size
     data = [torch.randint(0, cfg.model.vocab_size, (micro, seq + 1), generator=gen) for _ in range(4 * accum)]
-    data = [(d[:, :-1].to(device), d[:, 1:].to(device)) for d in data]
+    data = [TokenBatch(d[:, :-1].to(device), d[:, 1:].to(device)) for d in data]
     steps = [data[i:i + accum] for i in range(0, len(data), accum)]
 
     engine = build_engine(cfg, objective, None)

@@ -22,6 +22,8 @@ trained weights, the fp32 EMA target (hybrid only), and the activations saved fo
 
 from __future__ import annotations
 
+import cromwell.pretrain.quiet  # noqa: F401  (first: it silences known start-up warnings before the libraries load)
+
 import argparse
 import io
 import json
