@@ -35,6 +35,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+import torch
 from deepspeed.runtime.utils import partition_balanced, partition_uniform
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
@@ -45,8 +46,9 @@ from cromwell.model.jepa import Projections, TextPredictor, VisionPredictor
 from cromwell.model.kernels.ce_loss import chunk_rows_for
 from cromwell.model.vit import PatchEmbed, VisionBlock, VisionNorm
 from cromwell.model.vljepa import FinalNorm, OutputHead
-from cromwell.pretrain.config import Config, ConfigError
-from cromwell.pretrain.parallelize import precision
+from cromwell.pretrain.config import Config, ConfigError, ParallelConfig
+from cromwell.pretrain.parallelize import deepspeed_config, precision
+from cromwell.pretrain.throughput import gpu_peak_flops
 from cromwell.model.tensors import meta_model
 
 FP32 = 4
@@ -579,3 +581,154 @@ def flops_per_step(cfg: Config, layers: list[Layer] | None = None) -> float:
     micro_batches = cfg.training.batch_size / cfg.training.micro_batch_size
     return total * micro_batches
 
+
+# -- choosing a layout and planning a run (tools/plan.py prints it) -----------------------------------------------
+
+# Memory the driver reports per card (nvidia-smi's MiB), and the name the FLOP/s table knows it by.
+GPUS = {"h100": (81559 * 2**20, "H100 SXM"), "h200": (143771 * 2**20, "H200 SXM"),
+        "a100": (81920 * 2**20, "A100 SXM 80GB"), "a100-40": (40960 * 2**20, "A100 SXM 40GB")}
+USABLE = 0.9
+MFU = (0.41, 0.47)  # Megatron-LM's published range for GPT models on H100 (its README's scaling table)
+INTER_NODE_BYTES_PER_S = 50e9  # 400 Gb/s InfiniBand per GPU
+GIB = 2**30
+
+
+@dataclass
+class Plan:
+    """One config on `gpus` x `gpu` in its own layout: what tools/plan.py prints and writes as JSON."""
+
+    name: str
+    model_type: str
+    gpus: int
+    gpu: str
+    capacity_gib: float
+    layout: str
+    micro_batch: int
+    global_batch: int
+    context_length: int
+    fits: bool
+    peak_gib: float
+    peak_phase: str
+    usable_gib: float
+    memory_gib: dict  # weights, gradients, master, optimizer, EMA target, buffers, activations, transients
+    communication_gb: dict  # sent per GPU per step over each kind of link
+    parameters: dict  # per module of the design
+    trained_parameters: int
+    fullest_gpu_parameters: int
+    pipeline_stage: int | None  # the fullest GPU's stage under a pipeline
+    flops_per_token: float
+    tokens: int
+    steps: int
+    step_tokens: int
+    mfu: tuple
+    step_seconds: list  # per MFU
+    days: list  # per MFU
+    suggestion: str | None = None  # the first layout that fits, when this one does not
+
+
+def plan(name: str, cfg: Config, gpus: int, gpu: str, per_node: int, mfu: tuple) -> Plan:
+    """The run `cfg` on `gpus` GPUs of kind `gpu` (GPUS) in the config's layout, timed at each MFU."""
+    capacity, gpu_name = GPUS[gpu]
+    usable = USABLE * capacity
+    layers = layers_of(cfg)
+    layout = configured_layout(cfg, gpus)
+    mem = layout_memory(cfg, layout, layers)
+    comm = communication(cfg, layout, layers)
+    peak_flops, _ = gpu_peak_flops(gpu_name, torch.bfloat16 if precision(cfg, "cuda") == "bf16" else torch.float32)
+    flops = flops_per_step(cfg, layers)
+    step_tokens, steps = cfg.tokens_per_step(), cfg.train_steps()
+    # training.train_steps, when set, replaces the token budget
+    tokens = cfg.training.train_tokens if cfg.training.train_steps is None else steps * step_tokens
+    step_s = [flops / (gpus * peak_flops * u) for u in mfu]
+    modules: dict[str, int] = {}
+    for layer in layers:
+        modules[layer.module] = modules.get(layer.module, 0) + layer.split + layer.whole
+    breakdown = {"weights": mem.weights, "gradients": mem.gradients, "fp32 master": mem.master,
+                 "optimizer": mem.optimizer, "EMA target": mem.ema_target, "buffers": mem.buffers,
+                 "activations": mem.activations, f"{mem.peak_phase} transients": mem.transient}
+    fits = mem.peak <= usable
+    suggestion = None
+    if not fits:
+        found = smallest_fitting(cfg, gpus, per_node, usable, layers)
+        suggestion = ("none up to 4096 nodes (a smaller micro batch, or a smaller model)" if found is None else
+                      f"{found[0]}" + ("" if found[1] == gpus else f" on {found[1]} GPUs (nothing fits on {gpus})")
+                      + f": peak {found[2].peak / GIB:.2f} GiB")
+    return Plan(name, cfg.model.type, gpus, gpu, capacity / GIB, str(layout), cfg.training.micro_batch_size,
+                cfg.training.batch_size, cfg.training.lm.context_length, fits, mem.peak / GIB, mem.peak_phase,
+                usable / GIB, {k: v / GIB for k, v in breakdown.items()}, {k: v / 1e9 for k, v in comm.items()},
+                modules, sum(layer.split + layer.whole for layer in layers if layer.trains), mem.parameters,
+                mem.stage if layout.pp > 1 else None, flops / step_tokens, tokens, steps, step_tokens, tuple(mfu),
+                step_s, [s * steps / 86400 for s in step_s], suggestion)
+
+
+def configured_layout(cfg: Config, gpus: int) -> Layout:
+    par = cfg.parallel
+    if gpus % (par.tensor * par.pipeline):
+        raise ConfigError(f"--gpus {gpus} is not divisible by parallel.tensor ({par.tensor}) x parallel.pipeline "
+                          f"({par.pipeline})")
+    layout = Layout(par.tensor, par.pipeline, gpus // (par.tensor * par.pipeline), par.zero_stage,
+                    par.activation_checkpointing)
+    problem = unsupported(cfg, layout)
+    if problem:
+        raise ConfigError(f"the config's layout on {gpus} GPUs: {problem}")
+    return layout
+
+
+def layout_memory(cfg: Config, layout: Layout, layers):
+    """memory() with the DeepSpeed JSON the trainer would use for this layout."""
+    parallel = ParallelConfig(tensor=layout.tp, pipeline=layout.pp, zero_stage=layout.zero,
+                              activation_checkpointing=layout.checkpointing,
+                              ds_config=cfg.parallel.ds_config, partition_method=cfg.parallel.partition_method)
+    laid_out = cfg.model_copy(update={"parallel": parallel})
+    ds = deepspeed_config(laid_out, layout.world, "cuda")
+    return memory(laid_out, layout, DeepSpeedBuffers.of(ds), "cuda", layers)
+
+
+def unsupported(cfg: Config, layout: Layout) -> str | None:
+    """Why the trainer cannot run `cfg` in `layout` (None: it can)."""
+    m, t = cfg.model, cfg.training
+    if t.batch_size % (t.micro_batch_size * layout.dp):
+        return (f"training.batch_size {t.batch_size} is not divisible by micro batch {t.micro_batch_size} x "
+                f"data-parallel size {layout.dp}")
+    if layout.pp > 1 and layout.zero != 1:
+        return "a pipeline trains with ZeRO stage 1 only"
+    widths = [("model.num_heads", m.num_heads), ("model.ffn_hidden_size", m.ffn_size)]
+    if m.type == "vljepa":
+        widths += [("model.vision.num_heads", m.vision.num_heads), ("model.vision.ffn_hidden_size", m.vision.ffn_size),
+                   ("model.predictor.num_heads", m.predictor.num_heads),
+                   ("the predictor's ffn", swiglu_size(m.predictor.embedding_dim))]
+    for name, value in widths:
+        if value % layout.tp:
+            return f"{name} ({value}) is not divisible by tensor parallelism {layout.tp}"
+    if m.padded_vocab_size() % layout.tp:
+        return f"the padded vocabulary is not divisible by tensor parallelism {layout.tp}"
+    return None
+
+
+def candidates(cfg: Config, gpus: int, per_node: int, layers) -> list[Layout]:
+    """Every layout the trainer can run `cfg` in on `gpus` GPUs, in order of preference: the least model
+    parallelism (tensor parallelism within a node), then no activation checkpointing, then the lowest
+    ZeRO stage (less communication), then the shorter pipeline."""
+    blocks = sum(1 for layer in layers if issubclass(layer.kind, BLOCKS))
+    out = []
+    for tp in (t for t in (1, 2, 4, 8) if t <= min(per_node, gpus)):
+        for pp in (q for q in (1, 2, 4, 8, 16, 32, 64) if q <= blocks and gpus % (tp * q) == 0):
+            for zero in (0, 1, 2, 3):
+                for checkpointing in (False, True):
+                    layout = Layout(tp, pp, gpus // (tp * pp), zero, checkpointing)
+                    if not unsupported(cfg, layout):
+                        out.append(layout)
+    return sorted(out, key=lambda lay: (lay.tp * lay.pp, lay.checkpointing, lay.zero, lay.pp))
+
+
+
+
+def smallest_fitting(cfg: Config, gpus: int, per_node: int, usable: float, layers):
+    """(layout, GPUs, memory) of the first candidate that fits on `gpus` GPUs or, failing that, on the fewest
+    whole nodes beyond; None when nothing fits up to 4096 nodes."""
+    for n in [gpus] + [per_node * 2**k for k in range(12) if per_node * 2**k > gpus]:
+        for layout in candidates(cfg, n, per_node, layers):
+            mem = layout_memory(cfg, layout, layers)
+            if mem.peak <= usable:
+                return layout, n, mem
+    return None

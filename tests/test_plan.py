@@ -20,7 +20,8 @@ from cromwell.pretrain.objectives.hybrid import Hybrid
 from cromwell.pretrain.distributed import init_distributed
 from cromwell.pretrain.parallelize import deepspeed_config
 from cromwell.tools import plan as planner
-from cromwell.pretrain.planner import DeepSpeedBuffers, Layout, Tokens, layers_of, memory, saved_activations
+from cromwell.pretrain.planner import (DeepSpeedBuffers, Layout, Tokens, candidates, layers_of, layout_memory, memory,
+                                      saved_activations)
 
 GPT_SETS = ["model.hidden_size=64", "model.num_layers=3", "model.num_heads=4", "model.ffn_hidden_size=160",
             "model.vocab_size=300", "training.lm.context_length=48"]
@@ -223,8 +224,8 @@ def test_a_layout_that_does_not_fit_is_flagged_with_one_that_does(tmp_path, caps
     # that fits, and it does fit by the same model.
     cfg = load_config(REPO / "pretrain/configs/stage3_hybrid.yaml", ["training.micro_batch_size=8"])
     layers = layers_of(cfg)
-    fitting = [lay for lay in planner.candidates(cfg, 8, 8, layers)
-               if planner.layout_memory(cfg, lay, layers).peak <= p.usable_gib * 2**30]
+    fitting = [lay for lay in candidates(cfg, 8, 8, layers)
+               if layout_memory(cfg, lay, layers).peak <= p.usable_gib * 2**30]
     assert fitting and p.suggestion.startswith(str(fitting[0]))
     assert json.loads(out.read_text())[0]["suggestion"] == p.suggestion
 
@@ -232,11 +233,11 @@ def test_a_layout_that_does_not_fit_is_flagged_with_one_that_does(tmp_path, caps
 def test_memory_falls_with_more_sharding_and_recomputation():
     cfg = load_config(REPO / "pretrain/configs/stage3_hybrid.yaml")
     layers = layers_of(cfg)
-    peak = {(z, ck): planner.layout_memory(cfg, Layout(2, 1, 32, z, ck), layers) for z in (0, 1, 2, 3) for ck in (False, True)}
+    peak = {(z, ck): layout_memory(cfg, Layout(2, 1, 32, z, ck), layers) for z in (0, 1, 2, 3) for ck in (False, True)}
     states = [peak[z, False].states() for z in (0, 1, 2, 3)]
     assert states == sorted(states, reverse=True)  # ZeRO-1 partitions the optimizer, ZeRO-3 the weights too
     assert peak[1, True].activations < peak[1, False].activations / 5
-    more_dp = planner.layout_memory(cfg, Layout(2, 1, 64, 3, False), layers)
+    more_dp = layout_memory(cfg, Layout(2, 1, 64, 3, False), layers)
     assert more_dp.weights < peak[3, False].weights
 
 
