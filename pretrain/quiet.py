@@ -9,6 +9,11 @@ first by each entry point, before DeepSpeed and megatron-core load). Every other
   The run chooses its device itself (pretrain/distributed.py); naming the CPU accelerator in
   DS_ACCELERATOR, as DeepSpeed documents, is what its message asks for.
 - torch, per DeepSpeed module: "`torch.jit.script_method` is deprecated" (DeprecationWarning).
+- torch, once per rank when ZeRO gathers: "`torch.distributed.all_gather_into_tensor` is deprecated"
+  (FutureWarning): DeepSpeed 0.19 calls it; nothing of ours does.
+
+The `deepspeed` launcher is a process of its own, before any of this runs: its lines (no hostfile, the
+accelerator it detects) stay.
 """
 
 import os
@@ -20,6 +25,7 @@ KNOWN = (
     ("Transformer Engine and Apex are not installed", UserWarning),
     (".*tp_group is None", DeprecationWarning),
     ("`torch.jit.script_method` is deprecated", DeprecationWarning),
+    ("`torch.distributed.all_gather_into_tensor` is deprecated", FutureWarning),
 )
 
 for _message, _category in KNOWN:
