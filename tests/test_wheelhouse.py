@@ -3,7 +3,6 @@ and the install's refusals. (`make offline-check` builds and installs a real whe
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
