@@ -27,7 +27,7 @@ from megatron.core import parallel_state
 from cromwell.data.shards import ShardError
 from cromwell.model import hf
 from cromwell.pretrain import checkpoint, run_dir
-from cromwell.pretrain.checkpoint import CheckpointError
+from cromwell.pretrain.checkpoint import CheckpointError, relayout
 from cromwell.pretrain.config import Config, ConfigError
 from cromwell.pretrain.distributed import device_type, init_distributed, shutdown
 from cromwell.pretrain.evaluation.held_out import collapse_check, engine_losses, held_out
@@ -90,17 +90,16 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
     init = _from_rank0(lambda: checkpoint.init_source(Path(cfg.run.init_from), cfg)) \
         if cfg.run.init_from and not tag_dir else None
     if init:
-        checkpoint.load_weights(engine, init)
+        relayout.load_weights(engine, model_of(engine), init)
     setup_objective(engine, objective)
     dp_rank = parallel_state.get_data_parallel_rank()
     data = objective.batches("train", dp_rank, dp_size)
     cleanup.callback(data.close)
     state = {"step": 0, "tokens_seen": 0, "nonfinite_steps": 0, "train_loss": float("nan"), "eval_metrics": {},
              "data_skipped_samples": 0}
+    resharded = None
     if tag_dir:
-        saved = checkpoint.load(engine, tag_dir)
-        if objective.state_dict():
-            objective.load_state_dict(checkpoint.load_objective_state(tag_dir))
+        saved, resharded = relayout.resume(engine, model_of(engine), objective, tag_dir, _layout(cfg, dp_size))
         data.load_state_dict(saved["data"])
         state.update({k: saved.get(k, state[k]) for k in state})
         _schedule_from_config(engine, cfg)
@@ -110,7 +109,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
     if log and init:
         log.note(f"started from the weights of {init} (a fresh optimizer, schedule and data order)")
     if log and tag_dir:
-        log.note(f"resumed from {tag_dir} (step {state['step']})"
+        log.note(f"resumed from {tag_dir} (step {state['step']})" + (f"; {resharded}" if resharded else "")
                  + ("; changed: " + "; ".join(changes) if changes else "; config unchanged"))
     peak, peak_source = peak_flops_per_device(device_type(), torch.bfloat16 if engine.bfloat16_enabled() else torch.float32)
     speed = Throughput(_flops_per_token(cfg, engine, tokenizer), peak, world, device_type())
@@ -308,18 +307,14 @@ def _resume_point(cfg: Config, dp_size: int) -> tuple[Path, list[str]]:
     marker = checkpoint.read_marker(tag_dir)
     changes = checkpoint.config_changes(marker["config"], json.loads(json.dumps(cfg.model_dump())),
                                         marker["layout"]["dp"], dp_size)
-    if marker["layout"]["dp"] != dp_size and cfg.parallel.zero_stage > 0:
-        # DeepSpeed refuses it too (ZeRORuntimeException), after building the engine; this says why first.
-        raise CheckpointError(
-            f"--resume: {tag_dir} was written by {marker['layout']['dp']} data-parallel ranks, this run has {dp_size}; "
-            f"ZeRO stage {cfg.parallel.zero_stage} partitions the optimizer state over the data-parallel ranks and "
-            "DeepSpeed cannot re-partition it. Resume on the same number of data-parallel ranks (the data loader "
-            "could continue on any: its order depends only on training.batch_size), or train with "
-            "parallel.zero_stage 0, whose checkpoints resume on any number")
     if cfg.model.type == "gpt" and (tag_dir / "tokenizer.json").read_bytes() != Path(cfg.data.tokenizer).read_bytes():
         raise CheckpointError(f"--resume: {cfg.data.tokenizer} is not the tokenizer the checkpoint was trained with "
                               f"({tag_dir / 'tokenizer.json'})")
     return tag_dir, changes
+
+
+def _layout(cfg: Config, dp_size: int) -> dict:
+    return relayout.layout(cfg, dist.get_world_size(), dp_size)
 
 
 def _schedule_from_config(engine, cfg: Config) -> None:
@@ -344,6 +339,5 @@ def _save(cfg: Config, engine, tokenizer, state: dict, data, dp_size: int, objec
 
     training_state = {**state, "epoch": data.state_dict()["epoch"], "config": cfg.model_dump(), "data": data.state_dict(),
                       "tokenizer": (tokenizer.backend_tokenizer if hf_tokenizer else tokenizer).to_str()}
-    layout = {"world_size": dist.get_world_size(), "tp": cfg.parallel.tensor, "pp": cfg.parallel.pipeline, "dp": dp_size}
-    return checkpoint.save(engine, cfg.checkpoint_dir, state["step"], training_state, write_tokenizer, layout,
+    return checkpoint.save(engine, cfg.checkpoint_dir, state["step"], training_state, write_tokenizer, _layout(cfg, dp_size),
                            cfg.checkpoint.keep, objective.state_dict())

@@ -48,7 +48,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     version, mt, gauss = state["python"]
     random.setstate((version, tuple(mt.tolist()), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -212,8 +212,8 @@ def save(engine, directory: Path, step: int, training_state: dict, write_tokeniz
     torch.save(_rng_state(), tag_dir / f"rng_state_rank{rank:05d}.pt")
     if objective_state and parallel_state.get_data_parallel_rank() == 0:
         torch.save(objective_state, _objective_file(tag_dir))
-    engine.save_checkpoint(str(directory), tag=tag_dir.name, client_state={"step": step, **training_state},
-                           save_latest=False)
+    engine.save_checkpoint(str(directory), tag=tag_dir.name, save_latest=False,
+                           client_state={"step": step, **training_state, "optimizer_params": _optimizer_params(engine)})
     dist.barrier()
     files = _files_on_all_ranks(tag_dir)
     if rank == 0:
@@ -224,6 +224,16 @@ def save(engine, directory: Path, step: int, training_state: dict, write_tokeniz
             prune(directory, keep)
     dist.barrier()
     return tag_dir
+
+
+def _optimizer_params(engine) -> list[list[str]] | None:
+    """The names of the parameters of each optimizer group, in order, where the optimizer's state knows
+    them only by position (torch's own AdamW, which ZeRO-0 in fp32 steps directly): what a resume on
+    another layout needs to find each parameter's moments. ZeRO-1-3 record the names themselves."""
+    if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled():
+        return None
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in engine.optimizer.param_groups]
 
 
 def prune(directory: Path, keep: int) -> list[Path]:
@@ -259,26 +269,10 @@ def init_source(source: Path, cfg) -> Path:
         raise CheckpointError(f"run.init_from {source}: {why}")
     saved = _flat(migrate(read_marker(tag_dir)["config"], f"{tag_dir}'s run config"))
     current = _flat(json.loads(json.dumps(cfg.model_dump())))
-    shape = ("parallel.tensor", "parallel.pipeline")  # every other shape is in the model's section
-    differ = [k for k in sorted(saved.keys() | current.keys())
-              if (k.startswith("model.") or k in shape) and saved.get(k) != current.get(k)]
+    differ = [k for k in sorted(saved.keys() | current.keys()) if k.startswith("model.") and saved.get(k) != current.get(k)]
     if differ:
         raise CheckpointError(f"run.init_from {tag_dir} holds another model: {', '.join(differ)} differ")
-    if 3 in (saved["parallel.zero_stage"], cfg.parallel.zero_stage):
-        raise CheckpointError(f"run.init_from {tag_dir}: ZeRO-3 keeps the weights in its optimizer partitions, "
-                              "which a module-only load does not read; hand off between stages at ZeRO 0-2")
     return tag_dir
-
-
-def load_weights(engine, tag_dir: Path) -> None:
-    """The model weights of checkpoint `tag_dir` (from init_source), nothing else: the optimizer,
-    schedule, step count and RNG stay the new run's own."""
-    verify_checksums(tag_dir)
-    try:
-        engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_module_only=True,
-                               load_optimizer_states=False, load_lr_scheduler_states=False)
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:
-        raise CheckpointError(f"run.init_from {tag_dir}: the weights could not be loaded: {e}") from e
 
 
 def load_objective_state(tag_dir: Path) -> dict:
@@ -290,11 +284,28 @@ def load_objective_state(tag_dir: Path) -> dict:
 
 
 def load(engine, tag_dir: Path) -> dict:
-    """Restore checkpoint `tag_dir` into the engine and this rank's RNG; return the training state
-    saved with it. The LR scheduler's state is restored too (its step count); the trainer re-derives
-    the learning rates from the current config. On another world size (more or fewer data-parallel
-    ranks) rank r takes the RNG state of saved rank r mod the saved world size."""
+    """Restore checkpoint `tag_dir`, written on this run's layout, into the engine and this rank's RNG;
+    return the training state saved with it. The LR scheduler's state is restored too (its step count);
+    the trainer re-derives the learning rates from the current config. (Another layout:
+    pretrain/checkpoint/relayout.py.)"""
     verify_checksums(tag_dir)
+    rng = read_rng(tag_dir)
+    try:
+        load_path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except CheckpointError:
+        raise
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {tag_dir} could not be loaded: {e}") from e
+    if load_path is None or client_state is None:
+        raise CheckpointError(f"checkpoint {tag_dir} could not be loaded")
+    set_rng_state(rng)
+    return client_state
+
+
+def read_rng(tag_dir: Path) -> dict:
+    """This rank's RNG state from checkpoint `tag_dir` (collective: a rank's error stops every rank). On
+    another world size, rank r takes saved rank r mod the saved world size: the streams continue where
+    ranks map one to one, and a rank that is new starts a copy of an existing one's."""
     saved_world = read_marker(tag_dir)["layout"]["world_size"]
     rng_file = tag_dir / f"rng_state_rank{dist.get_rank() % saved_world:05d}.pt"
     rng, error = None, None
@@ -308,25 +319,18 @@ def load(engine, tag_dir: Path) -> dict:
     dist.all_gather_object(errors, error)  # every rank stops, not only the one that found it
     if any(errors):
         raise CheckpointError(next(e for e in errors if e))
-    try:
-        load_path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    except CheckpointError:
-        raise
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {tag_dir} could not be loaded: {e}") from e
-    if load_path is None or client_state is None:
-        raise CheckpointError(f"checkpoint {tag_dir} could not be loaded")
-    _set_rng_state(rng)
-    return client_state
+    return rng
 
 
-# What a resumed run may change. Anything else (the model, vocabulary, tokenizer, TP/PP, ZeRO stage,
-# precision, objective) would not match the saved tensors or would silently train another model.
+# What a resumed run may change. Anything else (the model, vocabulary, tokenizer, precision, objective)
+# would not match the saved tensors or would silently train another model. The layout may change:
+# pretrain/checkpoint/relayout.py moves the state onto any other.
 _MAY_CHANGE = ("run.init_from", "training.optimizer.lr", "training.scheduler.", "training.train_tokens",
                "training.train_steps", "training.max_nonfinite_steps", "training.kernels", "parallel.activation_checkpointing", "logging.",
                "checkpoint.", "validation.", "run.name", "run.output_dir", "data.valid_shards", "data.valid_chats",
                "data.num_workers", "data.on_error", "data.cache_dir", "data.remote_", "training.micro_batch_size",
-               "training.gradient_accumulation_steps", "data-parallel size")
+               "training.gradient_accumulation_steps", "data-parallel size", "parallel.tensor", "parallel.pipeline",
+               "parallel.zero_stage", "parallel.ds_config")
 # These decide which sample comes next; the loader state can only continue the layout it was saved in.
 # (The token loader's order depends on the global batch, not on how it is split: ranks, micro
 # batches and workers may change. The chat loader's state names what it cannot follow itself.)

@@ -9,7 +9,10 @@ Where a parameter's fp32 value lives depends on the layout (DeepSpeed 0.19):
   order of `param_shapes` (in the model states file), each followed by its alignment padding.
 - ZeRO-3: each parameter is cut into dp equal (padded) pieces; rank dp's pieces lie end to end in
   `fp32_flat_groups` of its optim file.
-That is the reconstruction DeepSpeed's own zero_to_fp32.py does. Unlike it, this reads one parameter
+That is the reconstruction DeepSpeed's own zero_to_fp32.py does. AdamW's moments lie beside the fp32
+values in the same order (`state=` of `read`): ZeRO-1/2 in `base_optimizer_state`, ZeRO-3 in
+`optimizer_state_dict`, one flat tensor per group like the values; ZeRO-0 keeps torch's per-parameter
+state, known only by position, which the trainer names in its client state (`optimizer_params`). Unlike it, this reads one parameter
 at a time from memory-mapped files, copying a few MB at a time into the full tensor and unmapping
 the pages it copied, so memory stays near the largest tensor rather than the model; and every file
 is loaded with weights_only=True (pretrain.checkpoint.safe_load), so no pickled code ever runs.
@@ -141,6 +144,7 @@ class DeepSpeedCheckpoint:
         self.files = _Mapped()
         self._fds: dict[Path, int] = {}  # files opened for send()
         self._where: dict[str, list] = {}  # parameter name -> [(tp rank, shape, how to read its shard)]
+        self._position: dict[tuple[Path, str], int] = {}  # ZeRO-0: (model file, name) -> index in torch's state
         self._targets: dict[str, list] = {}  # the same for the EMA target's copy, when there is one
         for pp_rank in range(self.pp):
             for tp_rank in range(self.tp):
@@ -173,6 +177,8 @@ class DeepSpeedCheckpoint:
                 for name, t in _tensors(states["module"]):
                     if name.startswith(prefix):
                         self._add(name[len(prefix):], tp_rank, t.shape, ("module", self._model_file(mp), name))
+                order = [n for group in states.get("optimizer_params") or [] for n in group]
+                self._position.update({(self._model_file(mp), n): i for i, n in enumerate(order)})
             return
         optim = self.files.get(self._optim_file(0, mp))["optimizer_state_dict"]
         if self.zero == 3:
@@ -235,15 +241,48 @@ class DeepSpeedCheckpoint:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def _flat(self, mp: int, dp: int, key: str) -> list[torch.Tensor]:
-        return self.files.get(self._optim_file(dp, mp))["optimizer_state_dict"][key]
+    def _flat(self, mp: int, dp: int, key: str, state: str | None = None) -> list[torch.Tensor]:
+        """Data-parallel rank dp's flat fp32 groups (key), or the optimizer state `state` beside them."""
+        optim = self.files.get(self._optim_file(dp, mp))["optimizer_state_dict"]
+        if state is None:
+            return optim[key]
+        torch_state = optim["base_optimizer_state" if self.zero in (1, 2) else "optimizer_state_dict"]["state"]
+        return [self._moment(torch_state, i, state) for i in range(len(optim[key]))]
 
-    def _pieces(self, how: tuple) -> list[torch.Tensor]:
-        """One TP shard's elements in order, as flat views into the mapped files."""
+    def _moment(self, torch_state: dict, index: int, state: str) -> torch.Tensor:
+        if index not in torch_state or state not in torch_state[index]:
+            raise CheckpointError(f"{self.dir}: the optimizer holds no {state} for its entry {index} (it has taken no "
+                                  "step yet?)")
+        return torch_state[index][state]
+
+    def adam_step(self) -> int:
+        """How many steps AdamW has taken (its bias correction's t): 0 before the first."""
+        if self.zero == 0:
+            torch_state = self.files.get(self._model_file(0))["optimizer"]["state"]
+        else:
+            optim = self.files.get(self._optim_file(0, 0))["optimizer_state_dict"]
+            torch_state = optim["base_optimizer_state" if self.zero in (1, 2) else "optimizer_state_dict"]["state"]
+        steps = {int(entry["step"]) for entry in torch_state.values() if "step" in entry}
+        if len(steps) > 1:
+            raise CheckpointError(f"{self.dir}: the optimizer's parameters have taken different numbers of steps: "
+                                  f"{sorted(steps)}")
+        return steps.pop() if steps else 0
+
+    def _pieces(self, how: tuple, state: str | None = None) -> list[torch.Tensor]:
+        """One TP shard's elements in order, as flat views into the mapped files: the fp32 values, or
+        the optimizer state `state` (exp_avg, exp_avg_sq) of them."""
         kind = how[0]
+        if state is not None and kind not in ("module", "zero12", "zero3"):
+            raise CheckpointError(f"{self.dir}: {how[2]} has no optimizer state ({kind}: frozen, or an EMA target)")
+        if kind == "module" and state is not None:
+            position = self._position.get((how[1], how[2]))
+            if position is None:
+                raise CheckpointError(f"{how[1]}: does not say which of its optimizer states is {how[2]}'s (written "
+                                      "before checkpoints named them: resume it on its own layout)")
+            return [self._moment(self.files.get(how[1])["optimizer"]["state"], position, state).view(-1)]
         if kind in ("module", "layer", "target"):
-            state = self.files.get(how[1])
-            return [(state["module"] if kind == "module" else state.get("ema_target", state))[how[2]].view(-1)]
+            state_dict = self.files.get(how[1])
+            return [(state_dict["module"] if kind == "module" else state_dict.get("ema_target", state_dict))[how[2]].view(-1)]
         if kind == "frozen":
             _, mp, name, numel = how
             files = [self._model_file(mp)] if self.zero != 3 else [self._zero3_model_file(dp, mp) for dp in range(self.dp)]
@@ -251,14 +290,21 @@ class DeepSpeedCheckpoint:
             return _range(flat, 0, numel)
         if kind == "zero12":
             _, mp, group, offset, numel = how
-            return _range([self._flat(mp, dp, "single_partition_of_fp32_groups")[group] for dp in range(self.dp)],
+            return _range([self._flat(mp, dp, "single_partition_of_fp32_groups", state)[group] for dp in range(self.dp)],
                           offset, numel)
         _, mp, offset, piece, numel = how  # zero3: each rank's piece of it, the last one padded
-        pieces = [p for dp in range(self.dp) for p in _range(self._flat(mp, dp, "fp32_flat_groups"), offset, piece)]
+        pieces = [p for dp in range(self.dp) for p in _range(self._flat(mp, dp, "fp32_flat_groups", state), offset, piece)]
         return _range(pieces, 0, numel)
 
     def _zero3_model_file(self, dp: int, mp: int) -> Path:
         return self.dir / f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt"
+
+    def local_shape(self, name: str, target: bool = False) -> tuple:
+        """The shape of one tensor-parallel rank's shard of parameter `name` as it was saved."""
+        where = (self._targets if target else self._where).get(name)
+        if not where:
+            raise CheckpointError(f"{self.dir}: has no parameter {name}" + (" in its EMA target" if target else ""))
+        return where[0][1]
 
     def _shards(self, param: Param, target: bool) -> tuple[list, int | None]:
         """The parameter's TP shards in rank order and the dimension they join along, checked."""
@@ -281,13 +327,14 @@ class DeepSpeedCheckpoint:
         return where, split
 
     @torch.no_grad()
-    def read(self, param: Param, target: bool = False) -> torch.Tensor:
-        """The full fp32 value of one parameter (or of its EMA target): its TP shards joined."""
+    def read(self, param: Param, target: bool = False, state: str | None = None) -> torch.Tensor:
+        """The full fp32 value of one parameter (or of its EMA target), or its optimizer state `state`
+        (exp_avg, exp_avg_sq): its TP shards joined."""
         where, split = self._shards(param, target)
         out = torch.empty(param.shape)
         for tp_rank, shape, how in where if split is not None else where[:1]:
             dst = out if split is None else out.narrow(split, tp_rank * shape[split], shape[split])
-            _copy_released(dst, self._pieces(how))
+            _copy_released(dst, self._pieces(how, state))
         return out
 
     def runs(self, param: Param, piece: Piece, target: bool = False) -> list[tuple[Path, int, int]] | None:
@@ -328,8 +375,13 @@ class DeepSpeedCheckpoint:
         skip = {"module", "optimizer", "lr_scheduler", "param_shapes", "frozen_param_shapes", "frozen_param_fragments",
                 "buffer_names", "shared_params", "csr_tensor_module_names", "data_sampler", "random_ltd",
                 "sparse_tensor_module_names", "skipped_steps", "global_samples", "dp_world_size", "mp_world_size",
-                "ds_config", "ds_version", "global_steps", "checkpoint_parallel_dimensions"}
+                "ds_config", "ds_version", "global_steps", "checkpoint_parallel_dimensions", "optimizer_params"}
         return {k: v for k, v in states.items() if k not in skip}
+
+    def engine_state(self) -> dict:
+        """DeepSpeed's own counters and the LR schedule's state, as the engine saved them."""
+        states = self.files.get(self._model_file(0))
+        return {k: states.get(k) for k in ("global_steps", "global_samples", "skipped_steps", "lr_scheduler")}
 
 
 def _tensors(state_dict: dict):
