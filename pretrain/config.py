@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
+from pydantic import (ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
                       field_validator, model_validator)
 
 from cromwell.data.tokenizer import NUM_PREDICTOR_TOKENS
@@ -262,12 +262,17 @@ class ValidationConfig(Section):
 
 
 class CheckpointConfig(Section):
+    model_config = ConfigDict(**Section.model_config, validate_by_name=True, serialize_by_alias=True)
+
     dir: str | None = None  # None: <run.output_dir>/checkpoints
     every_steps: PositiveInt = 1000
     keep: PositiveInt | None = None  # how many complete checkpoints to leave, the newest; None: all
     # A checkpoint when the run ends (its last step, or --stop-after). false: runs that keep nothing
     # (throughput and smoke runs); a stop signal still checkpoints, so that the run can resume.
     at_end: bool = True
+    # `async` in the config (a Python keyword, hence the attribute's name): copy the state to host memory,
+    # return to training and write on a thread; the next save and the end of the run wait for it.
+    background: bool = Field(False, alias="async")
 
 
 class WandbConfig(Section):

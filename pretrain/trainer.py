@@ -27,7 +27,7 @@ from megatron.core import parallel_state
 from cromwell.data.shards import ShardError
 from cromwell.model import hf
 from cromwell.pretrain import checkpoint, run_dir
-from cromwell.pretrain.checkpoint import CheckpointError, relayout
+from cromwell.pretrain.checkpoint import CheckpointError, hf_import, relayout
 from cromwell.pretrain.config import Config, ConfigError
 from cromwell.pretrain.distributed import device_type, init_distributed, shutdown
 from cromwell.pretrain.evaluation.held_out import collapse_check, engine_losses, held_out
@@ -69,16 +69,18 @@ def train(cfg: Config, resume: bool | str = False, stop_after: int | None = None
     with contextlib.ExitStack() as cleanup:
         stopper.install(launched="RANK" in os.environ)
         cleanup.callback(stopper.uninstall)
+        # A Llama to start from is mapped onto the model's full shapes, planned before the process groups exist.
+        llama = hf_import.locate(Path(cfg.run.init_from), cfg) if cfg.run.init_from else None
         init_distributed(cfg)
         if resume == "auto":
             resume = _from_rank0(lambda: checkpoint.newest_complete(cfg.checkpoint_dir)[0] is not None)
             overwrite = overwrite or not resume
         cleanup.callback(run_dir.release, _from_rank0(lambda: _claim(cfg, resume, overwrite)))
-        return _train(cfg, resume, stop_after, stopper, cleanup, objective)
+        return _train(cfg, resume, stop_after, stopper, cleanup, objective, llama)
 
 
 def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulStop, cleanup: contextlib.ExitStack,
-           make_objective: MakeObjective):
+           make_objective: MakeObjective, llama: hf_import.Llama | None):
     seed_everything(cfg.run.seed)
     tokenizer = load_run_tokenizer(cfg)
     objective = make_objective(cfg, tokenizer)
@@ -87,10 +89,14 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
     tag_dir, changes = _from_rank0(lambda: _resume_point(cfg, dp_size)) if resume else (None, [])
     engine = build_engine(cfg, objective, tokenizer)
     # A new stage starts from another run's weights; a resumed one from its own checkpoint, below.
-    init = _from_rank0(lambda: checkpoint.init_source(Path(cfg.run.init_from), cfg)) \
-        if cfg.run.init_from and not tag_dir else None
-    if init:
-        relayout.load_weights(engine, model_of(engine), init)
+    init = None
+    if cfg.run.init_from and not tag_dir:
+        init = _from_rank0(lambda: hf_import.check(llama.path, cfg) or llama.path) if llama else \
+            _from_rank0(lambda: checkpoint.init_source(Path(cfg.run.init_from), cfg))
+        if llama:
+            hf_import.load(engine, model_of(engine), llama)
+        else:
+            relayout.load_weights(engine, model_of(engine), init)
     setup_objective(engine, objective)
     dp_rank = parallel_state.get_data_parallel_rank()
     data = objective.batches("train", dp_rank, dp_size)
@@ -99,7 +105,9 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
              "data_skipped_samples": 0}
     resharded = None
     if tag_dir:
+        started = time.perf_counter()
         saved, resharded = relayout.resume(engine, model_of(engine), objective, tag_dir, _layout(cfg, dp_size))
+        loaded_in = time.perf_counter() - started
         data.load_state_dict(saved["data"])
         state.update({k: saved.get(k, state[k]) for k in state})
         _schedule_from_config(engine, cfg)
@@ -109,7 +117,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
     if log and init:
         log.note(f"started from the weights of {init} (a fresh optimizer, schedule and data order)")
     if log and tag_dir:
-        log.note(f"resumed from {tag_dir} (step {state['step']})" + (f"; {resharded}" if resharded else "")
+        log.note(f"resumed from {tag_dir} (step {state['step']}) in {loaded_in:.1f} s" + (f"; {resharded}" if resharded else "")
                  + ("; changed: " + "; ".join(changes) if changes else "; config unchanged"))
     peak, peak_source = peak_flops_per_device(device_type(), torch.bfloat16 if engine.bfloat16_enabled() else torch.float32)
     speed = Throughput(_flops_per_token(cfg, engine, tokenizer), peak, world, device_type())
@@ -140,6 +148,8 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
         collapsed = _check_health(cfg, result.last, state["step"], record)
         if log:
             log.step(state["step"], record)
+        if collapsed or in_a_row >= cfg.training.max_nonfinite_steps:
+            checkpoint.wait(engine)  # the error names the last complete checkpoint
         if collapsed:
             raise CollapseError(f"representation collapse at step {state['step']} (training.jepa.collapse.stop is "
                                 f"true); the last checkpoint is {checkpoint.latest(cfg.checkpoint_dir) or 'none'}")
@@ -152,6 +162,7 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
         ends = state["step"] == stop_at and cfg.checkpoint.at_end
         if state["step"] % cfg.checkpoint.every_steps == 0 or ends or signum:
             _save(cfg, engine, tokenizer, state, data, dp_size, objective)
+    checkpoint.wait(engine)  # a background write ends before the run does
     if log:
         last = cfg.checkpoint_dir / f"global_step{state['step']}"
         if signum:
@@ -340,4 +351,4 @@ def _save(cfg: Config, engine, tokenizer, state: dict, data, dp_size: int, objec
     training_state = {**state, "epoch": data.state_dict()["epoch"], "config": cfg.model_dump(), "data": data.state_dict(),
                       "tokenizer": (tokenizer.backend_tokenizer if hf_tokenizer else tokenizer).to_str()}
     return checkpoint.save(engine, cfg.checkpoint_dir, state["step"], training_state, write_tokenizer, _layout(cfg, dp_size),
-                           cfg.checkpoint.keep, objective.state_dict())
+                           cfg.checkpoint.keep, objective.state_dict(), background=cfg.checkpoint.background)

@@ -2,8 +2,9 @@
 TP=2, PP=2 and TP=2 x PP=2 (conftest's vl_layouts, the same init and batches) converts to the same full
 tensors; each export is loaded by a program that did not write it (our C++ reader, transformers'
 LlamaForCausalLM, the gguf package's reader, llama.cpp when installed) and gives the model's logits;
-an export resharded to TP=2 or PP=2 gives the original loss and training resumes from it; bad input
-is a clear error that leaves no output behind.
+an export resharded to TP=2 gives the original loss and training resumes from it (PP=2, and a full
+checkpoint's optimizer state carried over: tests/test_relayout.py); bad input is a clear error that leaves
+no output behind.
 
 Tolerances: the layouts' weights differ by their float reduction orders over 3 Adam steps (measured
 max 6e-6 absolute): 5e-5 absolute. Conversion of the one-process checkpoint is bit-exact (it only
@@ -421,8 +422,11 @@ torch.save({{"module": Evil()}}, "{planted}")
     _reseal(evil, planted)
     assert f"{planted}: refused to load, it holds pickled objects" in fails(evil)
     assert not witness.exists()
-    # An existing --out is not replaced unless asked; --to-deepspeed wants an export.
+    # An existing --out is not replaced unless asked; --to-deepspeed wants a checkpoint or an export.
     out.mkdir()
     assert "exists; remove it or pass --overwrite" in _fails(["--checkpoint", str(missing), "--out", str(out)], capsys)
     out.rmdir()
-    assert "not a safetensors export" in fails(vl_layouts["single"]["checkpoint"], "--to-deepspeed", "--tp", "2")
+    neither = tmp_path / "neither"
+    neither.mkdir()
+    (neither / "notes.txt").write_text("not a checkpoint")
+    assert "not a safetensors export" in fails(neither, "--to-deepspeed", "--tp", "2")

@@ -151,6 +151,107 @@ def test_sigkill_at_three_random_steps_then_resume_equals_an_uninterrupted_run(t
     _assert_same_run(out, reference[1])
 
 
+ASYNC = ["--set", "checkpoint.async=true", "--set", "checkpoint.every_steps=2"]
+
+
+def _writing(ranks: list[psutil.Process]) -> bool:
+    """Whether a rank's background checkpoint writer thread is running."""
+    from cromwell.pretrain.checkpoint import WRITER_THREAD
+
+    for rank in ranks:
+        for comm in Path(f"/proc/{rank.pid}/task").glob("*/comm"):
+            with contextlib.suppress(OSError):
+                if comm.read_text().strip() == WRITER_THREAD:
+                    return True
+    return False
+
+
+def _freeze_in_background_write(proc, out: Path, rng: random.Random) -> Path:
+    """Stop every process of the run (SIGSTOP) at random moments until one finds a checkpoint being written
+    behind training; return its folder, the run still frozen."""
+    while True:
+        time.sleep(rng.uniform(0, 0.02))
+        assert proc.poll() is None, "the run ended before a background write was caught in flight"
+        ranks = _ranks(proc)
+        os.killpg(proc.pid, signal.SIGSTOP)
+        if len(ranks) == 2 and _writing(ranks):
+            partial = [d for d in (out / "checkpoints").glob("global_step*") if not (d / "complete.json").is_file()]
+            assert len(partial) == 1, partial
+            return partial[0]
+        os.killpg(proc.pid, signal.SIGCONT)
+
+
+def test_sigkill_during_background_writes_leaves_the_previous_checkpoint_and_resumes_bit_identically(
+        tiny_data, tmp_path, reference):
+    """checkpoint.async: kill -9 of every process while a checkpoint is written behind training, three
+    times: that checkpoint stays invisible, `latest` names the one before, and the resumed run equals the
+    uninterrupted (synchronously saving) one bit for bit."""
+    from cromwell.pretrain.checkpoint import newest_complete, step_of
+
+    out = tmp_path / "async"
+    rng = random.Random(int(os.environ.get("SOAK_SEED", "0")))
+    for attempt in range(3):
+        started = any((d / "complete.json").is_file() for d in (out / "checkpoints").glob("global_step*"))
+        proc, log = _start(tiny_data, out, ASYNC + ["--resume" if started else "--overwrite"])
+        partial = _freeze_in_background_write(proc, out, rng)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (partial / "complete.json").is_file()
+        newest, skipped = newest_complete(out / "checkpoints")
+        assert newest is None or step_of(newest) < step_of(partial), (newest, partial)
+        assert partial in [d for d, _ in skipped]
+        if newest:
+            assert (out / "checkpoints" / "latest").read_text() == newest.name
+    _train(tiny_data, out, ASYNC + ["--resume" if newest else "--overwrite"])
+    _assert_same_run(out, reference[1])
+
+
+def test_sigterm_during_a_background_write_waits_for_it(tiny_data, tmp_path, reference):
+    """A stop signal while a checkpoint is written behind training: the run completes that write, saves
+    the step it stopped at, and exits cleanly; both checkpoints are complete and the run resumes."""
+    out = tmp_path / "async_term"
+    proc, log = _start(tiny_data, out, ASYNC)
+    partial = _freeze_in_background_write(proc, out, random.Random(1))
+    ranks = _ranks(proc)
+    os.killpg(proc.pid, signal.SIGCONT)
+    for rank in ranks:
+        rank.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    output = log.read_text()
+    assert proc.returncode == 0, output[-3000:]
+    stopped = max(_records(out))
+    assert f"SIGTERM: stopped after step {stopped}" in output, output[-3000:]
+    assert (partial / "complete.json").is_file()
+    assert (out / "checkpoints" / f"global_step{stopped}" / "complete.json").is_file()
+    _train(tiny_data, out, ["--resume"])
+    _assert_same_run(out, reference[1])
+
+
+def test_a_background_save_writes_the_files_a_synchronous_one_does(tiny_data, tmp_path, reference):
+    """Bit for bit: every optimizer partition and RNG file; the model states too but for the run config
+    saved inside them (checkpoint.async and the output folder differ)."""
+    from cromwell.pretrain.checkpoint import safe_load
+
+    out = tmp_path / "async_all"
+    _train(tiny_data, out, ASYNC)
+    sync, background = (d / "checkpoints" / f"global_step{TOTAL}" for d in (reference[0], out))
+    names = sorted(p.name for p in sync.iterdir() if p.name != "complete.json")
+    assert names == sorted(p.name for p in background.iterdir() if p.name != "complete.json")
+    for name in names:
+        if "model_states" in name:
+            a, b = safe_load(sync / name), safe_load(background / name)
+            a.pop("config"), b.pop("config")
+            assert a.keys() == b.keys()
+            for key in a:
+                assert str(a[key]) == str(b[key]), key
+            for (ka, ta), (kb, tb) in zip(a["module"].items(), b["module"].items()):
+                assert ka == kb and (ta is None and tb is None or ta.equal(tb)), ka
+        else:
+            assert (sync / name).read_bytes() == (background / name).read_bytes(), name
+    marker = json.loads((background / "complete.json").read_text())
+    assert sorted(marker["files"]) == names
+
+
 def test_a_save_cut_short_is_skipped_on_resume(tiny_data, tmp_path, reference):
     """The probe: rank 1 slowed while writing its partition, `latest` already naming the new step,
     then a kill. Without its marker the newest folder is invisible; resume takes the one before."""

@@ -2,14 +2,15 @@
 
     python tools/convert_ckpt.py --checkpoint runs/x/checkpoints [--tag latest|global_stepN] \\
         --out export/ --format cpp|safetensors|hf|gguf|all
-    python tools/convert_ckpt.py --to-deepspeed --checkpoint export/safetensors --out runs/y \\
+    python tools/convert_ckpt.py --to-deepspeed --checkpoint runs/x/checkpoints --out runs/y \\
         --tp 2 --pp 1 [--zero 1] [--dp 1]
 
 Any layout reads (tensor x pipeline x data parallel, ZeRO 0-3) into full fp32 tensors named by the
 design's five modules; with `all`, each format goes to its own folder under --out. The output appears
 only when complete. How: pretrain/checkpoint/export.py.
 
---to-deepspeed turns a `safetensors` export into a checkpoint of the trainer for another layout
+--to-deepspeed turns a trainer checkpoint (optimizer state included) or a `safetensors` export (weights only:
+AdamW's moments restart from zero) into a checkpoint of the trainer for another layout
 (pretrain/checkpoint/reshard.py, run on CPU processes); `pretrain/train.py --resume` continues from it.
 """
 
@@ -29,7 +30,7 @@ from cromwell.pretrain.checkpoint.formats import FORMATS
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, type=Path,
-                   help="a run's checkpoints folder or one global_stepN folder (--to-deepspeed: a safetensors export)")
+                   help="a run's checkpoints folder or one global_stepN folder (--to-deepspeed: that, or a safetensors export)")
     p.add_argument("--tag", help="which checkpoint of the folder: latest (the newest complete one, default) or global_stepN")
     p.add_argument("--out", required=True, type=Path, help="the folder to create")
     p.add_argument("--format", choices=[*FORMATS, "all"], default="safetensors")
@@ -38,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--through-memory", action="store_true",
                    help="read every tensor into memory and write it from there, instead of having the kernel copy "
                         "the stretches of the checkpoint's files that already are a tensor's bytes")
-    p.add_argument("--to-deepspeed", action="store_true", help="make a DeepSpeed checkpoint from a safetensors export")
+    p.add_argument("--to-deepspeed", action="store_true", help="make a trainer checkpoint for another layout from a checkpoint or a safetensors export")
     p.add_argument("--tp", type=int, default=1, help="--to-deepspeed: tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="--to-deepspeed: pipeline-parallel size")
     p.add_argument("--dp", type=int, default=1, help="--to-deepspeed: data-parallel size")

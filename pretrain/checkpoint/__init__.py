@@ -1,15 +1,22 @@
 """Checkpoints: DeepSpeed's own format (model, optimizer, scheduler, ZeRO partitions) plus the design's
 training-state fields (docs/design.md, Checkpoints and conversion) and each rank's RNG state, so --resume is exact.
 
-A checkpoint is complete or invisible. Every rank writes into the step's folder; only when all of
-them have finished does rank 0 write `complete.json` (every file's size and sha256, the config and
-the layout) and then `latest`. Resume takes the newest folder whose marker matches its files and
-says which newer ones it skipped. DeepSpeed's own `latest` cannot be trusted for this: rank 0
-writes it before the other ranks' optimizer partitions are on disk.
+A checkpoint is complete or invisible. Every rank writes its files into the step's folder, hashes them
+and leaves a note of them (`.rank<N>.json`); only when every rank's note is there does rank 0 write
+`complete.json` (every file's size and sha256, the config and the layout) and then `latest`. Resume
+takes the newest folder whose marker matches its files and says which newer ones it skipped.
+DeepSpeed's own `latest` cannot be trusted for this: rank 0 writes it before the other ranks'
+optimizer partitions are on disk.
+
+A save first copies every state it will write into host memory (DeepSpeed copies most of them anyway);
+a background save (checkpoint.async) then returns to training and a thread writes, hashes and, on rank 0,
+publishes: the marker comes last as before, so a crash mid-write leaves the previous checkpoint the
+newest complete one. The next save, and the end of the run, wait for it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -17,12 +24,16 @@ import pickle
 import random
 import re
 import shutil
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from megatron.core import parallel_state
 
@@ -76,10 +87,82 @@ def safe_load(path: Path, map_location=None, mmap: bool = False):
 
 
 class SafeCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine, loading with weights_only=True."""
+    """DeepSpeed's torch checkpoint engine, loading with weights_only=True. Saving, it copies each state to
+    host memory (each tensor compact, as DeepSpeed's own copy makes it) and writes it; between `collect`
+    and `collected` it notes the paths, and for a background save keeps the copies to write later (the
+    memory of one copy of the rank's state; a synchronous save holds one file's at a time)."""
+
+    def __init__(self, config_params=None):
+        super().__init__(config_params)
+        self._paths: list[Path] | None = None
+        self._pending: list[tuple[dict, Path]] | None = None
+        self._writer: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # DeepSpeed need not copy the tensors first: save() does, once
+
+    def save(self, state_dict, path: str) -> None:
+        state = clone_tensors_for_torch_save(state_dict)
+        if self._paths is not None:
+            self._paths.append(Path(path))
+        if self._pending is None:
+            self.write(state, Path(path))
+        else:
+            self._pending.append((state, Path(path)))
+
+    def write(self, state, path: Path) -> None:
+        torch.save(state, path, _use_new_zipfile_serialization=self.zipfile_serialization)
 
     def load(self, path: str, map_location=None):
         return safe_load(Path(path), map_location)
+
+    def collect(self, background: bool) -> None:
+        self.wait()
+        self._paths, self._pending = [], [] if background else None
+
+    def collected(self) -> tuple[list[Path], list[tuple[dict, Path]]]:
+        """(every file saved since `collect`, those of them still to write with their states)."""
+        paths, pending = self._paths, self._pending or []
+        self._paths = self._pending = None
+        return paths, pending
+
+    def start(self, job: Callable[[], None]) -> None:
+        """Run `job` (the writing) on a thread. Not a daemon: the interpreter waits for it at exit."""
+        def guarded():
+            _name_thread(WRITER_THREAD)
+            try:
+                job()
+            except BaseException as e:  # re-raised in the training thread by wait()
+                self._failure = e
+
+        self._writer = threading.Thread(target=guarded, name="checkpoint-writer")
+        self._writer.start()
+
+    def wait(self) -> None:
+        """Until the background save (if any) is written and published; its failure raised here."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise CheckpointError(f"the background checkpoint write failed: {failure}") from failure
+
+    def busy(self) -> bool:
+        return self._writer is not None and self._writer.is_alive()
+
+
+WRITER_THREAD = "ckpt-writer"  # the background writer's name in the kernel (top -H, /proc/<pid>/task/*/comm)
+
+
+def _name_thread(name: str) -> None:
+    if sys.platform == "linux":  # Python names its threads for itself only (before 3.14)
+        ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)  # PR_SET_NAME
+
+
+def wait(engine) -> None:
+    """Until the engine's background checkpoint write, if any, is complete (every rank calls it)."""
+    engine.checkpoint_engine.wait()
 
 
 def make_safe(engine) -> None:
@@ -149,16 +232,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _files_on_all_ranks(tag_dir: Path) -> dict:
-    """{relative name: {size, sha256}} of every file under tag_dir, each rank hashing a share."""
-    names = sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file() and p.name != MARKER)
-    mine = {n: {"size": (tag_dir / n).stat().st_size, "sha256": _sha256(tag_dir / n)}
-            for n in names[dist.get_rank()::dist.get_world_size()]}
-    shares = [None] * dist.get_world_size()
-    dist.all_gather_object(shares, mine)
-    return {n: entry for share in shares for n, entry in sorted(share.items())}
-
-
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w") as f:
@@ -194,36 +267,77 @@ def _objective_file(tag_dir: Path) -> Path:
 
 
 def save(engine, directory: Path, step: int, training_state: dict, write_tokenizer: Callable[[Path], None],
-         layout: dict, keep: int | None = None, objective_state: dict | None = None) -> Path:
+         layout: dict, keep: int | None = None, objective_state: dict | None = None, background: bool = False) -> Path:
     """Collective: every rank calls it. training_state holds the design's fields (epoch, tokens_seen,
     train_loss, eval_metrics, config, tokenizer) and the loader position; it is stored with the
     model states. write_tokenizer(tag_dir) puts the tokenizer's files beside them (rank 0). layout
     (world and parallel sizes) goes into the marker, for resume to compare. keep: how many complete
     checkpoints to leave, the newest ones. objective_state: tensors the objective keeps beside the model
-    (the EMA target), written by data-parallel rank 0."""
+    (the EMA target), written by data-parallel rank 0. background: return once the states are copied to
+    host memory and write them on a thread (wait() or the next save waits for it); otherwise return when
+    the checkpoint is complete."""
+    writer = engine.checkpoint_engine
+    writer.collect(background)  # waits for the previous background save first
     tag_dir = directory / f"global_step{step}"
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:
         if tag_dir.exists():  # a save of this step that was cut short, by a killed earlier attempt
             shutil.rmtree(tag_dir)
         tag_dir.mkdir(parents=True)
         write_tokenizer(tag_dir)
+    written = sorted(p for p in tag_dir.rglob("*") if p.is_file()) if rank == 0 else []
     dist.barrier()
-    torch.save(_rng_state(), tag_dir / f"rng_state_rank{rank:05d}.pt")
+    writer.save(_rng_state(), str(tag_dir / f"rng_state_rank{rank:05d}.pt"))
     if objective_state and parallel_state.get_data_parallel_rank() == 0:
-        torch.save(objective_state, _objective_file(tag_dir))
-    engine.save_checkpoint(str(directory), tag=tag_dir.name, save_latest=False,
-                           client_state={"step": step, **training_state, "optimizer_params": _optimizer_params(engine)})
-    dist.barrier()
-    files = _files_on_all_ranks(tag_dir)
-    if rank == 0:
-        marker = {"step": step, "layout": layout, "config": training_state["config"], "files": files}
-        _write_atomically(tag_dir / MARKER, json.dumps(marker, indent=1))
-        _write_atomically(directory / "latest", tag_dir.name)  # for people and DeepSpeed's tools
-        if keep:
-            prune(directory, keep)
-    dist.barrier()
+        writer.save(objective_state, str(_objective_file(tag_dir)))
+    engine.save_checkpoint(str(directory), tag=tag_dir.name, client_state={"step": step, **training_state,
+                           "optimizer_params": _optimizer_params(engine)}, save_latest=False)
+    saved, states = writer.collected()
+    marker = {"step": step, "layout": layout, "config": training_state["config"]}
+
+    def finish():
+        try:
+            for state, path in states:
+                writer.write(state, path)
+            mine = written + saved
+            _write_atomically(tag_dir / f".rank{rank:05d}.json", json.dumps(
+                {str(p.relative_to(tag_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in mine}))
+        except Exception as e:  # rank 0 stops waiting for this rank's note
+            _write_atomically(tag_dir / f".rank{rank:05d}.failed", f"{type(e).__name__}: {e}")
+            raise
+        if rank == 0:
+            _publish(directory, tag_dir, {**marker, "files": _notes(tag_dir, world)}, keep)
+
+    if background:
+        writer.start(finish)
+    else:
+        finish()
+        dist.barrier()
     return tag_dir
+
+
+def _notes(tag_dir: Path, world: int) -> dict:
+    """{file: {size, sha256}} of every rank's note, once all are there; the notes are then removed."""
+    notes = [tag_dir / f".rank{r:05d}.json" for r in range(world)]
+    while not all(n.is_file() for n in notes):
+        failed = sorted(tag_dir.glob(".rank*.failed"))
+        if failed:
+            raise CheckpointError(f"{tag_dir}: {failed[0].name.removeprefix('.').removesuffix('.failed')} could not "
+                                  f"write its files ({failed[0].read_text()}); the checkpoint stays incomplete")
+        time.sleep(0.02)
+    files = {}
+    for n in notes:
+        files.update(json.loads(n.read_text()))
+    for n in notes:
+        n.unlink()
+    return dict(sorted(files.items()))
+
+
+def _publish(directory: Path, tag_dir: Path, marker: dict, keep: int | None) -> None:
+    _write_atomically(tag_dir / MARKER, json.dumps(marker, indent=1))
+    _write_atomically(directory / "latest", tag_dir.name)  # for people and DeepSpeed's tools
+    if keep:
+        prune(directory, keep)
 
 
 def _optimizer_params(engine) -> list[list[str]] | None:

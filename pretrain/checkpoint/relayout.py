@@ -129,7 +129,7 @@ def _restore(engine, model: nn.Module, source: DeepSpeedCheckpoint, step: int | 
                    lambda name, param, local, key: _local(source, name, param, local, key), step)
 
 
-Value = Callable[[str, nn.Parameter, tuple], torch.Tensor]  # (name, parameter, local shape) -> its shard
+Value = Callable[[str, nn.Parameter, tuple], torch.Tensor | None]  # (name, parameter, local shape) -> its shard
 Moment = Callable[[str, nn.Parameter, tuple, str], torch.Tensor]  # the same and which moment -> its shard
 
 
@@ -137,12 +137,15 @@ Moment = Callable[[str, nn.Parameter, tuple, str], torch.Tensor]  # the same and
 def set_parameters(engine, model: nn.Module, value: Value, moment: Moment | None = None, step: int | None = None) -> None:
     """Every parameter of this rank's model: the module's weight and the optimizer's fp32 master value;
     with `step` (a resume) both AdamW moments and Adam's step count too. `value` and `moment` give this
-    rank's tensor-parallel shard of a parameter (`local` is that shard's shape)."""
+    rank's tensor-parallel shard of a parameter (`local` is that shard's shape); a value of None leaves
+    the parameter as it is."""
     optimizer = _Optimizer(engine, step)
     for name, param in model.named_parameters():
         name = name.removeprefix("model.")
         local = tuple(getattr(param, "ds_shape", param.shape))
         shard = value(name, param, local)
+        if shard is None:
+            continue
         _set_weight(param, shard)
         if param.requires_grad:
             optimizer.set(param, shard, {k: moment(name, param, local, k) for k in MOMENTS} if step else {})
