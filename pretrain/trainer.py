@@ -90,13 +90,12 @@ def _train(cfg: Config, resume: bool, stop_after: int | None, stopper: GracefulS
     engine = build_engine(cfg, objective, tokenizer)
     # A new stage starts from another run's weights; a resumed one from its own checkpoint, below.
     init = None
-    if cfg.run.init_from and not tag_dir:
-        init = _from_rank0(lambda: hf_import.check(llama.path, cfg) or llama.path) if llama else \
-            _from_rank0(lambda: checkpoint.init_source(Path(cfg.run.init_from), cfg))
-        if llama:
-            hf_import.load(engine, model_of(engine), llama)
-        else:
-            relayout.load_weights(engine, model_of(engine), init)
+    if cfg.run.init_from and not tag_dir and llama:
+        init = _from_rank0(lambda: hf_import.check(llama.path, cfg) or llama.path)
+        hf_import.load(engine, model_of(engine), llama)
+    elif cfg.run.init_from and not tag_dir:
+        init = _from_rank0(lambda: checkpoint.init_source(Path(cfg.run.init_from), cfg))
+        relayout.load_weights(engine, model_of(engine), init)
     setup_objective(engine, objective)
     dp_rank = parallel_state.get_data_parallel_rank()
     data = objective.batches("train", dp_rank, dp_size)

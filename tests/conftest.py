@@ -1,5 +1,5 @@
 """Shared fixtures: a small real corpus (stdlib source) tokenized into shards once per session, and
-a launcher for real multi-process runs under the deepspeed launcher (gloo, CPU)."""
+a launcher for real multi-process runs (gloo, CPU)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ def pytest_collection_modifyitems(items):
 
 PYTHON = sys.executable
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 # A model small enough that 2-4 CPU processes run several steps in seconds.
@@ -79,10 +80,13 @@ def run(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.Co
 
 
 def launch(script: str, args: list[str], nproc: int, check: bool = True) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus nproc script args` (plain python for one process)."""
+    """`torchrun --nproc-per-node nproc script args` (plain python for one process). torchrun, a launcher the
+    project supports (the Slurm scripts use it), starts in a third of the deepspeed launcher's time, which
+    imports DeepSpeed itself before it starts the ranks; the tests of the deepspeed launcher's own behaviour
+    (tests/test_faults.py) start it themselves."""
     if nproc == 1:
         return run([PYTHON, script, *args], check=check)
-    return run([DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args], check=check)
+    return run([TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(free_port()), script, *args], check=check)
 
 
 @pytest.fixture(scope="session")

@@ -75,9 +75,16 @@ def _wait_for_step(proc, out_dir, step: int, what: str) -> None:
         time.sleep(0.05)
 
 
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except (psutil.ZombieProcess, psutil.NoSuchProcess):  # a process exiting as we look
+        return ""
+
+
 def _ranks(launcher: subprocess.Popen, with_workers: bool = False) -> list[psutil.Process]:
     """The training processes under a launcher (forked DataLoader workers share their command line)."""
-    found = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "--local_rank" in " ".join(p.cmdline())]
+    found = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "--local_rank" in _cmdline(p)]
     pids = {p.pid for p in found}
     return found if with_workers else [p for p in found if p.ppid() not in pids]
 

@@ -157,3 +157,27 @@ def test_a_llama_that_does_not_fit_is_refused_naming_each_difference(tiny_data, 
                 *_sets([f"run.init_from={other}", "parallel.zero_stage=0"])], check=False)
     assert proc.returncode != 0 and "hidden_size 32 != model.hidden_size 64" in proc.stdout + proc.stderr
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_the_converter_makes_a_llama_a_checkpoint_of_any_layout(tiny_data, llama, tmp_path):
+    """--to-deepspeed from the Llama with the run config it starts: a step-0 checkpoint at TP=2 x PP=2 whose
+    model has the Llama's logits, and which a run resumes from."""
+    import yaml
+
+    from cromwell.pretrain.config import load_config
+
+    cfg = load_config("pretrain/configs/tiny.yaml", [*TINY_MODEL, f"data.tokenizer={tiny_data['tokenizer']}",
+                                                     f"data.shards={tiny_data['shards']}", "training.batch_size=8",
+                                                     "training.micro_batch_size=2", "training.train_steps=2"])
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = tmp_path / "converted"
+    run([PYTHON, "tools/convert_ckpt.py", "--to-deepspeed", "--checkpoint", str(llama), "--config", str(config),
+         "--out", str(out), "--tp", "2", "--pp", "2", "--zero", "1"])
+    loaded = _loaded(out / "checkpoints" / "global_step0")
+    with torch.no_grad():
+        ours = (loaded.model(torch.tensor([TOKENS]))[0] @ loaded.model.output_weight.T)[:, :512]
+    want = llama_logits(llama, TOKENS)
+    assert torch.allclose(ours, want, rtol=0, atol=TOLERANCE), (ours - want).abs().max()
+    launch("pretrain/train.py", ["--config", str(out / "run_config.yaml"), "--resume"], 4)
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]

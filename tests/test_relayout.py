@@ -1,13 +1,15 @@
-"""A checkpoint outlives its layout (pretrain/checkpoint/relayout.py): a run stopped at step 3 and resumed on
-another tensor x pipeline x data-parallel size and ZeRO stage continues the uninterrupted run's trajectory,
-step for step, for the 10 steps after the resume; the converter carries the optimizer state of a full
-checkpoint to another layout; a curriculum stage hands its weights on from ZeRO-3 to TP=2.
+"""A checkpoint outlives its layout (pretrain/checkpoint/relayout.py): one run, stopped after step 3 and then
+resumed on another tensor x pipeline x data-parallel size and ZeRO stage every 10 steps, follows the
+uninterrupted run's trajectory step for step; the converter carries the optimizer state of a full
+checkpoint to another layout; the VL-JEPA moves with its EMA target; a curriculum stage hands its weights
+on from ZeRO-3 to TP=2.
 
-Tolerance: relative 1e-5 on each step's loss and gradient norm. The layouts add the same numbers in
-different orders (ZeRO's reduce-scatter, tensor-parallel all-reduces, the pipeline's split of the model),
-so fp32 rounding (6e-8 relative per operation) differs from the reference, and training carries it on: the
-measured difference is at most 3e-7. A resume that loses the AdamW moments is off by 3e-3 in the loss and
-20% in the gradient norm at the second step after it (test_an_export_restarts_the_moments_and_leaves_the_trajectory
+Tolerances, relative: 1e-5 on each step's loss (and its components), 5e-5 on its gradient norm. The
+layouts add the same numbers in different orders (ZeRO's reduce-scatter, tensor-parallel all-reduces, the
+pipeline's split of the model), so fp32 rounding differs from the reference's: over 150 steps and 15 moves
+the loss differed by at most 9e-8, the gradient norm (a root of a sum of squares in which rounding does not
+average out) by at most 4.3e-6. A resume that loses the AdamW moments is off by 3e-3 in the loss and 20% in
+the gradient norm at the second step after it (test_an_export_restarts_the_moments_and_leaves_the_trajectory
 shows this check catches that).
 """
 
@@ -23,10 +25,18 @@ from safetensors.torch import load_file
 
 from conftest import PYTHON, launch, run, tiny_overrides, vl_sets
 
-STEPS, STOP = 13, 3
+STOP, SEGMENT = 3, 10
 TOLERANCE = 1e-5
-LM = ["training.batch_size=8", "training.micro_batch_size=2", f"training.train_steps={STEPS}",
-      "checkpoint.every_steps=100"]
+GRAD_NORM_TOLERANCE = 5e-5
+# One run moved across layouts: stopped after step 3, then resumed on the next layout every 10 steps. Every
+# required move is one of these transitions (and a few more): DP 2 -> 1 and 1 -> 2 at ZeRO-1, -2 and -3,
+# TP 2 -> 1, PP 2 -> 1 and 1 -> 2, TP2 x PP2 -> 1, and ZeRO-0 onto 2 ranks.
+CHAIN = ["dp2_zero1", "dp1_zero1", "dp2_zero1", "dp2_zero2", "dp1_zero2", "dp2_zero2", "dp2_zero3", "dp1_zero3",
+         "dp2_zero3", "tp2", "single", "pp2", "single", "tp2pp2", "single", "dp2_zero0"]
+LM_STEPS = STOP + SEGMENT * (len(CHAIN) - 1)
+VL_STEPS = STOP + SEGMENT
+LM = ["training.batch_size=8", "training.micro_batch_size=2", f"training.train_steps={LM_STEPS}",
+      "checkpoint.every_steps=1000", "data.num_workers=1"]
 
 
 def _layouts(zero3_json: str) -> dict:
@@ -34,6 +44,7 @@ def _layouts(zero3_json: str) -> dict:
     zero3 = ["parallel.zero_stage=3", f"parallel.ds_config={zero3_json}"]
     return {
         "single": (1, ["parallel.zero_stage=0"], "TP1 x PP1 x DP1 ZeRO-0"),
+        "dp2_zero0": (2, ["parallel.zero_stage=0"], "TP1 x PP1 x DP2 ZeRO-0"),
         "dp1_zero1": (1, ["parallel.zero_stage=1"], "TP1 x PP1 x DP1 ZeRO-1"),
         "dp2_zero1": (2, ["parallel.zero_stage=1"], "TP1 x PP1 x DP2 ZeRO-1"),
         "dp1_zero2": (1, ["parallel.zero_stage=2"], "TP1 x PP1 x DP1 ZeRO-2"),
@@ -56,15 +67,16 @@ def _records(out: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
-def _assert_follows(reference: dict, resumed: dict, keys=("loss", "grad_norm"), first: int = STOP + 1) -> None:
-    """Every step from `first` on: the same samples and learning rate, loss and grad norm within TOLERANCE."""
-    assert sorted(k for k in resumed if k >= first) == list(range(first, STEPS + 1))
-    for step in range(first, STEPS + 1):
+def _assert_follows(reference: dict, resumed: dict, first: int, last: int, keys=("loss", "grad_norm")) -> None:
+    """Steps first..last: the same samples and learning rate, losses and grad norm within the tolerances."""
+    assert sorted(k for k in resumed if first <= k <= last) == list(range(first, last + 1))
+    for step in range(first, last + 1):
         a, b = reference[step], resumed[step]
         assert a["data_fingerprint"] == b["data_fingerprint"] and a["tokens_seen"] == b["tokens_seen"], step
         assert b["lr"] == pytest.approx(a["lr"], rel=1e-12), step
         for key in keys:
-            assert b[key] == pytest.approx(a[key], rel=TOLERANCE), f"step {step}: {key} {b[key]!r} vs {a[key]!r}"
+            tolerance = GRAD_NORM_TOLERANCE if key == "grad_norm" else TOLERANCE
+            assert b[key] == pytest.approx(a[key], rel=tolerance), f"step {step}: {key} {b[key]!r} vs {a[key]!r}"
 
 
 @pytest.fixture(scope="module")
@@ -77,33 +89,23 @@ def lm_reference(tiny_data, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def stopped(tiny_data, zero3_json, tmp_path_factory):
-    """layout name, folder -> a copy in `folder` of that layout's run stopped after step 3 (each run once)."""
-    runs = {}
-
-    def copy(name: str, out: Path) -> Path:
-        if name not in runs:
-            runs[name] = tmp_path_factory.mktemp(name) / "run"
-            nproc, sets, _ = _layouts(zero3_json)[name]
-            _lm(tiny_data, runs[name], nproc, sets, "--stop-after", str(STOP))
-            assert (runs[name] / "checkpoints" / "latest").read_text() == f"global_step{STOP}"
-        return shutil.copytree(runs[name], out, ignore=shutil.ignore_patterns("run.lock"))
-
-    return copy
+    """folder -> a copy in it of a run on 2 ranks at ZeRO-1 stopped after step 3."""
+    run_dir = tmp_path_factory.mktemp("stopped") / "run"
+    nproc, sets, _ = _layouts(zero3_json)["dp2_zero1"]
+    _lm(tiny_data, run_dir, nproc, sets, "--stop-after", str(STOP))
+    return lambda out: shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("run.lock"))
 
 
-@pytest.mark.parametrize("source,target", [
-    ("dp2_zero1", "dp1_zero1"), ("dp1_zero1", "dp2_zero1"), ("dp2_zero2", "dp1_zero2"), ("dp1_zero2", "dp2_zero2"),
-    ("dp2_zero3", "dp1_zero3"), ("dp1_zero3", "dp2_zero3"), ("tp2", "single"), ("pp2", "single"), ("single", "pp2"),
-    ("tp2pp2", "single"),
-])
-def test_a_run_resumed_on_another_layout_follows_the_uninterrupted_one(tiny_data, zero3_json, lm_reference, stopped,
-                                                                        tmp_path, source, target):
+def test_a_run_moved_across_layouts_follows_the_uninterrupted_one(tiny_data, zero3_json, lm_reference, tmp_path):
     layouts = _layouts(zero3_json)
-    out = stopped(source, tmp_path / "run")
-    nproc, sets, name = layouts[target]
-    proc = _lm(tiny_data, out, nproc, sets, "--resume")
-    assert f"resharded from {layouts[source][2]} to {name}" in proc.stdout, proc.stdout[-3000:]
-    _assert_follows(lm_reference, _records(out))
+    out = tmp_path / "run"
+    nproc, sets, _ = layouts[CHAIN[0]]
+    _lm(tiny_data, out, nproc, sets, "--stop-after", str(STOP))
+    for before, after, stop in zip(CHAIN, CHAIN[1:], range(STOP + SEGMENT, LM_STEPS + 1, SEGMENT)):
+        nproc, sets, name = layouts[after]
+        proc = _lm(tiny_data, out, nproc, sets, "--resume", "--stop-after", str(stop))
+        assert f"resharded from {layouts[before][2]} to {name}" in proc.stdout, proc.stdout[-3000:]
+        _assert_follows(lm_reference, _records(out), stop - SEGMENT + 1, stop)
 
 
 def _convert(*args: str) -> None:
@@ -115,25 +117,26 @@ def test_an_export_restarts_the_moments_and_leaves_the_trajectory(tiny_data, lm_
     reference; from a weights-only export it says the moments start from zero, the first step's loss is
     still the reference's (the same weights) and then the run leaves the trajectory: the check above
     would catch a resume that dropped the moments."""
-    out = stopped("dp2_zero1", tmp_path / "run")
+    out = stopped(tmp_path / "run")
+    end = ["--resume", "--stop-after", str(STOP + SEGMENT)]
     _convert("--to-deepspeed", "--checkpoint", str(out / "checkpoints"), "--out", str(tmp_path / "full"), "--pp", "2")
-    launch("pretrain/train.py", ["--config", str(tmp_path / "full" / "run_config.yaml"), "--resume"], 2)
-    _assert_follows(lm_reference, _records(tmp_path / "full"))
+    launch("pretrain/train.py", ["--config", str(tmp_path / "full" / "run_config.yaml"), *end], 2)
+    _assert_follows(lm_reference, _records(tmp_path / "full"), STOP + 1, STOP + SEGMENT)
 
     _convert("--checkpoint", str(out / "checkpoints"), "--out", str(tmp_path / "export"))
     proc = run([PYTHON, "tools/convert_ckpt.py", "--to-deepspeed", "--checkpoint", str(tmp_path / "export"),
-                "--out", str(tmp_path / "zeroed"), "--pp", "2"])
+                "--out", str(tmp_path / "zeroed")])
     assert "AdamW's moments start from zero" in proc.stderr
-    launch("pretrain/train.py", ["--config", str(tmp_path / "zeroed" / "run_config.yaml"), "--resume"], 2)
+    launch("pretrain/train.py", ["--config", str(tmp_path / "zeroed" / "run_config.yaml"), *end], 1)
     zeroed = _records(tmp_path / "zeroed")
     assert zeroed[STOP + 1]["loss"] == pytest.approx(lm_reference[STOP + 1]["loss"], rel=TOLERANCE)
-    worst = max(abs(zeroed[s]["loss"] / lm_reference[s]["loss"] - 1) for s in range(STOP + 2, STEPS + 1))
+    worst = max(abs(zeroed[s]["loss"] / lm_reference[s]["loss"] - 1) for s in range(STOP + 2, STOP + SEGMENT + 1))
     assert worst > 100 * TOLERANCE, worst
 
 
 def _vl(vl_data, out: Path, nproc: int, *sets: str, extra=()):
     args = ["--config", "pretrain/configs/tiny.yaml",
-            *vl_sets(vl_data, out, f"training.train_steps={STEPS}", "checkpoint.every_steps=100", *sets), *extra]
+            *vl_sets(vl_data, out, f"training.train_steps={VL_STEPS}", "checkpoint.every_steps=100", *sets), *extra]
     return launch("pretrain/train.py", args, nproc)
 
 
@@ -145,8 +148,8 @@ def test_the_vljepa_with_its_ema_target_resumes_from_zero3_on_a_pipeline(vl_data
     proc = _vl(vl_data, out, 2, "parallel.pipeline=2", "parallel.zero_stage=1", extra=["--resume"])
     assert "resharded from TP1 x PP1 x DP2 ZeRO-3 to TP1 x PP2 x DP1 ZeRO-1" in proc.stdout, proc.stdout[-3000:]
     reference = _records(tmp_path / "reference")
-    assert reference[STEPS]["jepa_vision"] > 0 and reference[STEPS]["jepa_text"] > 0
-    _assert_follows(reference, _records(out), keys=("loss", "lm", "jepa_text", "jepa_vision", "grad_norm"))
+    assert reference[VL_STEPS]["jepa_vision"] > 0 and reference[VL_STEPS]["jepa_text"] > 0
+    _assert_follows(reference, _records(out), STOP + 1, VL_STEPS, keys=("loss", "lm", "jepa_text", "jepa_vision", "grad_norm"))
 
 
 def test_a_stage_at_zero3_hands_its_weights_to_a_stage_at_tp2(vl_data, zero3_json, tmp_path):
@@ -173,7 +176,7 @@ def test_a_stage_at_zero3_hands_its_weights_to_a_stage_at_tp2(vl_data, zero3_jso
 def test_a_resume_on_another_layout_refuses_a_damaged_checkpoint(tiny_data, stopped, tmp_path):
     """A file whose bytes changed (its size did not): the layout-free path checks every file's hash, as the
     same-layout path does, names the file and changes nothing."""
-    out = stopped("dp2_zero1", tmp_path / "run")
+    out = stopped(tmp_path / "run")
     tag_dir = out / "checkpoints" / f"global_step{STOP}"
     optim = tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     data = bytearray(optim.read_bytes())

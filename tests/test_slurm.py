@@ -108,8 +108,10 @@ def _wait(cluster, job: str, timeout: float = 900) -> dict:
             return info
         if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
             # Slurm holds a requeued job for two minutes before it may start again; an administrator's
-            # override, so that the test does not sit out the wait.
-            cluster.slurm("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+            # override, so that the test does not sit out the wait. Not within the second of the requeue:
+            # slurmctld takes a credential issued in the same second as the old one's revocation for revoked
+            # ("Killing non-startable batch job: Job credential revoked").
+            cluster.slurm("scontrol", "update", f"JobId={job}", "StartTime=now+2", check=False)
         time.sleep(1)
     raise AssertionError(f"job {job} not finished after {timeout} s: {cluster.job(job)}\n{cluster.logs()}")
 

@@ -1,5 +1,6 @@
-"""A checkpoint or an export made into a checkpoint of the trainer for any tensor x pipeline x data-parallel
-layout and ZeRO stage, offline: a run continues, or is fine-tuned, on another number of GPUs.
+"""A checkpoint, an export or a Hugging Face Llama made into a checkpoint of the trainer for any tensor x
+pipeline x data-parallel layout and ZeRO stage, offline: a run continues, or is fine-tuned, on another number
+of GPUs.
 
 `tools/convert_ckpt.py --to-deepspeed` calls `reshard`, which validates the input, writes the run config for
 the new layout (--out/run_config.yaml) and launches this file's `worker` on tp x pp x dp CPU processes under
@@ -12,8 +13,10 @@ position. Then:
 continues the run. From a trainer checkpoint everything moves, as `--resume` on another layout moves it
 (pretrain/checkpoint/relayout.py): weights, both AdamW moments, the schedule, the EMA target. An export
 holds the weights (and EMA target) only: AdamW's moments start again from zero, and the first steps then
-move every weight by about the learning rate — the loss jumps. `--resume` on the new layout needs no
-conversion at all; this is for preparing a checkpoint elsewhere, or from an export.
+move every weight by about the learning rate — the loss jumps. A Hugging Face Llama
+(pretrain/checkpoint/hf_import.py) becomes step 0 of the run config given with --config: its weights in
+the language encoder and head, the rest as the run initialises it. `--resume` on another layout needs no
+conversion at all; this is for preparing a checkpoint elsewhere.
 """
 
 from __future__ import annotations
@@ -45,11 +48,18 @@ def _export_files(export: Path) -> dict:
 
 
 def _input(args) -> tuple[str, Path, dict]:
-    """("checkpoint", its global_stepN folder, its run config) or ("export", the folder, its run config)."""
+    """(kind, where, its run config): ("checkpoint", its global_stepN folder, ...), ("export", the folder, ...)
+    or ("llama", the Hugging Face folder, --config's)."""
+    from cromwell.pretrain.checkpoint.hf_import import is_llama
     from cromwell.pretrain.checkpoint.reader import find_tag
-    from cromwell.pretrain.config import migrate
+    from cromwell.pretrain.config import load_config, migrate
 
     folder = args.checkpoint
+    if is_llama(folder):
+        if not args.config:
+            raise CheckpointError(f"--checkpoint {folder} is a Hugging Face Llama: name the run config whose model it "
+                                  "starts with --config")
+        return "llama", folder, load_config(args.config).model_dump(mode="json")
     if folder.is_dir() and ((folder / MARKER).is_file() or (folder / "latest").is_file()
                             or any(folder.glob("global_step*"))):
         tag_dir = find_tag(folder, args.tag)
@@ -116,6 +126,7 @@ def worker(argv=None) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--export", type=Path)
     source.add_argument("--checkpoint", type=Path)
+    source.add_argument("--llama", type=Path)
     p.add_argument("--config", required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--local_rank", type=int, default=0)
@@ -133,6 +144,9 @@ def worker(argv=None) -> None:
         setup_objective(engine, objective)
         state, _ = relayout.resume(engine, model_of(engine), objective, args.checkpoint, layout)
         tokenizer_file = args.checkpoint / "tokenizer.json"
+    elif args.llama:
+        state = _from_llama(args.llama, engine, objective, params, cfg)
+        tokenizer_file = Path(cfg.data.tokenizer)
     else:
         state = _from_export(args.export, engine, objective, params, cfg)
         tokenizer_file = args.export / "tokenizer.json"
@@ -144,6 +158,25 @@ def worker(argv=None) -> None:
                     lambda tag_dir: shutil.copy(tokenizer_file, tag_dir / "tokenizer.json"),
                     layout, objective_state=objective.state_dict())
     shutdown()
+
+
+def _from_llama(path: Path, engine, objective, params: dict, cfg) -> dict:
+    """The Llama's weights into the engine at step 0; returns a fresh run's training state (the loader at
+    its start)."""
+    from megatron.core import parallel_state
+
+    from cromwell.pretrain.checkpoint import hf_import
+    from cromwell.pretrain.parallelize import model_of, setup_objective
+
+    hf_import.check(path, cfg)
+    hf_import.load(engine, model_of(engine), hf_import.Llama(path, params))
+    setup_objective(engine, objective)
+    data = objective.batches("train", parallel_state.get_data_parallel_rank(),
+                             parallel_state.get_data_parallel_world_size())
+    position = data.state_dict()
+    data.close()
+    return {"step": 0, "tokens_seen": 0, "nonfinite_steps": 0, "train_loss": float("nan"), "eval_metrics": {},
+            "data_skipped_samples": 0, "epoch": position["epoch"], "data": position}
 
 
 def _from_export(export: Path, engine, objective, params: dict, cfg) -> dict:
