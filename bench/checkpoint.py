@@ -49,7 +49,7 @@ def _sets(args, root: Path, zero: int) -> list[str]:
 
 
 def _launch(args, root: Path, zero: int, mode: str) -> list[dict]:
-    """This file's worker on RANKS processes; each rank's JSON line."""
+    """This file's worker on RANKS processes; each rank's result (a JSON file each: their stdout interleaves)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -60,7 +60,7 @@ def _launch(args, root: Path, zero: int, mode: str) -> list[dict]:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(proc.stdout[-4000:] + proc.stderr[-4000:])
-    return [json.loads(line.split("WORKER ", 1)[1]) for line in proc.stdout.splitlines() if "WORKER " in line]
+    return [json.loads((root / f"{mode}-rank{r}.json").read_text()) for r in range(RANKS)]
 
 
 def worker(mode: str, rounds: int, sets: list[str]) -> None:
@@ -115,7 +115,7 @@ def worker(mode: str, rounds: int, sets: list[str]) -> None:
         _, resharded = relayout.resume(engine, model_of(engine), objective, tag_dir, layout)
         dist.barrier()
         out.update(load=time.perf_counter() - start, resharded=resharded)
-    print("WORKER " + json.dumps(out), flush=True)
+    (Path(cfg.run.output_dir).parent / f"{mode}-rank{rank}.json").write_text(json.dumps(out))
     shutdown()
 
 
@@ -159,7 +159,7 @@ def main() -> None:
     stall_ratio = paired_ratio(stall, sync)
     resume_ratio = paired_ratio(loads["other"], loads["same"])
     result = {
-        "benchmark": "checkpoint", "machine": before, "load_after": machine()["load"],
+        "benchmark": "checkpoint", "machine": before, "load_average_at_end": os.getloadavg(),
         "model": {"hidden": args.hidden, "layers": args.layers, "ffn": args.ffn, "vocab": args.vocab,
                   "parameters": params, "ranks": RANKS, "written_at": "ZeRO-3, 2 data-parallel ranks, fp32",
                   "checkpoint_gb": checkpoint_bytes / 1e9},

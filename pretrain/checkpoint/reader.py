@@ -115,22 +115,11 @@ def _mapping_base(path: Path, state) -> int | None:
     every other; None when they disagree (the file is then read through memory only)."""
     reader = torch._C.PyTorchFileReader(str(path))
     offsets = {reader.get_record_offset(n) for n in reader.get_all_records() if n.startswith("data/")}
-    addresses = {t.untyped_storage().data_ptr() for t in _all_tensors(state) if t.untyped_storage().nbytes()}
+    addresses = {t.untyped_storage().data_ptr() for t in checkpoint.all_tensors(state) if t.untyped_storage().nbytes()}
     if not addresses or not offsets:
         return None
     base = min(addresses) - min(offsets)
     return base if all(a - base in offsets for a in addresses) else None
-
-
-def _all_tensors(value):
-    if torch.is_tensor(value):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _all_tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _all_tensors(v)
 
 
 class DeepSpeedCheckpoint:
