@@ -43,7 +43,7 @@ train: setup
 # The C++ export reader (tools/cpp/, standard library only) is built first: the tests run it.
 test: setup
 	$(MAKE) -s -C tools/cpp
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra --durations=30 tests
 
 # Optional: llama.cpp's Python binding, for the test that runs the GGUF export in llama.cpp. PyPI has
 # only its source; the build takes about 10 minutes on 2 cores (seconds from pip's cache afterwards).

@@ -23,10 +23,11 @@ from cromwell.model.tensors import Param, join, plan
 from cromwell.pretrain.checkpoint import CheckpointError
 from cromwell.pretrain.checkpoint.formats import hf_name
 
-# Llama's config field -> the run config's model field it must equal.
-SAME = {"hidden_size": "hidden_size", "intermediate_size": "ffn_size", "num_hidden_layers": "num_layers",
-        "num_attention_heads": "num_heads", "rms_norm_eps": "norm_eps", "rope_theta": "rope_theta",
-        "vocab_size": "vocab_size"}
+# Llama's config field -> (the model config's value it must equal, that value's field).
+SAME = {"hidden_size": ("hidden_size", "hidden_size"), "intermediate_size": ("ffn_size", "ffn_hidden_size"),
+        "num_hidden_layers": ("num_layers", "num_layers"), "num_attention_heads": ("num_heads", "num_heads"),
+        "rms_norm_eps": ("norm_eps", "norm_eps"), "rope_theta": ("rope_theta", "rope_theta"),
+        "vocab_size": ("vocab_size", "vocab_size")}
 
 
 def is_llama(path: Path) -> bool:
@@ -65,10 +66,10 @@ def check(path: Path, cfg) -> None:
     info.setdefault("rope_theta", rope.get("rope_theta"))
     model = cfg.model
     problems = []
-    for theirs, ours in SAME.items():
+    for theirs, (ours, field) in SAME.items():
         value = getattr(model, ours)
         if info.get(theirs) is not None and info[theirs] != value:
-            problems.append(f"{theirs} {info[theirs]} != model.{ours if ours != 'ffn_size' else 'ffn_hidden_size'} {value}")
+            problems.append(f"{theirs} {info[theirs]} != model.{field} {value}")
     heads, hidden = info.get("num_attention_heads", 1), info.get("hidden_size", 0)
     unsupported = {  # field: (the Llama's value, the one the model supports, what the model has)
         "num_key_value_heads": (info.get("num_key_value_heads", heads), heads,
@@ -85,10 +86,10 @@ def check(path: Path, cfg) -> None:
     tokenizer = path / "tokenizer.json"
     if not tokenizer.is_file():
         problems.append("no tokenizer.json beside the weights (the run's vocabulary cannot be checked)")
-    elif cfg.model.type in ("gpt", "vljepa"):
+    else:
         problems += _vocabulary_differences(tokenizer, Path(cfg.data.tokenizer))
     if problems:
-        raise CheckpointError(f"run.init_from {path}: this Llama does not fit the run's model:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{path}: this Llama does not fit the run's model:\n  " + "\n  ".join(problems))
 
 
 def _vocabulary_differences(theirs: Path, ours: Path) -> list[str]:
