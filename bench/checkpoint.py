@@ -29,11 +29,11 @@ import socket
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
+from cromwell.bench.corpus import stdlib_tokenizer
 from cromwell.bench.machine import machine
 from cromwell.bench.timing import paired_ratio, rotated
 
@@ -136,12 +136,7 @@ def main() -> None:
     before = machine()
     with tempfile.TemporaryDirectory(dir=ROOT / "bench" / "results") as tmp:
         root = Path(tmp)
-        corpus = root / "corpus.jsonl"
-        stdlib = Path(sysconfig.get_paths()["stdlib"])
-        corpus.write_text("".join(json.dumps({"text": p.read_text(errors="replace")}) + "\n"
-                                  for p in sorted(stdlib.glob("[a-c]*.py"))[:10]))
-        subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", str(corpus), "--vocab-size", "512",
-                        "--output", str(root / "tokenizer.json")], cwd=ROOT, check=True, capture_output=True)
+        stdlib_tokenizer(root)
         print("saving: sync and background, alternating ...", flush=True)
         saves = _launch(args, root, 3, "save")
         params = saves[0]["params"]

@@ -39,11 +39,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
+from cromwell.bench.corpus import stdlib_tokenizer
 from cromwell.bench.machine import machine
 from cromwell.bench.timing import rotated
 from cromwell.model.config import ModelConfig
@@ -64,12 +64,7 @@ def _python(code: str) -> str:
 def build_checkpoint(root: Path, args) -> Path:
     """The trainer's checkpoint of a randomly initialised GPT of the given size (1 process, ZeRO-1)."""
     root.mkdir(parents=True)
-    corpus = root / "corpus.jsonl"
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    corpus.write_text("".join(json.dumps({"text": p.read_text(errors="replace")}) + "\n"
-                              for p in sorted(stdlib.glob("[a-c]*.py"))[:10]))
-    subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", str(corpus), "--vocab-size", "512",
-                    "--output", str(root / "tokenizer.json")], cwd=ROOT, check=True, capture_output=True)
+    stdlib_tokenizer(root)
     sets = [f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}", f"model.num_heads={args.hidden // 128}",
             f"model.ffn_hidden_size={args.ffn}", f"model.vocab_size={args.vocab}", "training.lm.context_length=128",
             "parallel.zero_stage=1",
